@@ -1,0 +1,107 @@
+"""Checkpointing: atomic writes, parametrized-conv key matching, and clear errors.
+
+- ``save`` writes ``<name>.pth`` to a temporary file in the same folder, flushes and fsyncs it,
+  and renames it into place; ``last_checkpoint`` is replaced the same way. A crash during a save
+  leaves the previous checkpoint and tag intact.
+- Loading accepts weights saved from plain convs (``X.weight``) into weight-standardized /
+  centralized convs (``X.parametrizations.weight.original``) and the reverse, including
+  Detectron/detectron2 ``.pkl`` files matched by detectron2's name heuristics.
+- A missing or unreadable file raises an error that names the file and the fix.
+"""
+import os
+import tempfile
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+
+from .modeling import _PARAM_SUFFIX, remap_parametrized_keys
+
+__all__ = ["D2NormCheckpointer", "CheckpointError", "atomic_torch_save"]
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path, writer):
+    """Call ``writer(file)`` on a temp file next to ``path``, fsync, then rename onto ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def _plain_name(key):
+    return key[: -len(_PARAM_SUFFIX)] + "weight" if key.endswith(_PARAM_SUFFIX) else key
+
+
+class D2NormCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic saves and d2norm-aware loading (module docstring)."""
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        atomic_torch_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        if not self.save_to_disk:
+            return
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write_bytes(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def load(self, path, checkpointables=None):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise CheckpointError(
+                f"Weights file not found: {path!r} (MODEL.WEIGHTS or --resume's last_checkpoint). "
+                "Fix: point MODEL.WEIGHTS at an existing .pth/.pkl file, or set MODEL.WEIGHTS \"\" "
+                "to train from scratch."
+            )
+        return super().load(path, checkpointables=checkpointables)
+
+    def _load_file(self, f):
+        try:
+            return super()._load_file(f)
+        except Exception as e:  # corrupt/truncated file, wrong format
+            raise CheckpointError(
+                f"Could not read checkpoint {f!r}: {type(e).__name__}: {e}. The file is corrupt, "
+                "truncated or not a detectron2/torch checkpoint. Fix: point MODEL.WEIGHTS at a "
+                "valid file; with --resume, delete it and set 'last_checkpoint' in the output "
+                "directory to the previous checkpoint."
+            ) from None
+
+    def _load_model(self, checkpoint):
+        model_sd = self.model.state_dict()
+        if checkpoint.get("matching_heuristics", False):
+            # Match names against the model's plain names (X.weight for parametrized convs).
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            plain_model_sd = {_plain_name(k): v for k, v in model_sd.items()}
+            checkpoint["model"] = align_and_update_state_dicts(
+                plain_model_sd,
+                checkpoint["model"],
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
+            )
+            checkpoint["matching_heuristics"] = False
+        checkpoint["model"] = remap_parametrized_keys(checkpoint["model"], model_sd.keys())
+        return super()._load_model(checkpoint)

@@ -1,0 +1,36 @@
+"""``add_d2norm_config(cfg)``: the ``cfg.D2NORM`` node holding every method's options."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_d2norm_config"]
+
+
+def add_d2norm_config(cfg):
+    """Add d2norm's options to a detectron2 config (idempotent)."""
+    if "D2NORM" in cfg:
+        return cfg
+    _C = cfg
+    _C.D2NORM = CN()
+    # Group Normalization (also used by "GN+WS"): number of groups, epsilon.
+    _C.D2NORM.GN = CN()
+    _C.D2NORM.GN.NUM_GROUPS = 32
+    _C.D2NORM.GN.EPS = 1e-5
+    # Weight Standardization epsilon: W_hat = (W - mean) / sqrt(var + EPS).
+    _C.D2NORM.WS = CN()
+    _C.D2NORM.WS.EPS = 1e-5
+    # Cross-Iteration BN: window of BUFFER_SIZE iterations (incl. the current one);
+    # plain BN for the first BURNIN_ITERS training iterations.
+    _C.D2NORM.CBN = CN()
+    _C.D2NORM.CBN.BUFFER_SIZE = 3
+    _C.D2NORM.CBN.BURNIN_ITERS = 0
+    _C.D2NORM.CBN.EPS = 1e-5
+    _C.D2NORM.CBN.MOMENTUM = 0.1
+    # Moving-Average BN: BUFFER_SIZE = simulated batch / real batch per device.
+    _C.D2NORM.MABN = CN()
+    _C.D2NORM.MABN.BUFFER_SIZE = 16
+    _C.D2NORM.MABN.WARMUP_ITERS = 100
+    _C.D2NORM.MABN.MOMENTUM = 0.98
+    _C.D2NORM.MABN.EPS = 1e-5
+    # Embedded synthetic dataset ("d2norm_shapes_{train,val}").
+    _C.D2NORM.DATA = CN()
+    _C.D2NORM.DATA.ROOT = ""  # "" -> $D2NORM_DATA or ~/.cache/d2norm/datasets
+    return cfg

@@ -1,0 +1,82 @@
+"""train_net end to end on the tiny synthetic split, and exact --resume."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS
+
+
+def _train_net_args(out, data_root, *extra, eval_only=False, resume=False):
+    from d2norm.engine.launch import parse_args
+
+    argv = ["--config-file", os.path.join(CONFIGS, "synthetic", "mask_rcnn_R_18_FPN_GN.yaml")]
+    if eval_only:
+        argv.append("--eval-only")
+    if resume:
+        argv.append("--resume")
+    argv += [
+        "OUTPUT_DIR", str(out), "D2NORM.DATA.ROOT", data_root,
+        "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
+        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", *extra,
+    ]
+    return parse_args(argv)
+
+
+def test_train_then_evaluate(tmp_path, data_root):
+    from d2norm.engine.launch import main
+
+    out = tmp_path / "run"
+    main(_train_net_args(out, data_root, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"))
+    assert (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    metrics = [json.loads(line) for line in open(out / "metrics.json")]
+    assert all(np.isfinite(m["total_loss"]) for m in metrics if "total_loss" in m)
+    res = main(_train_net_args(out, data_root, "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                               eval_only=True))
+    assert set(res) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert 0.0 <= res[task]["AP"] <= 100.0 or np.isnan(res[task]["AP"])
+
+
+def _run(cfg, max_iter):
+    from detectron2.utils.env import seed_all_rng
+
+    from d2norm.engine import Trainer
+
+    cfg = cfg.clone()
+    cfg.SOLVER.MAX_ITER = max_iter
+    seed_all_rng(cfg.SEED)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+    return {it: v for v, it in trainer.storage.history("total_loss").values()}, trainer
+
+
+@pytest.mark.parametrize("norm", ["GN", "BN", "CBN", "MABN"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
+    from conftest import synthetic_cfg
+
+    cfg = synthetic_cfg(norm, **{"SOLVER.CHECKPOINT_PERIOD": 3, "D2NORM.DATA.ROOT": data_root,
+                                 "D2NORM.CBN.BURNIN_ITERS": 1, "D2NORM.MABN.WARMUP_ITERS": 2,
+                                 "D2NORM.MABN.BUFFER_SIZE": 2})
+    cfg.OUTPUT_DIR = str(tmp_path / "full")
+    full, _ = _run(cfg, 6)
+    assert sorted(full) == list(range(6))
+    # a second run resumes from the checkpoint written after iteration 2
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "full" / "model_0000002.pth", resumed_dir)
+    (resumed_dir / "last_checkpoint").write_text("model_0000002.pth")
+    cfg.OUTPUT_DIR = str(resumed_dir)
+    torch.manual_seed(12345)  # any RNG state: the checkpoint restores it
+    resumed, trainer = _run(cfg, 6)
+    assert trainer.start_iter == 3
+    assert sorted(resumed) == [3, 4, 5]
+    for it in (3, 4, 5):
+        assert resumed[it] == full[it], f"iteration {it}: {resumed[it]} != {full[it]}"

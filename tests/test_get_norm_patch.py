@@ -1,0 +1,120 @@
+"""The get_norm patch: every name builds the right module at every call site of a built model."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import d2norm
+from d2norm import norms
+from d2norm.layers import GroupNorm, GroupNormWS, SyncBatchNorm2d
+
+from conftest import synthetic_cfg
+
+CALL_SITES = ("backbone.bottom_up", "backbone.fpn_lateral", "backbone.fpn_output",
+              "roi_heads.box_head", "roi_heads.mask_head")
+
+
+def _expected_types():
+    from detectron2.layers import FrozenBatchNorm2d
+    from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+
+    return {
+        "BN*": FrozenBatchNorm2d,
+        "FrozenBN": FrozenBatchNorm2d,
+        "SyncBN": SyncBatchNorm2d,
+        "GN": GroupNorm,
+        "GN+WS": GroupNormWS,
+        "CBN": CrossIterationBatchNorm2d,
+        "MABN": MovingAverageBatchNorm2d,
+        "BN": nn.BatchNorm2d,
+    }
+
+
+def _normed_convs(model):
+    from detectron2.layers import Conv2d
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, Conv2d) and m.norm is not None}
+
+
+@pytest.mark.parametrize("name", ["BN*", "FrozenBN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BN"])
+def test_every_call_site_gets_the_named_norm(name):
+    expected = _expected_types()[name]
+    cfg = synthetic_cfg(name)
+    model = d2norm.build_model(cfg)
+    convs = _normed_convs(model)
+    seen = set()
+    for conv_name, conv in convs.items():
+        assert type(conv.norm) is expected or (
+            name == "BN" and isinstance(conv.norm, nn.BatchNorm2d)
+        ), f"{conv_name}: {type(conv.norm).__name__} is not {expected.__name__}"
+        for site in CALL_SITES:
+            if conv_name.startswith(site):
+                seen.add(site)
+    assert seen == set(CALL_SITES), f"call sites without a norm: {set(CALL_SITES) - seen}"
+    # nothing normalized by another type anywhere in the model
+    other = [n for n, m in model.named_modules()
+             if isinstance(m, norms.norm_layer_types()) and not isinstance(m, expected)]
+    assert other == []
+
+
+def test_patch_is_idempotent_and_covers_all_loaded_modules():
+    first = d2norm.patch_get_norm()
+    again = d2norm.patch_get_norm()
+    assert again == []  # nothing left to patch
+    import detectron2.layers
+    import detectron2.layers.batch_norm
+    import detectron2.modeling.backbone.fpn
+    import detectron2.modeling.backbone.resnet
+    import detectron2.modeling.roi_heads.box_head
+    import detectron2.modeling.roi_heads.mask_head
+
+    for mod in (detectron2.layers, detectron2.layers.batch_norm, detectron2.modeling.backbone.resnet,
+                detectron2.modeling.backbone.fpn, detectron2.modeling.roi_heads.box_head,
+                detectron2.modeling.roi_heads.mask_head):
+        assert mod.get_norm is norms.get_norm
+    # no module still refers to the original
+    original = norms._original_get_norm
+    assert not [n for n, m in sys.modules.items()
+                if n.startswith("detectron2") and m is not None and m.__dict__.get("get_norm") is original]
+    assert isinstance(first, list)
+
+
+def test_detectron2_names_and_callables_pass_through():
+    from detectron2.layers import get_norm
+
+    assert get_norm("", 8) is None
+    assert get_norm(None, 8) is None
+    assert isinstance(get_norm("BN", 8), nn.BatchNorm2d)
+    m = get_norm(lambda c: nn.GroupNorm(2, c), 8)
+    assert isinstance(m, nn.GroupNorm) and m.num_groups == 2
+
+
+def test_unknown_name_is_a_clear_error():
+    from detectron2.layers import get_norm
+
+    with pytest.raises(ValueError) as e:
+        get_norm("GroupNorm", 64)
+    msg = str(e.value)
+    assert "'GroupNorm'" in msg and "'GN+WS'" in msg and "'CBN'" in msg and "MODEL.RESNETS.NORM" in msg
+    with pytest.raises(ValueError, match="Valid names"):
+        d2norm.build_model(synthetic_cfg("Batchnorm"))
+
+
+def test_gn_groups_from_config_and_clear_error():
+    cfg = synthetic_cfg("GN")
+    cfg.D2NORM.GN.NUM_GROUPS = 16
+    model = d2norm.build_model(cfg)
+    gns = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert gns and all(m.num_groups == 16 for m in gns)
+    cfg.D2NORM.GN.NUM_GROUPS = 48  # does not divide 64
+    with pytest.raises(ValueError, match="D2NORM.GN.NUM_GROUPS=48 does not divide"):
+        d2norm.build_model(cfg)
+
+
+def test_options_do_not_leak_outside_the_build():
+    cfg = synthetic_cfg("GN")
+    cfg.D2NORM.GN.NUM_GROUPS = 16
+    d2norm.build_model(cfg)
+    assert norms.current_norm_options()["GN"]["NUM_GROUPS"] == 32
+    assert d2norm.build_norm("GN", 64).num_groups == 32

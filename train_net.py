@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""Train / evaluate a detectron2 model with d2norm's normalization methods.
+
+    python train_net.py --config-file configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file ... --num-gpus 8 --resume
+"""
+import d2norm  # noqa: F401  (must precede detectron2.layers: registers norms / the _C stand-in)
+from d2norm.engine.launch import main, parse_args
+
+if __name__ == "__main__":
+    args = parse_args()
+    from detectron2.engine import launch
+
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
