@@ -66,7 +66,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
                                  "D2NORM.CBN.BURNIN_ITERS": 1, "D2NORM.MABN.WARMUP_ITERS": 2,
                                  "D2NORM.MABN.BUFFER_SIZE": 2})
     cfg.OUTPUT_DIR = str(tmp_path / "full")
-    full, _ = _run(cfg, 6)
+    full, full_trainer = _run(cfg, 6)
+    if norm == "CBN":  # the trainer records the end of burn-in (after iteration 0 here)
+        ended = full_trainer.storage.history("cbn_burnin_ended_iter").values()
+        assert [v for v, _ in ended] == [0]
     assert sorted(full) == list(range(6))
     # a second run resumes from the checkpoint written after iteration 2
     resumed_dir = tmp_path / "resumed"

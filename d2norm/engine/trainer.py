@@ -5,8 +5,10 @@
   seed, and the training data resumes where it stopped, so ``--resume`` continues a run exactly
   (on CPU: identical losses). CBN history and MABN buffers are module buffers, hence in the
   model's state_dict.
-- A hook logs method milestones (end of CBN burn-in, end of MABN warm-up).
+- A hook logs the end of CBN burn-in.
 - COCO evaluation uses pycocotools when detectron2's compiled ops are absent.
+- A step with a non-finite loss is skipped and undone, norm statistics included
+  (:mod:`d2norm.engine.guards`).
 """
 import logging
 import os
@@ -25,6 +27,7 @@ from ..checkpoint import D2NormCheckpointer
 from ..compat import compiled_ops_available
 from ..data.resumable_loader import DeferredTrainLoader, ResumableTrainingSampler
 from ..modeling import build_model
+from .guards import NonFiniteGuard, guarded_run_step
 
 __all__ = ["Trainer", "RNGState", "NormMilestoneHook"]
 
@@ -63,13 +66,14 @@ class RNGState:
 
 
 class NormMilestoneHook(HookBase):
-    """Logs once when every CBN layer has left burn-in and when MABN warm-up has ended."""
+    """Logs once when every CBN layer has left burn-in (a host-side check, no device sync)."""
 
     def __init__(self, model):
         self._cbn = [m for m in model.modules() if hasattr(m, "in_burnin")]
-        self._mabn = [m for m in model.modules() if hasattr(m, "in_warmup")]
+        self._cbn_done = True
+
+    def before_train(self):  # after a checkpoint was loaded
         self._cbn_done = not self._cbn or not any(m.in_burnin for m in self._cbn)
-        self._mabn_done = not self._mabn or not any(m.in_warmup for m in self._mabn)
 
     def after_step(self):
         it = self.trainer.iter
@@ -78,10 +82,6 @@ class NormMilestoneHook(HookBase):
             logger.info("CBN burn-in ended at iteration %d: %d layers now use cross-iteration "
                         "statistics.", it, len(self._cbn))
             self.trainer.storage.put_scalar("cbn_burnin_ended_iter", it, smoothing_hint=False)
-        if not self._mabn_done and not any(m.in_warmup for m in self._mabn):
-            self._mabn_done = True
-            logger.info("MABN warm-up ended at iteration %d: %d layers now use moving-average "
-                        "statistics.", it, len(self._mabn))
 
 
 class Trainer(DefaultTrainer):
@@ -152,6 +152,13 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if not self._BASE_SAVES_OPTIMIZER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def run_step(self):
+        # detectron2's step, except that a non-finite step is skipped and undone (guards.py)
+        self._trainer.iter = self.iter
+        if getattr(self, "_nonfinite_guard", None) is None:
+            self._nonfinite_guard = NonFiniteGuard(self._trainer.model)
+        guarded_run_step(self._trainer, self._nonfinite_guard)
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

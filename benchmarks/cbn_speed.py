@@ -1,0 +1,201 @@
+"""Speed of conv + CrossIterationBatchNorm2d (analytic statistic gradients) vs the autograd.grad
+formulation of the official code (tests/reference/cbn_reference.py) vs conv + nn.BatchNorm2d.
+
+    python benchmarks/cbn_speed.py [--quick] [--device cuda] [--reps N] [--threads T]
+
+Each variant runs fwd+bwd of the conv+norm pair on the same inputs and upstream gradients, with
+the same thread count; the variants alternate within each repetition (after warm-up, which also
+fills the CBN windows), and the table shows the median. "stat overhead" is the time above conv+BN.
+On a machine shared with other jobs, ``--threads 1`` gives far steadier numbers than an
+oversubscribed thread pool.
+
+Bound on the ratios: both formulations must compute dnu/dW, one full conv weight gradient (about a
+third of the conv's fwd+bwd); the analytic form removes the second one (dmu/dW via autograd) and the
+autograd bookkeeping. So the statistic-overhead ratio stays near 2x and the pair ratio near
+(fwd + 2 bwd + 2 wgrad) / (fwd + 2 bwd + 1 wgrad), i.e. about 1.25-1.6x.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+from reference.cbn_reference import ReferenceConvCBN  # noqa: E402
+
+from d2norm.layers.cross_iteration_batch_norm import (  # noqa: E402
+    CrossIterationBatchNorm2d,
+    _conv_padding,
+    _mean_patch,
+)
+
+SHAPES = {  # name: (input N, C, H, W), conv kwargs
+    "3x3 256->256 @ 2x256x64x64": ((2, 256, 64, 64), dict(in_channels=256, out_channels=256,
+                                                           kernel_size=3, padding=1)),
+    "1x1 1024->256 @ 2x1024x25x38": ((2, 1024, 25, 38), dict(in_channels=1024, out_channels=256,
+                                                             kernel_size=1)),
+}
+QUICK_SHAPES = {
+    "3x3 256->256 @ 2x256x32x32": ((2, 256, 32, 32), dict(in_channels=256, out_channels=256,
+                                                           kernel_size=3, padding=1)),
+    "1x1 1024->256 @ 2x1024x25x38": SHAPES["1x1 1024->256 @ 2x1024x25x38"],
+}
+
+
+class ConvNorm(nn.Module):
+    def __init__(self, conv, norm):
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def build(variant, conv_kw, k, device):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(bias=False, **conv_kw).to(device)
+    c = conv_kw["out_channels"]
+    if variant == "conv+BN":
+        return ConvNorm(conv, nn.BatchNorm2d(c).to(device))
+    if variant == "conv+CBN (ours)":
+        cbn = CrossIterationBatchNorm2d(c, buffer_size=k).to(device)
+        cbn.bind(conv)
+        return ConvNorm(conv, cbn)
+    return ReferenceConvCBN(conv, buffer_size=k).to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(model, x, g):
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
+    model(x).backward(g)
+
+
+def analytic_stat_grads(conv, x, y):
+    """What CrossIterationBatchNorm2d computes per recorded iteration: dnu/dW and pbar."""
+    with torch.no_grad():
+        m = y.shape[0] * y.shape[2] * y.shape[3]
+        pad = _conv_padding(conv)
+        gnu = torch.ops.aten.convolution_backward(
+            y, x, conv.weight, None, conv.stride, pad, conv.dilation, False, [0, 0], conv.groups,
+            [False, True, False])[1].mul_(2.0 / m)
+        pbar = _mean_patch(x, conv.weight.shape, conv.stride, pad, conv.dilation, conv.groups,
+                           y.shape[2:])
+    return gnu, pbar
+
+
+def autograd_stat_grads(conv, x):
+    """The official formulation: two autograd.grad calls on mu(W), nu(W) (graph built here)."""
+    w = conv.weight
+    y = torch.nn.functional.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    mu, nu = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+    ones = torch.ones_like(mu)
+    dmu = torch.autograd.grad(mu, w, ones, retain_graph=True)[0]
+    dnu = torch.autograd.grad(nu, w, ones, retain_graph=True)[0]
+    return dmu, dnu
+
+
+def history_bytes(variant, model):
+    if variant == "conv+CBN (ours)":
+        return sum(b.numel() * b.element_size()
+                   for n, b in model.norm.named_buffers() if n.startswith("hist_"))
+    if variant == "autograd.grad ref":
+        return sum(t.numel() * t.element_size() for entry in model.history for t in entry)
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller 3x3 input, fewer repetitions")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7, quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3, quick 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--buffer-size", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 7)
+    warmup = max(args.warmup or (2 if args.quick else 3), args.buffer_size)  # fill the windows
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    variants = ["conv+BN", "conv+CBN (ours)", "autograd.grad ref"]
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f", {torch.get_num_threads()} threads")
+          + f", fp32, buffer_size k={args.buffer_size}, warm-up {warmup}, median of {reps} reps")
+
+    for name, (in_shape, conv_kw) in shapes.items():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(in_shape, generator=gen).to(device).requires_grad_(True)
+        models = {v: build(v, conv_kw, args.buffer_size, device).train() for v in variants}
+        with torch.no_grad():
+            out_shape = models["conv+BN"](x).shape
+        g = torch.randn(out_shape, generator=gen).to(device)
+        for _ in range(warmup):
+            for v in variants:
+                step(models[v], x, g)
+        conv = models["conv+BN"].conv
+        xd = x.detach()
+        with torch.no_grad():
+            yd = conv(xd)
+        stat_fns = {  # statistic gradients alone; the autograd one includes its conv forward
+            "analytic": lambda: analytic_stat_grads(conv, xd, yd),
+            "autograd.grad": lambda: autograd_stat_grads(conv, xd),
+            "conv fwd": lambda: torch.nn.functional.conv2d(xd, conv.weight, None, conv.stride,
+                                                           conv.padding, conv.dilation, conv.groups),
+        }
+        for f in stat_fns.values():
+            f()
+        times = {v: [] for v in list(variants) + list(stat_fns)}
+        for _ in range(reps):
+            for v in variants:
+                sync(device)
+                t0 = time.perf_counter()
+                step(models[v], x, g)
+                sync(device)
+                times[v].append(time.perf_counter() - t0)
+            for v, f in stat_fns.items():
+                sync(device)
+                t0 = time.perf_counter()
+                f()
+                sync(device)
+                times[v].append(time.perf_counter() - t0)
+        med = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+        best = {v: min(ts) * 1e3 for v, ts in times.items()}
+        bn = med["conv+BN"]
+        print(f"\n{name}  (fwd+bwd of the conv+norm pair)")
+        print(f"  {'variant':<20} {'median ms':>10} {'(min ms)':>9} {'vs conv+BN':>11} "
+              f"{'stat overhead ms':>17}")
+        for v in variants:
+            print(f"  {v:<20} {med[v]:>10.2f} {best[v]:>9.2f} {med[v] / bn:>10.2f}x {med[v] - bn:>17.2f}")
+        ours, ref = med["conv+CBN (ours)"], med["autograd.grad ref"]
+        ovh_ours, ovh_ref = ours - bn, ref - bn
+        print(f"  RATIO pair time, autograd.grad ref / ours: {ref / ours:.2f}x")
+        if ovh_ours > 0:
+            print(f"  RATIO statistic-gradient overhead over conv+BN, ref / ours: {ovh_ref / ovh_ours:.2f}x")
+        st_ref = med["autograd.grad"] - med["conv fwd"]
+        print(f"  statistic gradients alone: analytic {med['analytic']:.2f} ms, autograd.grad "
+              f"{st_ref:.2f} ms (+{med['conv fwd']:.2f} ms for the graph's conv forward)")
+        print(f"  RATIO statistic gradients alone, autograd.grad / analytic: {st_ref / med['analytic']:.2f}x")
+        w_bytes = models["conv+BN"].conv.weight.numel() * 4
+        for v in ("conv+CBN (ours)", "autograd.grad ref"):
+            hb = history_bytes(v, models[v])
+            print(f"  history memory {v:<18}: {hb:>11,d} B = {hb / w_bytes:.3f} x |W| "
+                  f"(|W| = {w_bytes:,d} B fp32)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""Cross-Iteration Batch Normalization (CBN; Yao et al., arXiv 2002.05712), pure torch.
+
+Per channel c, with y = W_t * x the output of the conv bound to this layer (no bias), M = N*H*W,
+and a window of the current iteration t plus the valid stored iterations t-1 .. t-(k-1):
+
+    mu_t = E[y],  nu_t = E[y^2]                                   (only these carry gradient)
+    mu_{t-r}(W_t) = mu_{t-r} + <dmu_{t-r}/dW, W_t - W_{t-r}>      (first-order compensation,
+    nu_{t-r}(W_t) = nu_{t-r} + <dnu_{t-r}/dW, W_t - W_{t-r}>       all terms detached)
+    nubar_i = max(nu_i(W_t), mu_i(W_t)^2)                         (the paper's clamp)
+    mubar = mean_i mu_i,   sigma2bar = mean_i nubar_i - mubar^2   (over the n available entries)
+    out = gamma * (y - mubar) / sqrt(sigma2bar + eps) + beta
+
+The statistic gradients are analytic (no ``torch.autograd.grad``): dmu_c/dW_c = pbar, the mean
+input patch (im2col column mean) of the group of channel c, and dnu_c/dW_c is the conv weight
+gradient for grad_output = 2y/M (``aten.convolution_backward``); stride, padding, dilation and
+groups are honoured. They are computed under ``no_grad`` in fp32 (fp64 for fp64 inputs), also
+under AMP.
+"""
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["CrossIterationBatchNorm2d"]
+
+_STASH_KEY = "_d2norm_cbn_input"  # conv.__dict__ key holding the conv's input until the CBN runs
+_OWNER_KEY = "_d2norm_cbn_owner"  # conv.__dict__ key: _ModuleRef to the CBN bound to this conv
+_HISTORY = ("hist_weight", "hist_grad_sqmean", "hist_grad_mean", "hist_mean", "hist_sqmean")
+
+
+def _stash_conv_input(module, args):
+    """Forward pre-hook on a bound conv: keep its input until the bound CBN consumes it.
+
+    Stateless (reads nothing but its arguments), so a deep-copied or pickled conv keeps a correct
+    hook. The CBN pops the tensor in its forward; it is never held across iterations."""
+    if args:
+        module.__dict__[_STASH_KEY] = args[0].detach()
+
+
+class _ModuleRef:
+    """A weak reference to a module that deep-copies/pickles sensibly.
+
+    ``copy.deepcopy`` of a model re-targets it to the copy of the referenced module (or to
+    nothing when that module is not part of the copy); pickling stores the module itself."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, module=None):
+        self._ref = None if module is None else weakref.ref(module)
+
+    def __call__(self):
+        return None if self._ref is None else self._ref()
+
+    def __deepcopy__(self, memo):
+        target = self()
+        return _ModuleRef(None if target is None else memo.get(id(target)))
+
+    def __reduce__(self):
+        return (_ModuleRef, (self(),))
+
+
+def _check_int(value, name, key, minimum, fix):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"CrossIterationBatchNorm2d: {name} (config key {key}) must be an integer >= {minimum}, "
+            f"got {value!r}. {fix}"
+        )
+
+
+class CrossIterationBatchNorm2d(nn.Module):
+    """Cross-Iteration Batch Normalization for the output of one ``nn.Conv2d`` (see module doc).
+
+    Usage: ``cbn.bind(conv)`` (or ``d2norm.prepare_model(model)``, which calls
+    ``prepare_preceding_conv``), then ``cbn(conv(x))``. The conv must have no bias, and must run
+    right before this layer: a forward pre-hook on it hands its input to this layer.
+
+    Args:
+        num_features: channels C (= ``conv.out_channels``).
+        buffer_size: k, iterations in the window including the current one (``D2NORM.CBN.BUFFER_SIZE``;
+            1 is plain BN).
+        burnin: the first ``burnin`` training iterations are plain BN (``D2NORM.CBN.BURNIN_ITERS``).
+            History is recorded during the last k-1 of them, so the window is full when burn-in ends.
+        eps, momentum: as in ``nn.BatchNorm2d`` (running stats EMA: r = (1-momentum) r + momentum s).
+
+    Behaviour and choices:
+
+    * Paper, not the official code: compensated variances are clamped (nubar = max(nu, mu^2))
+      instead of dropped, and the normalizer is sqrt(sigma2bar + eps), not sqrt(sigma2bar) + eps.
+      sigma2bar is evaluated in the algebraically identical, cancellation-free form
+      mean_i max(nu_i - mu_i^2, 0) + mean_i (mu_i - mubar)^2, the current entry using its
+      directly computed (biased) batch variance.
+    * Plain BN (batch statistics, biased variance to normalize; n = 1 below) during burn-in and
+      whenever the history is empty (first iteration, k = 1, after ``reset_history``).
+    * Speed: the normalization runs on ATen's fused batch-norm kernels (forward in eval form at
+      (mubar, sigma2bar); backward = BN's backward with its batch means divided by n, see
+      ``_WindowBatchNorm``); per recorded iteration the extra cost is one conv weight gradient
+      (dnu/dW) plus O(|x| + k|W|) elementwise work. No double backward.
+    * Running stats track the *window* statistics the model is trained with: running_mean <- mubar,
+      running_var <- sigma2bar * nM/(nM-1) (n window entries, M values per channel in the current
+      batch; for n = 1 torch BN's unbiased update). Eval: ``F.batch_norm`` with the running
+      stats, an affine map; eval needs no bound conv.
+    * Only mu_t and nu_t carry gradient; stored statistics, their weight gradients, stored weights
+      and the W_t used in the compensation are constants. Only the bound conv's weight is
+      compensated (as in the paper). A parametrized conv weight is read as ``conv.weight``.
+    * State: every piece (iteration count, ring buffers, valid count, write position) is a
+      persistent buffer, so a state_dict round trip mid-window continues exactly. The history is
+      allocated by ``bind`` from ``conv.weight``'s shape (float32, float64 if the weight is);
+      a checkpoint whose history does not fit (other k or conv shape, or keys dropped by a
+      checkpointer) is accepted and the history is restarted, with a warning.
+      History memory: (k-1) * (2|W| + G*|W|/C + 2C) values (weights, dnu/dW, pbar, mu, nu).
+    * Each training forward with a non-empty batch advances the iteration count (so the layer
+      must not be re-run by activation checkpointing). An empty batch returns an empty output
+      connected to the graph and changes no state.
+    * DDP: statistics are per process, as in the paper (no synchronization). Use
+      ``broadcast_buffers=False`` (detectron2's trainer does) or rank 0's buffers, history
+      included, overwrite the others' at every forward.
+    """
+
+    def __init__(self, num_features, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1):
+        super().__init__()
+        _check_int(num_features, "num_features", "the conv's out_channels", 1,
+                   "Pass the number of output channels of the preceding conv.")
+        _check_int(buffer_size, "buffer_size", "D2NORM.CBN.BUFFER_SIZE", 1,
+                   "Set D2NORM.CBN.BUFFER_SIZE to the number of iterations to average over, "
+                   "including the current one (the paper uses 3; 1 is plain BN).")
+        _check_int(burnin, "burnin", "D2NORM.CBN.BURNIN_ITERS", 0,
+                   "Set D2NORM.CBN.BURNIN_ITERS to the number of initial training iterations that "
+                   "use plain BN (0 for none).")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"CrossIterationBatchNorm2d: eps (config key D2NORM.CBN.EPS) must be a "
+                             f"number > 0, got {eps!r}. Set D2NORM.CBN.EPS, e.g. to 1e-5.")
+        if (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                or not 0.0 <= momentum <= 1.0):
+            raise ValueError(f"CrossIterationBatchNorm2d: momentum (config key D2NORM.CBN.MOMENTUM) "
+                             f"must be a number in [0, 1], got {momentum!r}. Set "
+                             f"D2NORM.CBN.MOMENTUM, e.g. to 0.1.")
+        self.num_features = num_features
+        self.buffer_size = buffer_size
+        self.burnin = burnin
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        # training forwards done; valid history entries; next ring slot to write
+        self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long))
+        self.register_buffer("hist_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("hist_pos", torch.zeros((), dtype=torch.long))
+        for name in _HISTORY:  # allocated by bind()
+            self.register_buffer(name, torch.zeros(0))
+        self._iter = 0  # host mirrors of the three long buffers (no .item() per forward)
+        self._count = 0
+        self._pos = 0
+        self._conv_ref = _ModuleRef()
+        self._history_checked = False
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def iteration(self):
+        """Number of training forwards (non-empty batches) done so far."""
+        return self._iter
+
+    @property
+    def in_burnin(self):
+        """True while the next training forward is a burn-in (plain BN) iteration."""
+        return self._iter < self.burnin
+
+    @property
+    def bound_conv(self):
+        return self._conv_ref()
+
+    def extra_repr(self):
+        return (f"{self.num_features}, buffer_size={self.buffer_size}, burnin={self.burnin}, "
+                f"eps={self.eps}, momentum={self.momentum}")
+
+    def reset_running_stats(self):
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def reset_history(self):
+        """Forget the stored iterations (the next training forward is plain BN and records)."""
+        self._count = self._pos = 0
+        self.hist_count.fill_(0)
+        self.hist_pos.fill_(0)
+
+    # ------------------------------------------------------------------ binding
+    def prepare_preceding_conv(self, conv):
+        """Hook for d2norm's model-preparation pass: ``conv`` is the conv whose ``.norm`` this is."""
+        self.bind(conv)
+
+    def bind(self, conv):
+        """Link this layer to the ``nn.Conv2d`` whose output it normalizes (idempotent).
+
+        Keeps only a weak reference (in detectron2 the norm is a child of the conv), registers a
+        forward pre-hook on the conv that hands its input over, and allocates the history."""
+        current = self._conv_ref()
+        if current is conv:
+            return self
+        if current is not None:
+            raise RuntimeError(f"{self._layer_name()} is already bound to another conv ({current!r}); "
+                               "a CrossIterationBatchNorm2d normalizes the output of exactly one conv.")
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{self._layer_name()}: bind() expects an nn.Conv2d (or a subclass such "
+                            f"as detectron2.layers.Conv2d), got {type(conv).__name__}.")
+        if getattr(conv, "transposed", False):
+            raise ValueError(f"{self._layer_name()}: transposed convs are not supported.")
+        if conv.bias is not None:
+            raise ValueError(f"{self._layer_name()}: the conv before a CrossIterationBatchNorm2d must "
+                             "have no bias (bias=False); a bias before a BN-type norm is redundant.")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{self._layer_name()}: only padding_mode='zeros' is supported, the conv "
+                             f"has padding_mode={conv.padding_mode!r}.")
+        _conv_padding(conv)  # raises for unsupported 'same' padding
+        if conv.out_channels != self.num_features:
+            raise ValueError(f"{self._layer_name()}: num_features={self.num_features} but the conv has "
+                             f"out_channels={conv.out_channels}.")
+        owner = conv.__dict__.get(_OWNER_KEY)
+        other = owner() if owner is not None else None
+        if other is not None and other is not self:
+            raise RuntimeError(f"{self._layer_name()}: {conv!r} is already bound to another "
+                               "CrossIterationBatchNorm2d.")
+        conv.__dict__[_OWNER_KEY] = _ModuleRef(self)
+        if not any(h is _stash_conv_input for h in conv._forward_pre_hooks.values()):
+            conv.register_forward_pre_hook(_stash_conv_input)
+        self._conv_ref = _ModuleRef(conv)
+        self._ensure_history(conv.weight)
+        return self
+
+    def _layer_name(self):
+        name = getattr(self, "_d2norm_name", None)
+        return f"CrossIterationBatchNorm2d '{name}'" if name else repr(self)
+
+    def _history_shapes(self, weight):
+        c_out = weight.shape[0]
+        fan_in = weight[0].numel()  # Cin/G * kh * kw; stored flat (3-D buffers are left alone
+        # by model.to(memory_format=...))
+        conv = self._conv_ref()
+        groups = conv.groups if conv is not None else 1
+        h = self.buffer_size - 1
+        return {
+            "hist_weight": (h, c_out, fan_in),
+            "hist_grad_sqmean": (h, c_out, fan_in),
+            "hist_grad_mean": (h, groups, fan_in),
+            "hist_mean": (h, c_out),
+            "hist_sqmean": (h, c_out),
+        }
+
+    def _ensure_history(self, weight):
+        """(Re)allocate the history if its buffers do not fit ``weight``; restart it then."""
+        self._history_checked = True
+        shapes = self._history_shapes(weight)
+        h = self.buffer_size - 1
+        fits = all(tuple(getattr(self, n).shape) == s for n, s in shapes.items())
+        if fits and 0 <= self._count <= h and 0 <= self._pos < max(h, 1):
+            return
+        if self._count != 0:
+            warnings.warn(f"{self._layer_name()}: the stored CBN history does not fit the bound conv "
+                          "(different buffer_size or conv shape, or history dropped while loading a "
+                          "checkpoint); restarting the window.")
+        if not fits:
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            for name, shape in shapes.items():
+                setattr(self, name, torch.zeros(shape, dtype=dtype, device=weight.device))
+        self.reset_history()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Accept a history of any shape (checked against the conv at the next forward / bind).
+        for name in _HISTORY:
+            value = state_dict.get(prefix + name)
+            mine = self._buffers[name]
+            if isinstance(value, torch.Tensor) and value.shape != mine.shape:
+                self._buffers[name] = torch.zeros(value.shape, dtype=mine.dtype, device=mine.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._iter = int(self.num_iterations.item())
+        self._count = int(self.hist_count.item())
+        self._pos = int(self.hist_pos.item())
+        self._history_checked = False
+        conv = self._conv_ref()
+        if conv is not None:
+            self._ensure_history(conv.weight)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, y):
+        if y.dim() != 4:
+            raise ValueError(f"{self._layer_name()}: expected a 4D input (N, C, H, W), got {y.dim()}D.")
+        if y.shape[1] != self.num_features:
+            raise ValueError(f"{self._layer_name()}: expected {self.num_features} channels, "
+                             f"got {y.shape[1]}.")
+        conv = self._conv_ref()
+        x = conv.__dict__.pop(_STASH_KEY, None) if conv is not None else None
+        if not self.training:  # the affine map of the running statistics
+            yr = y if y.dtype == self.running_mean.dtype else y.to(self.running_mean.dtype)
+            out = F.batch_norm(yr, self.running_mean, self.running_var, self.weight.to(yr.dtype),
+                               self.bias.to(yr.dtype), False, 0.0, self.eps)
+            return out.to(y.dtype)
+        if conv is None:
+            raise RuntimeError(
+                f"{self._layer_name()} is not bound to the conv whose output it normalizes. Call "
+                "d2norm.prepare_model(model) after building the model (d2norm.build_model does), or "
+                "cbn.bind(conv) for a standalone conv + CBN pair.")
+        if y.numel() == 0:  # empty batch: connected to the graph, no state change
+            return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(y.dtype)
+        with torch.autocast(y.device.type, enabled=False):
+            return self._forward_train(y, x, conv)
+
+    def _forward_train(self, y, x, conv):
+        t = self._iter
+        k = self.buffer_size
+        record = k > 1 and t >= self.burnin - (k - 1)
+        if record and x is None:
+            raise RuntimeError(
+                f"{self._layer_name()} did not receive the input of its bound conv: the conv "
+                "must run right before this layer, as in cbn(conv(x)) or detectron2's "
+                "Conv2d(..., norm=cbn).")
+        if x is not None and (x.shape[0] != y.shape[0] or x.shape[1] != conv.in_channels):
+            raise RuntimeError(f"{self._layer_name()}: the stashed conv input {tuple(x.shape)} does "
+                               f"not match this layer's input {tuple(y.shape)}; the bound conv must "
+                               "run right before this layer.")
+        if not self._history_checked:
+            self._ensure_history(conv.weight)
+        sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+        m_count = y.shape[0] * y.shape[2] * y.shape[3]
+        h = self._count if t >= self.burnin else 0  # plain BN (h = 0) in burn-in / empty history
+        n = h + 1
+        if n * m_count <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {tuple(y.shape)}")
+        with torch.no_grad():
+            var_t, mu_t = torch.var_mean(y.to(sdt), dim=(0, 2, 3), unbiased=False)
+            if h == 0:
+                mu_bar, var_bar = mu_t, var_t
+            else:
+                mu_p, nu_p = self._compensated_history(conv.weight.detach().to(sdt), h, sdt)
+                var_p = (nu_p - mu_p * mu_p).clamp_min(0)  # the paper's max(nu, mu^2)
+                mu_bar = (mu_t + mu_p.sum(0)) / n
+                # = mean_i max(nu_i, mu_i^2) - mubar^2, free of cancellation
+                var_bar = (var_t + var_p.sum(0) + (mu_t - mu_bar) ** 2
+                           + ((mu_p - mu_bar) ** 2).sum(0)) / n
+            total = n * m_count
+            self.running_mean.mul_(1 - self.momentum).add_(mu_bar, alpha=self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(
+                var_bar, alpha=self.momentum * total / (total - 1))
+        out = _WindowBatchNorm.apply(y, self.weight, self.bias, mu_bar, var_bar, n, self.eps)
+        if record:
+            with torch.no_grad():
+                self._record(x, y, conv, mu_t, var_t, m_count, sdt)
+        self._iter = t + 1
+        self.num_iterations.fill_(self._iter)
+        return out
+
+    def _compensated_history(self, w_t, h, sdt):
+        c_out = w_t.shape[0]
+        groups = self.hist_grad_mean.shape[1]
+        dw = w_t.reshape(1, c_out, -1) - self.hist_weight[:h].to(sdt)  # (h, C, K)
+        # mu: <pbar_g, dW_c> for each channel c of group g
+        pbar = self.hist_grad_mean[:h].to(sdt)  # (h, G, K)
+        dmu = torch.einsum("hgok,hgk->hgo", dw.view(h, groups, c_out // groups, -1), pbar)
+        mu = self.hist_mean[:h].to(sdt) + dmu.reshape(h, c_out)
+        dnu = torch.einsum("hck,hck->hc", self.hist_grad_sqmean[:h].to(sdt), dw)
+        nu = self.hist_sqmean[:h].to(sdt) + dnu
+        return mu, nu
+
+    def _record(self, x, y, conv, mu_t, var_t, m_count, sdt):
+        """Store this iteration's mu, nu, W and analytic dmu/dW, dnu/dW in the ring buffer."""
+        w = conv.weight.detach().to(sdt)
+        xf = x.to(sdt)
+        stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
+        # dnu_c/dW_c = (2/M) sum_pos y_c * patch: the conv weight gradient for grad_output 2y/M
+        gnu = torch.ops.aten.convolution_backward(
+            y.to(sdt), xf, w, None, stride, padding, dilation, False, [0, 0], conv.groups,
+            [False, True, False])[1]
+        i = self._pos
+        self.hist_grad_sqmean[i].copy_(gnu.reshape(gnu.shape[0], -1).mul_(2.0 / m_count))
+        # dmu_c/dW_c = pbar: the mean input patch of the group of channel c
+        self.hist_grad_mean[i].copy_(_mean_patch(xf, w.shape, stride, padding, dilation,
+                                                 conv.groups, y.shape[2:]))
+        self.hist_weight[i].copy_(w.reshape(w.shape[0], -1))
+        self.hist_mean[i].copy_(mu_t)
+        self.hist_sqmean[i].copy_(var_t + mu_t * mu_t)
+        self._pos = (i + 1) % (self.buffer_size - 1)
+        self._count = min(self._count + 1, self.buffer_size - 1)
+        self.hist_pos.fill_(self._pos)
+        self.hist_count.fill_(self._count)
+
+
+class _WindowBatchNorm(torch.autograd.Function):
+    """out = gamma (y - mubar) / sqrt(sigma2bar + eps) + beta, where mubar / sigma2bar pool the
+    batch statistics of y with n - 1 constant entries (mubar = (mu_t + c1)/n,
+    sigma2bar = (E[y^2] + c2)/n - mubar^2). Its input gradient is BN's with the batch means of
+    the backward divided by n:
+        dy = invstd * (g - sum(g)/(nM) - yhat * sum(g yhat)/(nM)),  g = gamma * grad_out,
+    i.e. (1/n) * [BN train-mode backward at (mubar, invstd)] + (1 - 1/n) * gamma * invstd * grad_out.
+    Both terms come from ATen's fused batch-norm kernels. n = 1 is plain BN."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, mu_bar, var_bar, n, eps):
+        invstd = torch.rsqrt(var_bar + eps)
+        ctx.save_for_backward(y, gamma, mu_bar, invstd)
+        ctx.n, ctx.eps = n, eps
+        return F.batch_norm(y, mu_bar, var_bar, gamma.to(mu_bar.dtype), beta.to(mu_bar.dtype),
+                            False, 0.0, eps).to(y.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        y, gamma, mu_bar, invstd = ctx.saved_tensors
+        n = ctx.n
+        mask = list(ctx.needs_input_grad[:3])
+        gamma_s = gamma.to(mu_bar.dtype)
+        fmt = (torch.channels_last if not y.is_contiguous() and y.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format)
+        gy, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=fmt), y, gamma_s, None, None, mu_bar, invstd, True,
+            ctx.eps, mask)
+        if gy is not None and n > 1:
+            coef = (gamma_s * invstd).to(gy.dtype).view(1, -1, 1, 1)
+            gy = gy.mul_(1.0 / n).addcmul_(grad_out, coef, value=1.0 - 1.0 / n)
+        if ggamma is not None:
+            ggamma = ggamma.to(gamma.dtype)
+        if gbeta is not None:
+            gbeta = gbeta.to(gamma.dtype)
+        return gy, ggamma, gbeta, None, None, None, None
+
+
+def _mean_patch(x, weight_shape, stride, padding, dilation, groups, out_hw):
+    """pbar: mean over (batch, output positions) of the zero-padded input patch of each group,
+    shape (G, Cin/G * kh * kw); separable sums over the strided, dilated kernel taps."""
+    _, c_in_g, kh, kw = weight_shape
+    (sh, sw), (ph, pw), (dh, dw), (ho, wo) = stride, padding, dilation, tuple(out_hw)
+    xs = F.pad(x.sum(0), (pw, pw, ph, ph))  # (Cin, H + 2ph, W + 2pw)
+    rows = torch.stack([xs[:, i * dh: i * dh + sh * (ho - 1) + 1: sh].sum(1) for i in range(kh)], 1)
+    p = torch.stack([rows[:, :, j * dw: j * dw + sw * (wo - 1) + 1: sw].sum(-1) for j in range(kw)], 2)
+    return p.reshape(groups, c_in_g * kh * kw).div_(x.shape[0] * ho * wo)
+
+
+def _conv_padding(conv):
+    """The conv's padding as a pair of ints (symmetric 'same' / 'valid' resolved)."""
+    p = conv.padding
+    if isinstance(p, str):
+        if p == "valid":
+            return (0, 0)
+        pads = []
+        for d, kk in zip(conv.dilation, conv.kernel_size):
+            total = d * (kk - 1)
+            if total % 2:
+                raise ValueError("CrossIterationBatchNorm2d: padding='same' with an even effective "
+                                 "kernel (asymmetric padding) is not supported; use explicit padding.")
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(p)
