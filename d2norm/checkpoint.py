@@ -7,6 +7,9 @@
   centralized convs (``X.parametrizations.weight.original``) and the reverse, including
   Detectron/detectron2 ``.pkl`` files matched by detectron2's name heuristics.
 - A missing or unreadable file raises an error that names the file and the fix.
+- Pretrained files: torchvision-style ResNet state dicts are renamed to detectron2 names, and a
+  file that matches nothing, or whose backbone tensors have wrong shapes or are missing, raises
+  an error naming the file and the keys (:mod:`d2norm.weights`; ``strict_backbone``).
 """
 import os
 import tempfile
@@ -45,12 +48,29 @@ def atomic_torch_save(obj, path):
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
+def _first_line(e, limit=200):
+    """``Type: first line of the message`` (torch's unpickling errors run to many lines; for
+    them, the unpickler's own reason, not the advice about ``weights_only``)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    for i, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            text = f"unpickling failed: {lines[i + 1]}"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _plain_name(key):
     return key[: -len(_PARAM_SUFFIX)] + "weight" if key.endswith(_PARAM_SUFFIX) else key
 
 
 class D2NormCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves and d2norm-aware loading (module docstring)."""
+
+    #: Refuse files whose backbone tensors have wrong shapes or are missing (d2norm.weights).
+    strict_backbone = True
+    #: :class:`d2norm.weights.LoadReport` of the last model load (None before any).
+    last_load_report = None
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -81,15 +101,19 @@ class D2NormCheckpointer(DetectionCheckpointer):
         return super().load(path, checkpointables=checkpointables)
 
     def _load_file(self, f):
+        from .weights import normalize_loaded_checkpoint
+
+        self._loading_path = f
         try:
-            return super()._load_file(f)
+            loaded = super()._load_file(f)
         except Exception as e:  # corrupt/truncated file, wrong format
             raise CheckpointError(
-                f"Could not read checkpoint {f!r}: {type(e).__name__}: {e}. The file is corrupt, "
+                f"Could not read checkpoint {f!r} ({_first_line(e)}). The file is corrupt, "
                 "truncated or not a detectron2/torch checkpoint. Fix: point MODEL.WEIGHTS at a "
                 "valid file; with --resume, delete it and set 'last_checkpoint' in the output "
                 "directory to the previous checkpoint."
             ) from None
+        return normalize_loaded_checkpoint(loaded, f)
 
     def _load_model(self, checkpoint):
         model_sd = self.model.state_dict()
@@ -104,4 +128,13 @@ class D2NormCheckpointer(DetectionCheckpointer):
             )
             checkpoint["matching_heuristics"] = False
         checkpoint["model"] = remap_parametrized_keys(checkpoint["model"], model_sd.keys())
-        return super()._load_model(checkpoint)
+        file_shapes = {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint["model"].items()}
+        incompatible = super()._load_model(checkpoint)
+        if incompatible is not None:
+            from .weights import check_loaded_weights
+
+            self.last_load_report = check_loaded_weights(
+                self.model, getattr(self, "_loading_path", "<checkpoint>"), file_shapes,
+                incompatible, strict_backbone=self.strict_backbone,
+            )
+        return incompatible

@@ -14,9 +14,13 @@ def add_d2norm_config(cfg):
     _C.D2NORM.GN = CN()
     _C.D2NORM.GN.NUM_GROUPS = 32
     _C.D2NORM.GN.EPS = 1e-5
-    # Weight Standardization epsilon: W_hat = (W - mean) / sqrt(var + EPS).
+    # Weight Standardization (for "GN+WS" / "BN+WS"), per output channel of the conv:
+    #   CONVENTION "sqrt_var" (default):  W_hat = (W - mean) / sqrt(var_biased + EPS)
+    #   CONVENTION "std_plus_eps":        W_hat = (W - mean) / (std_unbiased + EPS)
+    # Use "std_plus_eps" for weights trained with mmcv's ConvWS2d / the original WS code.
     _C.D2NORM.WS = CN()
     _C.D2NORM.WS.EPS = 1e-5
+    _C.D2NORM.WS.CONVENTION = "sqrt_var"
     # Cross-Iteration BN: window of BUFFER_SIZE iterations (incl. the current one);
     # plain BN for the first BURNIN_ITERS training iterations.
     _C.D2NORM.CBN = CN()

@@ -28,7 +28,7 @@ __all__ = [
 # Options used when no config is active (the defaults of add_d2norm_config).
 _DEFAULT_OPTIONS = {
     "GN": {"NUM_GROUPS": 32, "EPS": 1e-5},
-    "WS": {"EPS": 1e-5},
+    "WS": {"EPS": 1e-5, "CONVENTION": "sqrt_var"},
     "CBN": {"BUFFER_SIZE": 3, "BURNIN_ITERS": 0, "EPS": 1e-5, "MOMENTUM": 0.1},
     "MABN": {"BUFFER_SIZE": 16, "WARMUP_ITERS": 100, "MOMENTUM": 0.98, "EPS": 1e-5},
 }
@@ -82,14 +82,17 @@ def _gn(c):
 def _gn_ws(c):
     from .layers.group_norm import GroupNormWS
 
-    o = _options["GN"]
-    return GroupNormWS(o["NUM_GROUPS"], c, eps=o["EPS"], ws_eps=_options["WS"]["EPS"])
+    o, ws = _options["GN"], _options["WS"]
+    return GroupNormWS(
+        o["NUM_GROUPS"], c, eps=o["EPS"], ws_eps=ws["EPS"], ws_convention=ws["CONVENTION"]
+    )
 
 
 def _bn_ws(c):
     from .layers.group_norm import BatchNormWS
 
-    return BatchNormWS(c, ws_eps=_options["WS"]["EPS"])
+    ws = _options["WS"]
+    return BatchNormWS(c, ws_eps=ws["EPS"], ws_convention=ws["CONVENTION"])
 
 
 def _cbn(c):
