@@ -5,6 +5,12 @@ After ``build_model``, :func:`prepare_model` visits every conv that carries a no
 ``prepare_preceding_conv(conv)``, lets it set up that conv: Weight Standardization for "GN+WS" /
 "BN+WS", weight centralization for "MABN" (both ``torch.nn.utils.parametrize``
 parametrizations), the conv link of "CBN". The pass is idempotent.
+
+Frozen stages: detectron2's ``freeze`` (``MODEL.BACKBONE.FREEZE_AT``) turns only BatchNorm layers
+into ``FrozenBatchNorm2d``. A CBN or MABN layer whose parameters it froze would still normalize
+with batch statistics, so the pass replaces it by the ``FrozenBatchNorm2d`` of its own eval map
+(γ·(x − running_mean)/√(running_var + ε) + β; MABN has no mean). A frozen MABN's conv keeps its
+weight centralization, which is part of the function its pretrained weights were trained with.
 """
 import torch
 from torch import nn
@@ -19,10 +25,20 @@ _PARAM_SUFFIX = "parametrizations.weight.original"
 
 def prepare_model(model):
     """Apply every norm's conv-side transform to the conv it follows. Returns ``model``."""
+    from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+
     for name, module in model.named_modules():
         norm = getattr(module, "norm", None)
         if isinstance(module, nn.Conv2d) and isinstance(norm, nn.Module):
             norm._d2norm_name = f"{name}.norm" if name else "norm"
+            frozen = isinstance(norm, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)) and not any(
+                p.requires_grad for p in norm.parameters()
+            )
+            if frozen:
+                if isinstance(norm, MovingAverageBatchNorm2d):
+                    norm.prepare_preceding_conv(module)
+                module.norm = frozen_batch_norm_of(norm)
+                continue
             prepare = getattr(norm, "prepare_preceding_conv", None)
             if prepare is not None:
                 prepare(module)
@@ -32,6 +48,20 @@ def prepare_model(model):
                 module._register_load_state_dict_pre_hook(_load_plain_weight_into_parametrized)
                 module._d2norm_key_hook = True
     return model
+
+
+def frozen_batch_norm_of(norm):
+    """detectron2 ``FrozenBatchNorm2d`` computing the eval map of a CBN / MABN layer."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
+    with torch.no_grad():
+        frozen.weight.copy_(norm.weight)
+        frozen.bias.copy_(norm.bias)
+        frozen.running_var.copy_(norm.running_var.reshape(-1))
+        mean = getattr(norm, "running_mean", None)
+        frozen.running_mean.copy_(mean if mean is not None else torch.zeros_like(frozen.running_mean))
+    return frozen.to(norm.weight.device)
 
 
 def _load_plain_weight_into_parametrized(state_dict, prefix, *args, **kwargs):

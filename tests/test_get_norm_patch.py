@@ -118,3 +118,32 @@ def test_options_do_not_leak_outside_the_build():
     d2norm.build_model(cfg)
     assert norms.current_norm_options()["GN"]["NUM_GROUPS"] == 32
     assert d2norm.build_norm("GN", 64).num_groups == 32
+
+
+@pytest.mark.parametrize("name", ["CBN", "MABN"])
+def test_frozen_stages_use_the_eval_map_of_cbn_and_mabn(name):
+    """FREEZE_AT stages: a CBN / MABN layer becomes the FrozenBatchNorm2d of its eval map."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from d2norm.modeling import frozen_batch_norm_of
+
+    cfg = synthetic_cfg(name)
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2  # stem and res2
+    model = d2norm.build_model(cfg)
+    bottom_up = model.backbone.bottom_up
+    assert isinstance(bottom_up.stem.conv1.norm, FrozenBatchNorm2d)
+    assert all(isinstance(b.conv1.norm, FrozenBatchNorm2d) for b in bottom_up.res2)
+    layer_type = type(bottom_up.res3[0].conv1.norm)
+    assert layer_type.__name__ in ("CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d")
+    # the replacement computes the layer's own eval map
+    torch.manual_seed(0)
+    layer = layer_type(8, buffer_size=2)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 3)
+        if hasattr(layer, "running_mean"):
+            layer.running_mean.uniform_(-1, 1)
+    layer.eval()
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(frozen_batch_norm_of(layer)(x), layer(x))

@@ -227,7 +227,8 @@ def _check_model(cfg, model, exp):
     for idx, stage in enumerate(["stem", "res2", "res3", "res4", "res5"], start=1):
         module = getattr(bottom_up, stage)
         frozen = freeze_at >= idx
-        expected = frozen_bn if (frozen and norm in ("BN", "SyncBN")) else site_type
+        # (d2norm's preparation pass does the same for CBN / MABN)
+        expected = frozen_bn if (frozen and norm in ("BN", "SyncBN", "CBN", "MABN")) else site_type
         convs = _detectron2_convs(module)
         assert convs
         for conv in convs:
@@ -275,9 +276,11 @@ def _check_model(cfg, model, exp):
         if isinstance(n, GroupNormWS):
             assert isinstance(t, WeightStandardization)
             assert (t.convention, t.eps) == (ws.CONVENTION, ws.EPS)
-        elif isinstance(n, MovingAverageBatchNorm2d):
+        elif isinstance(n, MovingAverageBatchNorm2d) or (
+            exp["norm"] == "MABN" and isinstance(n, _frozen_bn_type())
+        ):  # a frozen MABN stage keeps its conv's centralization
             assert isinstance(t, WeightCentralization)
-            assert n.buffer_size == cfg.D2NORM.MABN.BUFFER_SIZE
+            assert isinstance(n, _frozen_bn_type()) or n.buffer_size == cfg.D2NORM.MABN.BUFFER_SIZE
         else:
             assert t is None
         if isinstance(n, CrossIterationBatchNorm2d):
