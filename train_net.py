@@ -4,14 +4,13 @@
     python train_net.py --config-file configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --num-gpus 8 --resume
+    python train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes (gloo)
 """
 import d2norm  # noqa: F401  (must precede detectron2.layers: registers norms / the _C stand-in)
-from d2norm.engine.launch import main, parse_args
+from d2norm.engine.launch import config_device, launch, main, parse_args
 
 if __name__ == "__main__":
     args = parse_args()
-    from detectron2.engine import launch
-
     launch(
         main,
         args.num_gpus,
@@ -19,4 +18,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=config_device(args),  # "cpu": gloo processes; CUDA: detectron2's launch (NCCL)
     )

@@ -1,11 +1,16 @@
 import os
 
 import pytest
+import torch
 
 import d2norm  # noqa: F401  (stand-in for detectron2._C where needed, get_norm patch)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+
+# The suite's models are tiny: one thread is as fast as two on an idle machine and avoids
+# OpenMP spin-waiting slowdowns (10x seen) when the machine is shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,10 @@ SPLITS = {
     "d2norm_shapes_val": (100, 2, 128),
     "d2norm_shapes_tiny_train": (16, 3, 96),
     "d2norm_shapes_tiny_val": (8, 4, 96),
+    # the small-batch study (tools/small_batch_study.py, configs/synthetic/study/)
+    "d2norm_shapes_study_train": (200, 5, 96),
+    "d2norm_shapes_study_val": (100, 6, 96),
+    "d2norm_shapes_study_quick_val": (50, 7, 96),
 }
 
 
@@ -95,8 +99,17 @@ def generate_split(root, name, num_images, seed, size):
     image_dir = os.path.join(out_dir, "images")
     if os.path.isfile(json_file):
         return json_file, image_dir
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"Cannot write the synthetic dataset {name!r} under D2NORM.DATA.ROOT={root!r} "
+            f"({e.strerror}: {e.filename!r}). Fix: set D2NORM.DATA.ROOT (or the environment "
+            "variable D2NORM_DATA) to a writable directory, or to one that already holds the "
+            "generated splits.",
+        ) from None
     try:
         os.makedirs(os.path.join(tmp, "images"))
         rng = np.random.default_rng(seed)

@@ -1,6 +1,12 @@
-"""The body of ``train_net.py``: config setup and the train / eval-only entry point."""
+"""The body of ``train_net.py``: config setup, the train / eval-only entry point, and
+``launch`` (detectron2's, plus multi-process CPU training with gloo)."""
 import logging
 import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
@@ -12,7 +18,7 @@ from ..config import add_d2norm_config
 from ..data.synthetic_shapes import register_synthetic_datasets
 from .trainer import Trainer
 
-__all__ = ["setup", "main", "parse_args"]
+__all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device"]
 
 
 def parse_args(argv=None):
@@ -64,3 +70,91 @@ def main(args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+# ---------------------------------------------------------------------------------- launching
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def config_device(args):
+    """``MODEL.DEVICE`` of the config that ``args`` describe; the default device if the config
+    cannot be read (``main`` then reports the problem)."""
+    try:
+        cfg = get_cfg()
+        add_d2norm_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        return cfg.MODEL.DEVICE
+    except Exception:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0, dist_url=None,
+           args=(), timeout=DEFAULT_TIMEOUT, device=None):
+    """Run ``main_func(*args)`` in ``num_machines × num_processes_per_machine`` processes.
+
+    ``device`` (``MODEL.DEVICE``; default: "cuda" if available) picks the backend: a CUDA device
+    goes to detectron2's ``launch`` (one process per GPU, NCCL); "cpu" to :func:`launch_cpu`
+    (gloo). ``--num-gpus N`` is the number of processes per machine either way.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if num_machines * num_processes_per_machine > 1 and str(device).startswith("cpu"):
+        return launch_cpu(main_func, num_processes_per_machine, num_machines, machine_rank,
+                          dist_url, args, timeout)
+    from detectron2.engine import launch as d2_launch
+
+    return d2_launch(main_func, num_processes_per_machine, num_machines=num_machines,
+                     machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+
+
+def launch_cpu(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
+               dist_url=None, args=(), timeout=DEFAULT_TIMEOUT):
+    """detectron2's ``launch`` for CPU processes: spawn, init a gloo process group, run.
+
+    detectron2 v0.6's worker requires CUDA and NCCL. Here each process joins a gloo group
+    (``dist_url``: "auto"/None = a free localhost port, single machine only), sets detectron2's
+    local process group, and uses ``cpu_count / processes`` torch threads. ``timeout`` bounds
+    every collective, so a process that stops participating makes the others fail instead of
+    hanging.
+    """
+    world_size = num_machines * num_processes_per_machine
+    if world_size == 1:
+        return main_func(*args)
+    if dist_url in (None, "auto"):
+        if num_machines != 1:
+            raise ValueError("--dist-url auto only works on one machine. Fix: pass --dist-url "
+                             "tcp://<address of machine 0>:<port> on every machine.")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
+                timeout):
+    import d2norm  # noqa: F401  (a spawned process starts fresh: the _C stand-in, norm names)
+
+    rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank,
+                            timeout=timeout)
+    try:
+        for i in range(world_size // num_per_machine):
+            group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+            if i == machine_rank:
+                comm._LOCAL_PROCESS_GROUP = group
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
+        comm.synchronize()
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()

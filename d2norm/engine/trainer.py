@@ -10,6 +10,7 @@
 - A step with a non-finite loss is skipped and undone, norm statistics included
   (:mod:`d2norm.engine.guards`).
 """
+import contextlib
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ from ..checkpoint import D2NormCheckpointer
 from ..compat import compiled_ops_available
 from ..data.resumable_loader import DeferredTrainLoader, ResumableTrainingSampler
 from ..modeling import build_model
-from .guards import NonFiniteGuard, guarded_run_step
+from .guards import NonFiniteGuard, check_datasets, guarded_run_step
 
 __all__ = ["Trainer", "RNGState", "NormMilestoneHook"]
 
@@ -84,8 +85,35 @@ class NormMilestoneHook(HookBase):
             self.trainer.storage.put_scalar("cbn_burnin_ended_iter", it, smoothing_hint=False)
 
 
+@contextlib.contextmanager
+def _ddp_for_cpu_models():
+    """While DefaultTrainer.__init__ runs, wrap CPU models in DDP without ``device_ids``.
+
+    detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which torch rejects
+    for a CPU module (multi-process CPU training with gloo, see ``launch_cpu``). Only CPU models
+    are affected; ``broadcast_buffers=False`` (per-process norm statistics) is kept."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and all(p.device.type == "cpu" for p in model.parameters()):
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer for d2norm models (see module docstring)."""
+
+    def __init__(self, cfg):
+        with _ddp_for_cpu_models():
+            super().__init__(cfg)
 
     @classmethod
     def build_model(cls, cfg):
@@ -95,6 +123,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -114,6 +143,11 @@ class Trainer(DefaultTrainer):
             )
 
         return DeferredTrainLoader(build, seed)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_datasets([dataset_name], "DATASETS.TEST")
+        return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

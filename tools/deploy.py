@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Fold a trained model's norms into its convs, check the detections, trace it, save it.
+
+    python tools/deploy.py --config-file configs/synthetic/mask_rcnn_R_18_FPN_CBN.yaml \\
+        --output output/deploy/cbn MODEL.WEIGHTS output/synthetic/mask_rcnn_R_18_FPN_CBN/model_final.pth
+
+Steps: build the model (``d2norm.build_model``), load ``MODEL.WEIGHTS`` with
+``D2NormCheckpointer``, fold (``d2norm.deploy.fold``: WS / weight centralization baked; BN,
+SyncBN, BN*, CBN and MABN folded into the preceding conv; GN kept), run the unfolded and the
+folded model on the first ``--num-images`` images of ``DATASETS.TEST[0]`` and compare the
+detections (boxes, scores, classes, masks; tolerances in ``TOLERANCE``), trace the folded
+model for TorchScript, and time both. Written to ``--output`` (atomically):
+
+* ``model_folded.pth``: ``{"model": folded state dict}``; load it with
+  ``d2norm.deploy.load_folded_model(cfg, path)``.
+* ``model_traced.ts``: ``torch.jit.trace`` of detectron2's ``TracingAdapter`` around
+  ``model.inference(..., do_postprocess=False)``: input one image tensor (C, H, W) as produced by
+  the test-time mapper (``INPUT.FORMAT``, already resized); outputs, in order: boxes (N, 4),
+  classes (N,), mask probabilities (N, 1, M, M), scores (N,), image size (2,) — in the resized
+  image's coordinates (``detector_postprocess`` / mask pasting are not traced). If a model's
+  post-processing cannot be traced, the backbone (+FPN), the part folding changes, is traced
+  instead and the report says so.
+* ``deploy_report.json``: what was folded / kept, the largest differences, the tolerances,
+  per-image inference time before / after folding (median over ``--rounds`` passes).
+
+Exit status 1 if the folded detections differ beyond the tolerances.
+"""
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import d2norm  # noqa: E402  (before detectron2.layers: the _C stand-in, norm names)
+import torch  # noqa: E402
+
+logger = logging.getLogger("d2norm.deploy")
+
+#: Folded vs unfolded detections (float32): largest allowed |Δ box coordinate| in pixels,
+#: |Δ score|, and fraction of mask pixels that differ (over all matched instances of an image).
+TOLERANCE = {"box_px": 1e-2, "score": 1e-4, "mask_pixel_fraction": 1e-3}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, help="folder for the folded weights, the traced "
+                   "model and the report")
+    p.add_argument("--num-images", type=int, default=4, help="images of DATASETS.TEST[0] to check")
+    p.add_argument("--rounds", type=int, default=3, help="timing passes over the images")
+    p.add_argument("--no-trace", action="store_true", help="skip TorchScript tracing")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for the timing "
+                   "(0: torch's default)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS x.pth")
+    return p.parse_args(argv)
+
+
+def setup(args):
+    from d2norm.engine.launch import _register_datasets, setup as train_setup
+
+    ns = argparse.Namespace(config_file=args.config_file, eval_only=True,
+                            opts=list(args.opts) + ["OUTPUT_DIR", args.output])
+    cfg = train_setup(ns)
+    if not cfg.MODEL.WEIGHTS:
+        raise SystemExit("MODEL.WEIGHTS is empty: tools/deploy.py folds trained weights. Fix: "
+                         "append MODEL.WEIGHTS path/to/model_final.pth to the command line.")
+    if not cfg.DATASETS.TEST:
+        raise SystemExit("DATASETS.TEST is empty: tools/deploy.py checks the folded model on its "
+                         "first images. Fix: set DATASETS.TEST, e.g. \"('d2norm_shapes_val',)\".")
+    _register_datasets(cfg)
+    return cfg
+
+
+def load_model(cfg):
+    from d2norm.checkpoint import D2NormCheckpointer
+
+    model = d2norm.build_model(cfg)
+    D2NormCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+def load_inputs(cfg, n):
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from d2norm.engine.guards import check_datasets
+
+    name = cfg.DATASETS.TEST[0]
+    check_datasets([name], "DATASETS.TEST")
+    mapper = DatasetMapper(cfg, is_train=False)
+    return [mapper(copy.deepcopy(d)) for d in DatasetCatalog.get(name)[:n]]
+
+
+@torch.no_grad()
+def run(model, inputs):
+    return [model([inp])[0]["instances"].to("cpu") for inp in inputs]
+
+
+@torch.no_grad()
+def time_per_image(fn, inputs, rounds):
+    """Median seconds per image of ``fn(input)`` over ``rounds`` passes (after one warm-up)."""
+    fn(inputs[0])
+    times = []
+    for _ in range(rounds):
+        for inp in inputs:
+            t0 = time.perf_counter()
+            fn(inp)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _box_linf(a, b):
+    return (a[:, None, :] - b[None, :, :]).abs().amax(-1)
+
+
+def compare_detections(ref, new, tol=TOLERANCE):
+    """Match each reference detection to the folded detection of the same class with the
+    closest box; report the largest differences. Detections left unmatched are allowed only at
+    the score cut (within ``tol["score"]`` of the lowest kept score: a near-tie at top-k)."""
+    worst = {"box_px": 0.0, "score": 0.0, "mask_pixel_fraction": 0.0}
+    counts = {"reference": 0, "folded": 0, "matched": 0, "unmatched_at_cut": 0, "unmatched": 0}
+    for a, b in zip(ref, new):
+        counts["reference"] += len(a)
+        counts["folded"] += len(b)
+        used = torch.zeros(len(b), dtype=torch.bool)
+        pairs = []
+        if len(a) and len(b):
+            dist = _box_linf(a.pred_boxes.tensor.double(), b.pred_boxes.tensor.double())
+            dist[a.pred_classes[:, None] != b.pred_classes[None, :]] = float("inf")
+            for i in range(len(a)):
+                d = dist[i].clone()
+                d[used] = float("inf")
+                j = int(d.argmin())
+                if torch.isfinite(d[j]) and d[j] <= tol["box_px"] * 100:
+                    used[j] = True
+                    pairs.append((i, j))
+        matched_a = {i for i, _ in pairs}
+        unmatched = [(a.scores, i) for i in range(len(a)) if i not in matched_a]
+        unmatched += [(b.scores, j) for j in range(len(b)) if not used[j]]
+        for scores, k in unmatched:
+            at_cut = float(scores[k]) <= float(scores.min()) + tol["score"]
+            counts["unmatched_at_cut" if at_cut else "unmatched"] += 1
+        counts["matched"] += len(pairs)
+        if not pairs:
+            continue
+        ia = torch.tensor([i for i, _ in pairs])
+        ib = torch.tensor([j for _, j in pairs])
+        worst["box_px"] = max(worst["box_px"], float(
+            (a.pred_boxes.tensor[ia].double() - b.pred_boxes.tensor[ib].double()).abs().max()))
+        worst["score"] = max(worst["score"], float((a.scores[ia] - b.scores[ib]).abs().max()))
+        if a.has("pred_masks"):
+            differ = (a.pred_masks[ia] != b.pred_masks[ib]).double().mean()
+            worst["mask_pixel_fraction"] = max(worst["mask_pixel_fraction"], float(differ))
+    ok = counts["unmatched"] == 0 and all(worst[k] <= tol[k] for k in tol)
+    return {"ok": ok, "max_diff": worst, "counts": counts, "tolerance": dict(tol)}
+
+
+def trace(model, inputs):
+    """TorchScript of the folded model's inference (falls back to the backbone + FPN).
+
+    Returns ``(script_module, run, eager, what)``: ``run(image)`` / ``eager(image)`` give the
+    traced / eager outputs as a tuple of tensors for one mapped image tensor."""
+    from d2norm.deploy import import_tracing_adapter
+
+    TracingAdapter = import_tracing_adapter()
+
+    def inference(m, batched):
+        return [{"instances": m.inference(batched, do_postprocess=False)[0]}]
+
+    image = inputs[0]["image"]
+    try:
+        adapter = TracingAdapter(model, [{"image": image}], inference)
+        with torch.no_grad():
+            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+        what = ("whole model: Mask R-CNN inference without detector_postprocess "
+                "(TracingAdapter); outputs: boxes, classes, mask probabilities, scores, image size")
+        return traced, traced, adapter, what
+    except Exception as e:  # a meta-architecture whose post-processing does not trace
+        logger.warning("Tracing the whole model failed (%s: %s); tracing the backbone instead.",
+                       type(e).__name__, e)
+    backbone = model.backbone
+
+    def to_tensor(img):
+        return model.preprocess_image([{"image": img}]).tensor
+
+    def as_tuple(out):
+        return tuple(out[k] for k in sorted(out)) if isinstance(out, dict) else out
+
+    with torch.no_grad():
+        traced = torch.jit.trace(backbone, (to_tensor(image),), strict=False, check_trace=False)
+    what = "backbone + FPN only (the part folding changes); input: normalized, padded image"
+    return (traced, lambda img: as_tuple(traced(to_tensor(img))),
+            lambda img: as_tuple(backbone(to_tensor(img))), what)
+
+
+def _max_output_diff(traced, eager, img):
+    with torch.no_grad():
+        a, b = traced(img), eager(img)
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+               for x, y in zip(a, b))
+
+
+def main(argv=None):
+    from d2norm.checkpoint import atomic_torch_save, atomic_write_bytes
+    from d2norm.deploy import fold
+
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = setup(args)
+    os.makedirs(args.output, exist_ok=True)
+    inputs = load_inputs(cfg, args.num_images)
+    if not inputs:
+        raise SystemExit(f"DATASETS.TEST[0] ({cfg.DATASETS.TEST[0]!r}) has no images. Fix: use a "
+                         "dataset with images.")
+
+    reference = load_model(cfg)
+    folded = fold(load_model(cfg))
+    report = {"config_file": args.config_file, "weights": cfg.MODEL.WEIGHTS,
+              "images": len(inputs), "device": cfg.MODEL.DEVICE,
+              "torch_threads": torch.get_num_threads(),
+              "folded_layers": len(folded.fold_report["folded"]),
+              "kept_layers": folded.fold_report["kept"],
+              "folded_norm_types": sorted({t for _, t in folded.fold_report["folded"]})}
+
+    report["detections"] = compare_detections(run(reference, inputs), run(folded, inputs))
+    t_ref = time_per_image(lambda x: reference([x]), inputs, args.rounds)
+    t_fold = time_per_image(lambda x: folded([x]), inputs, args.rounds)
+    report["seconds_per_image"] = {"unfolded": t_ref, "folded": t_fold}
+
+    if not args.no_trace:
+        module, traced, eager, what = trace(folded, inputs)
+        path = os.path.join(args.output, "model_traced.ts")
+        atomic_write_bytes(path, lambda f: torch.jit.save(module, f))
+        check_img = inputs[min(1, len(inputs) - 1)]["image"]
+        report["trace"] = {
+            "file": path, "what": what,
+            "max_abs_diff_vs_eager": _max_output_diff(traced, eager, check_img),
+        }
+        report["seconds_per_image"]["traced"] = time_per_image(
+            lambda x: traced(x["image"]), inputs, args.rounds)
+
+    weights = os.path.join(args.output, "model_folded.pth")
+    atomic_torch_save({"model": folded.state_dict(), "d2norm_folded": True}, weights)
+    report["folded_weights"] = weights
+    atomic_write_bytes(os.path.join(args.output, "deploy_report.json"),
+                       lambda f: f.write(json.dumps(report, indent=2, default=str).encode()))
+
+    det, t = report["detections"], report["seconds_per_image"]
+    traced_ms = f", traced {1e3 * t['traced']:.1f} ms" if "traced" in t else ""
+    print(f"Folded {report['folded_layers']} norm layers "
+          f"({', '.join(report['folded_norm_types']) or '-'}), kept {len(report['kept_layers'])}. "
+          f"Detections {'MATCH' if det['ok'] else 'DIFFER'}: max |dbox| "
+          f"{det['max_diff']['box_px']:.2g} px, |dscore| {det['max_diff']['score']:.2g}, mask pixels "
+          f"differing {det['max_diff']['mask_pixel_fraction']:.2g} (tolerances {det['tolerance']}). "
+          f"Per image: unfolded {1e3 * t['unfolded']:.1f} ms, folded {1e3 * t['folded']:.1f} ms"
+          f"{traced_ms}. Written to {args.output}.")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["detections"]["ok"] else 1)
