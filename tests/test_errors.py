@@ -12,14 +12,6 @@ from conftest import CONFIGS, REPO, synthetic_cfg
 D2NORM_DIR = os.path.join(REPO, "d2norm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU, 2 OpenMP threads make each op ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _args(out, data_root, *opts, config="mask_rcnn_R_18_FPN_GN.yaml", eval_only=False, resume=False):
     from d2norm.engine.launch import parse_args

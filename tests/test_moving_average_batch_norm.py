@@ -18,14 +18,6 @@ from d2norm.layers.weight_transforms import (  # noqa: E402
     get_weight_transform,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: avoid intra-op thread hand-offs, which dominate on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SHAPE = (2, 3, 4, 5)
 

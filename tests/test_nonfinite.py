@@ -13,14 +13,6 @@ from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
 from d2norm.norms import build_norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU, 2 OpenMP threads make each op ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class _Toy(nn.Module):
     """conv+norm -> conv+norm -> mean; the loss of a batch tensor."""

@@ -18,14 +18,6 @@ from d2norm.layers.weight_transforms import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: avoid intra-op thread hand-offs, which dominate on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _per_channel_reference(w, fn):
     """Apply fn(list of floats) -> list of floats to each output channel, in float64."""

@@ -24,13 +24,6 @@ from d2norm.weights import convert_torchvision_resnet, load_pretrained_backbone
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _build(norm, **overrides):
     cfg = synthetic_cfg(norm, **{"MODEL.DEVICE": "cpu", **overrides})
