@@ -321,7 +321,7 @@ def machine_line(device):
         except OSError:
             pass
         dev = f"{dev}, {os.cpu_count()} cores"
-    return (f"{dev}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+    return (f"{dev}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
             f"Python {platform.python_version()}")
 
 
@@ -361,7 +361,7 @@ def update_section(path, name, body, data):
     The section is delimited by HTML comments and carries its data as JSON in a comment, so the
     chart can be redrawn from the file alone."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = (f"{begin}\n{body.strip()}\n\n<!-- DATA {name} {json.dumps(data, sort_keys=True)} -->\n{end}")
+    block = (f"{begin}\n{body.strip()}\n\n<!-- DATA {name} {json.dumps(data)} -->\n{end}")
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else HEADER
     pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pat.search(text):
@@ -396,24 +396,34 @@ def draw_chart(md_path, png_path):
     import matplotlib.pyplot as plt
 
     data = read_sections(md_path)
+    text = open(md_path, encoding="utf-8").read()
+    model_order = ["BN*", "BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN"]
+
+    def ordered(items, order):
+        rank = {k: i for i, k in enumerate(order)}
+        return sorted(items, key=lambda kv: rank.get(kv[0].replace(" folded", ""), len(rank))
+                      + (0.5 if kv[0].endswith(" folded") else 0))
+
     panels = []
     lay = data.get("layers")
     if lay:
-        for gname in ("norm", "pair"):
-            for shape, res in lay.get(gname, {}).items():
+        for gname, order in (("norm", NORM_VARIANTS), ("pair", PAIR_VARIANTS)):
+            shapes = sorted(lay.get(gname, {}).items(), key=lambda kv: text.find(kv[0]))
+            for shape, res in shapes:
                 panels.append((f"{'norm alone' if gname == 'norm' else 'conv + norm'}: {shape}",
-                               [(v, r["time_ratio"], r.get("peak_ratio")) for v, r in res.items()],
+                               [(v, r["time_ratio"], r.get("peak_ratio"))
+                                for v, r in ordered(res.items(), order)],
                                "fwd+bwd time / reference"))
     mod = data.get("model")
     if mod:
-        rows = mod.get("train", {})
+        rows = ordered(mod.get("train", {}).items(), model_order)
         panels.append((f"Mask R-CNN R-50-FPN training iteration ({mod.get('size', '')})",
-                       [(v, r["time_ratio"], r.get("peak_ratio")) for v, r in rows.items()],
+                       [(v, r["time_ratio"], r.get("peak_ratio")) for v, r in rows],
                        "iteration time / BN*"))
-        inf = mod.get("inference", {})
+        inf = ordered(mod.get("inference", {}).items(), model_order)
         if inf:
             panels.append(("inference per image (before / after folding)",
-                           [(v, r["ratio"], None) for v, r in inf.items()], "time / BN* unfolded"))
+                           [(v, r["ratio"], None) for v, r in inf], "time / BN* unfolded"))
     if not panels:
         return
     cols = 2

@@ -355,6 +355,8 @@ def main(argv=None):
         + ("RoIs as in the recipes. " if args.recipe_rois else
            "Fewer RoIs than the recipes (128 sampled per image in training, 250 proposals at test; "
            "`--recipe-rois` for 512 / 1000) to keep the CPU run short. ")
+        + "BN*'s frozen statistics are set from the data in one forward pass (with identity "
+        "statistics and random weights the activations overflow). "
         + "BN* is the detectron2 baseline layout (frozen BN backbone, 2fc box head, no norm in FPN / "
         "heads, stem and res2 frozen); every other norm uses the normalized layout (norm in the "
         "whole backbone, FPN, 4conv1fc box head and mask head), so \"vs BN\" compares norms on "
