@@ -47,25 +47,16 @@ QUICK_SHAPES = {
 }
 
 
-class ConvNorm(nn.Module):
-    def __init__(self, conv, norm):
-        super().__init__()
-        self.conv, self.norm = conv, norm
-
-    def forward(self, x):
-        return self.norm(self.conv(x))
-
-
 def build(variant, conv_kw, k, device):
     torch.manual_seed(0)
     conv = nn.Conv2d(bias=False, **conv_kw).to(device)
     c = conv_kw["out_channels"]
     if variant == "conv+BN":
-        return ConvNorm(conv, nn.BatchNorm2d(c).to(device))
+        return nn.Sequential(conv, nn.BatchNorm2d(c).to(device))
     if variant == "conv+CBN (ours)":
         cbn = CrossIterationBatchNorm2d(c, buffer_size=k).to(device)
         cbn.bind(conv)
-        return ConvNorm(conv, cbn)
+        return nn.Sequential(conv, cbn)
     return ReferenceConvCBN(conv, buffer_size=k).to(device)
 
 
@@ -108,7 +99,7 @@ def autograd_stat_grads(conv, x):
 def history_bytes(variant, model):
     if variant == "conv+CBN (ours)":
         return sum(b.numel() * b.element_size()
-                   for n, b in model.norm.named_buffers() if n.startswith("hist_"))
+                   for n, b in model[1].named_buffers() if n.startswith("hist_"))
     if variant == "autograd.grad ref":
         return sum(t.numel() * t.element_size() for entry in model.history for t in entry)
     return 0
@@ -147,7 +138,7 @@ def main():
         for _ in range(warmup):
             for v in variants:
                 step(models[v], x, g)
-        conv = models["conv+BN"].conv
+        conv = models["conv+BN"][0]
         xd = x.detach()
         with torch.no_grad():
             yd = conv(xd)
@@ -190,7 +181,7 @@ def main():
         print(f"  statistic gradients alone: analytic {med['analytic']:.2f} ms, autograd.grad "
               f"{st_ref:.2f} ms (+{med['conv fwd']:.2f} ms for the graph's conv forward)")
         print(f"  RATIO statistic gradients alone, autograd.grad / analytic: {st_ref / med['analytic']:.2f}x")
-        w_bytes = models["conv+BN"].conv.weight.numel() * 4
+        w_bytes = models["conv+BN"][0].weight.numel() * 4
         for v in ("conv+CBN (ours)", "autograd.grad ref"):
             hb = history_bytes(v, models[v])
             print(f"  history memory {v:<18}: {hb:>11,d} B = {hb / w_bytes:.3f} x |W| "

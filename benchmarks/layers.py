@@ -124,37 +124,28 @@ def build_norm_variant(name, c):
     raise KeyError(name)
 
 
-class ConvNorm(nn.Module):
-    def __init__(self, conv, norm):
-        super().__init__()
-        self.conv, self.norm = conv, norm
-
-    def forward(self, x):
-        return self.norm(self.conv(x))
-
-
 def build_pair_variant(name, conv_kw):
     torch.manual_seed(0)
     conv = nn.Conv2d(bias=False, **conv_kw)
     c = conv_kw["out_channels"]
     if name == "conv+BN (torch)":
-        return ConvNorm(conv, nn.BatchNorm2d(c))
+        return nn.Sequential(conv, nn.BatchNorm2d(c))
     if name == "conv+GN":
-        return ConvNorm(conv, GroupNorm(32, c))
+        return nn.Sequential(conv, GroupNorm(32, c))
     if name == "conv+GN+WS":
         gn = GroupNormWS(32, c)
         gn.prepare_preceding_conv(conv)  # the parametrization d2norm.prepare_model installs
-        return ConvNorm(conv, gn)
+        return nn.Sequential(conv, gn)
     if name == "conv+CBN":
         cbn = CrossIterationBatchNorm2d(c, buffer_size=CBN_K)
         cbn.bind(conv)
-        return ConvNorm(conv, cbn)
+        return nn.Sequential(conv, cbn)
     if name == "conv+CBN autograd.grad ref":
         return ReferenceConvCBN(conv, buffer_size=CBN_K)
     if name == "conv+MABN (centralized conv)":
         mabn = _mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
         mabn.prepare_preceding_conv(conv)
-        return ConvNorm(conv, mabn)
+        return nn.Sequential(conv, mabn)
     raise KeyError(name)
 
 
