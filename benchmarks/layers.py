@@ -15,7 +15,8 @@ Two groups, each run on detection-like shapes (``--quick``: smaller ones):
   conv-side work is included: GN, GN+WS (the conv's weight standardized through its
   parametrization, recomputed every forward), CBN with its statistic gradients (window k = 3,
   windows filled during warm-up), the autograd.grad formulation of CBN
-  (``tests/reference/cbn_reference.py``), and MABN with its weight-centralized conv.
+  (``tests/reference/cbn_reference.py``), the CBN floor (conv + BN plus the one conv weight
+  gradient dnu/dW that any exact CBN computes), and MABN with its weight-centralized conv.
 
 Time: every variant runs fwd+bwd on the same input and upstream gradient; variants alternate
 within each repetition (A, B, C, A, B, C, ...) after warm-up, and the median is reported, so a
@@ -65,6 +66,7 @@ from d2norm.layers import (  # noqa: E402
     MovingAverageBatchNorm2d,
     SyncBatchNorm2d,
 )
+from d2norm.layers.cross_iteration_batch_norm import _conv_padding, sqmean_weight_gradient  # noqa: E402
 
 # name: (N, C, H, W) of the normalized feature map
 NORM_SHAPES = {
@@ -93,8 +95,27 @@ MABN_BUFFER = 8
 MABN_WARMUP = 100
 
 NORM_VARIANTS = ["BN (torch)", "FrozenBN", "SyncBN (1 proc)", "GN", "MABN", "MABN official-style"]
-PAIR_VARIANTS = ["conv+BN (torch)", "conv+GN", "conv+GN+WS", "conv+CBN", "conv+CBN autograd.grad ref",
-                 "conv+MABN (centralized conv)"]
+CBN_FLOOR = "conv+BN+dnu/dW (CBN floor)"
+PAIR_VARIANTS = ["conv+BN (torch)", "conv+GN", "conv+GN+WS", "conv+CBN", CBN_FLOOR,
+                 "conv+CBN autograd.grad ref", "conv+MABN (centralized conv)"]
+
+
+class BatchNormWithNuGradient(nn.Module):
+    """conv + BN that also computes dnu/dW (one conv weight gradient for grad_output 2y/M) per
+    training forward: the least work any exact CBN adds to conv + BN."""
+
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            with torch.no_grad():
+                c = self.conv
+                sqmean_weight_gradient(x.detach(), y.detach(), c.weight.detach(), c.stride,
+                                       _conv_padding(c), c.dilation, c.groups)
+        return self.bn(y)
 
 
 # ----------------------------------------------------------------------------- building
@@ -142,6 +163,8 @@ def build_pair_variant(name, conv_kw):
         return nn.Sequential(conv, cbn)
     if name == "conv+CBN autograd.grad ref":
         return ReferenceConvCBN(conv, buffer_size=CBN_K)
+    if name == CBN_FLOOR:
+        return BatchNormWithNuGradient(conv, nn.BatchNorm2d(c))
     if name == "conv+MABN (centralized conv)":
         mabn = _mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
         mabn.prepare_preceding_conv(conv)
@@ -298,6 +321,17 @@ def bench_group(variants, builders, x_shape, device, reps, warmup):
 
 
 # ----------------------------------------------------------------------------- reporting
+def setup_device(args):
+    """The torch device of ``args.device`` (exits if CUDA is asked for but absent); applies
+    ``args.threads``."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
+
+
 def machine_line(device):
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
@@ -388,7 +422,7 @@ def draw_chart(md_path, png_path):
 
     data = read_sections(md_path)
     text = open(md_path, encoding="utf-8").read()
-    model_order = ["BN*", "BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN"]
+    model_order = ["BN*", "BN", "SyncBN", "GN", "GN+WS", "CBN", "CBN floor", "MABN"]
 
     def ordered(items, order):
         rank = {k: i for i, k in enumerate(order)}
@@ -461,11 +495,7 @@ def main(argv=None):
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "benchmarks.png"))
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_device(args)
     reps = args.reps or (5 if args.quick else 7)
     warmup = max(args.warmup or CBN_K, CBN_K)
     norm_shapes = QUICK_NORM_SHAPES if args.quick else NORM_SHAPES
@@ -493,8 +523,10 @@ def main(argv=None):
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
         bn = res["conv+BN (torch)"]["ms"]
         ours, ref = res["conv+CBN"]["ms"], res["conv+CBN autograd.grad ref"]["ms"]
+        floor = res[CBN_FLOOR]["ms"]
         print(f"RATIO CBN autograd.grad ref / d2norm CBN: pair {ref / ours:.2f}x; overhead over conv+BN "
-              f"{(ref - bn) / max(ours - bn, 1e-9):.2f}x")
+              f"{(ref - bn) / max(ours - bn, 1e-9):.2f}x; d2norm CBN / floor {ours / floor:.2f}x; "
+              f"ref / floor {ref / floor:.2f}x")
     wall = time.time() - t_start
 
     cmd = "python benchmarks/layers.py" + (" --quick" if args.quick else "") + \
@@ -532,9 +564,14 @@ def main(argv=None):
     for shape_name, res in data["pair"].items():
         bn = res["conv+BN (torch)"]["ms"]
         ours, ref = res["conv+CBN"]["ms"], res["conv+CBN autograd.grad ref"]["ms"]
+        floor = res[CBN_FLOOR]["ms"]
         summary.append(f"* {shape_name}: CBN autograd.grad reference / d2norm CBN time {ref / ours:.2f}x "
                        f"(statistic overhead over conv+BN: {(ref - bn) / max(ours - bn, 1e-9):.2f}x); "
-                       f"peak memory {res['conv+CBN autograd.grad ref']['peak'] / max(res['conv+CBN']['peak'], 1):.2f}x.")
+                       f"peak memory {res['conv+CBN autograd.grad ref']['peak'] / max(res['conv+CBN']['peak'], 1):.2f}x. "
+                       f"d2norm CBN / CBN floor {ours / floor:.2f}x; reference / CBN floor "
+                       f"{ref / floor:.2f}x, the most any exact CBN can gain over the reference here "
+                       f"(a pair 3x faster than the reference would take {ref / 3 / bn:.2f}x the time "
+                       "of conv + BN alone).")
     body += ["### Against the reference formulations", ""] + summary
     if not args.no_write:
         update_section(args.output, "layers", "\n".join(body),

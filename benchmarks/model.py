@@ -13,7 +13,9 @@ one forward pass), as pretrained statistics would be: with identity statistics a
 weights the activations overflow. "BN" is the SyncBN recipe with plain ``BatchNorm2d``. CBN runs without burn-in (its window
 filled during warm-up). MABN runs with a 2-iteration buffer and no warm-up, so its moving
 averages are in use after the warm-up iterations (its per-iteration work is branch-free and does
-not depend on the buffer length or on whether renormalization is active). Batch statistics are
+not depend on the buffer length or on whether renormalization is active). "CBN floor" is the BN
+model that also computes, per normalized conv and training forward, the conv weight gradient
+dnu/dW that any exact CBN must compute: the least a CBN iteration can cost (training only). Batch statistics are
 per image batch of this process (one device).
 
 * **train**: one iteration = forward with losses, backward, SGD step. After warm-up the norms
@@ -72,6 +74,10 @@ RECIPES = {  # norm: (recipe, extra config options)
     "MABN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn.yaml",
              ["D2NORM.MABN.BUFFER_SIZE", "2", "D2NORM.MABN.WARMUP_ITERS", "0"]),
 }
+# BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
+# the least a CBN iteration can cost (training only; a BN model at inference)
+CBN_FLOOR = "CBN floor"
+RECIPES[CBN_FLOOR] = RECIPES["BN"]
 NORMS = list(RECIPES)
 
 
@@ -132,6 +138,35 @@ def calibrate_frozen_bn(model, inputs):
     return model
 
 
+def add_nu_gradient_hooks(model):
+    """Make every detectron2 ``Conv2d`` with a BatchNorm2d norm also compute dnu/dW, the conv
+    weight gradient for grad_output 2y/M, at each training forward (result discarded)."""
+    from d2norm.layers.cross_iteration_batch_norm import _conv_padding, sqmean_weight_gradient
+
+    def stash(conv, args):
+        conv.__dict__["_bench_input"] = args[0].detach()
+
+    def nu_gradient(conv):
+        def hook(bn, args, out):
+            x = conv.__dict__.pop("_bench_input", None)
+            if bn.training and x is not None:
+                with torch.no_grad():
+                    sqmean_weight_gradient(x, args[0].detach(), conv.weight.detach(), conv.stride,
+                                           _conv_padding(conv), conv.dilation, conv.groups)
+        return hook
+
+    n = 0
+    for conv in model.modules():
+        norm = getattr(conv, "norm", None)
+        if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d):
+            conv.register_forward_pre_hook(stash)
+            norm.register_forward_hook(nu_gradient(conv))
+            n += 1
+    if not n:
+        raise RuntimeError("no Conv2d with a BatchNorm2d norm found for the CBN floor")
+    return model
+
+
 def build(norm, device, inputs, recipe_rois=False):
     from detectron2.solver import build_optimizer
 
@@ -141,6 +176,8 @@ def build(norm, device, inputs, recipe_rois=False):
     torch.manual_seed(0)
     model = build_model(cfg)
     calibrate_frozen_bn(model, inputs)
+    if norm == CBN_FLOOR:
+        add_nu_gradient_hooks(model)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.SOLVER.BASE_LR = 1e-4  # a real SGD step, small enough to keep random weights finite
@@ -222,11 +259,7 @@ def main(argv=None):
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "benchmarks.png"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = L.setup_device(args)
     size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
     n_img = args.images or (1 if args.quick else 2)
     reps = args.reps or (2 if args.quick else 3)
@@ -276,9 +309,14 @@ def main(argv=None):
         r = train[n]
         print(f"train {n:<7} {r['ms']:8.0f} ms  {r['time_ratio']:.2f}x   peak {r['peak'] / 2**20:7.0f} MB "
               f"{r['peak_ratio']:.2f}x")
+    if "BN" in train and "CBN" in train and CBN_FLOOR in train:
+        bn_ms, floor_ms = train["BN"]["ms"], train[CBN_FLOOR]["ms"]
+        print(f"RATIO CBN / BN {train['CBN']['ms'] / bn_ms:.2f}x; CBN floor / BN {floor_ms / bn_ms:.2f}x; "
+              f"CBN / CBN floor {train['CBN']['ms'] / floor_ms:.2f}x")
 
     # ---------------------------------------------------------------- inference
     models = {}
+    norms = [n for n in norms if n != CBN_FLOOR]  # at inference the floor model is BN
     for n in norms:
         model, opt, _ = built[n]
         del opt
@@ -375,12 +413,17 @@ def main(argv=None):
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     bn = train.get("BN")
-    for n in norms:
+    for n in train:
         r = train[n]
         lines.append(f"| {n} | {r['ms']:.0f} | {r['time_ratio']:.2f}x | "
                      + (f"{r['ms'] / bn['ms']:.2f}x" if bn else "–")
                      + f" | {r['peak'] / 2**20:.0f} | {r['peak_ratio']:.2f}x | "
                      + (f"{r['peak'] / bn['peak']:.2f}x" if bn else "–") + " |")
+    if bn and "CBN" in train and CBN_FLOOR in train:
+        cbn, floor = train["CBN"]["ms"], train[CBN_FLOOR]["ms"]
+        lines += ["", f"CBN floor = BN + one conv weight gradient (dnu/dW) per normalized conv, the "
+                  f"work any exact CBN adds: {floor / bn['ms']:.2f}x BN. d2norm's CBN: "
+                  f"{cbn / bn['ms']:.2f}x BN = {cbn / floor:.2f}x its floor."]
     lines += [
         "",
         f"### Inference per image (eval mode, 1 image of {size[0]}×{size[1]}, {DETECTIONS} detections "

@@ -186,10 +186,11 @@ def test_variance_clamp():
     """Shrinking W by 10x makes the linearized nu of the stored iteration negative (< mu^2)."""
     pair, ref = _make(dict(k=3, padding=1), 2, 0)
     xs = _inputs(3, (2, 4, 8, 8))
+    w_recorded = pair.conv.weight.detach().clone()
     _compare(pair, ref, xs[:1])
     with torch.no_grad():
         # W_t = 0.1 W_{t-1}: linearized nu(W_t) = nu (1 - 2 * 0.9) < 0
-        w = 0.1 * pair.cbn.hist_weight[0].view_as(pair.conv.weight)
+        w = 0.1 * w_recorded
         pair.conv.weight.copy_(w)
         ref.conv.weight.copy_(w)
         mu_c, nu_c = pair.cbn._compensated_history(pair.conv.weight.detach(), 1, D)
@@ -238,8 +239,45 @@ def test_incompatible_history_restarts_with_warning():
     b = _pair_k(k=4)
     with pytest.warns(UserWarning, match="restarting the window"):
         b.load_state_dict(a.state_dict())
-    assert b.cbn._count == 0 and b.cbn.hist_weight.shape[0] == 3 and b.cbn.iteration == 3
+    assert b.cbn._count == 0 and b.cbn.hist_grad_sqmean.shape[0] == 3 and b.cbn.iteration == 3
     _step(b, _inputs(1, (2, 4, 8, 8))[0], torch.ones(2, 6, 8, 8, dtype=D))
+
+
+def test_history_is_slope_and_intercept_without_weights():
+    """The stored compensation of iteration t-1 evaluated at W_{t-1} gives back its own mu, nu;
+    the history holds no copy of the weights."""
+    pair = _pair_k(k=3)
+    x = _inputs(1, (2, 4, 8, 8))[0]
+    w = pair.conv.weight.detach().clone()
+    with torch.no_grad():
+        y = pair.conv(x)
+    pair.conv.__dict__.pop("_d2norm_cbn_input", None)
+    _step(pair, x, torch.ones(2, 6, 8, 8, dtype=D))
+    mu, nu = pair.cbn._compensated_history(w, 1, D)
+    _assert_close(mu[0], y.mean((0, 2, 3)), "mu at the recorded weights", 1e-12)
+    _assert_close(nu[0], (y * y).mean((0, 2, 3)), "nu at the recorded weights", 1e-12)
+    assert not [k for k in pair.cbn.state_dict() if "weight" in k and k.startswith("hist")]
+    hist = sum(pair.cbn.state_dict()[k].numel() for k in pair.cbn.state_dict() if k.startswith("hist_"))
+    c, fan_in, h = 6, 4 * 9, 2  # (k-1) * (|W| + G*fan_in + 2C) + the two counters
+    assert hist == h * (c * fan_in + fan_in + 2 * c) + 2
+
+
+def test_earlier_layout_with_stored_weights_restarts_window():
+    a = _pair_k(k=3)
+    for x in _inputs(3, (2, 4, 8, 8)):
+        _step(a, x, torch.ones(2, 6, 8, 8, dtype=D))
+    state = a.state_dict()
+    for name in ("hist_mean_intercept", "hist_sqmean_intercept"):
+        del state["cbn." + name]
+    state["cbn.hist_weight"] = torch.zeros(2, 6, 36, dtype=D)
+    state["cbn.hist_mean"] = state["cbn.hist_sqmean"] = torch.zeros(2, 6, dtype=D)
+    b = _pair_k(k=3)
+    with pytest.warns(UserWarning, match="earlier layout.*restarting the window"):
+        b.load_state_dict(state)  # strict: the old keys are consumed, nothing unexpected
+    assert b.cbn._count == 0 and b.cbn.iteration == 3
+    assert torch.equal(b.cbn.running_mean, a.cbn.running_mean)
+    _step(b, _inputs(1, (2, 4, 8, 8))[0], torch.ones(2, 6, 8, 8, dtype=D))
+    assert b.cbn._count == 1
 
 
 def test_eval_is_affine_map_of_running_stats():
@@ -297,7 +335,7 @@ def test_bind_rules_and_no_module_recursion():
     cbn.bind(conv)  # idempotent
     assert sum(h.__name__ == "_stash_conv_input" for h in conv._forward_pre_hooks.values()) == 1
     assert [m for m in conv.modules()] == [conv, cbn]
-    assert "norm.hist_weight" in conv.state_dict()
+    assert "norm.hist_grad_sqmean" in conv.state_dict()
     with pytest.raises(RuntimeError, match="already bound"):
         cbn.bind(_conv(4, 6))
     with pytest.raises(RuntimeError, match="already bound to another"):
@@ -381,7 +419,7 @@ def test_autocast_statistics_in_fp32():
         out.float().sum().backward()
         _assert_close(out.float(), ref.detach(), "bf16 autocast vs fp32 output", 5e-2)
     assert amp.cbn.hist_grad_sqmean.dtype == torch.float32 and amp.cbn._count == 2
-    for name in ("hist_mean", "hist_sqmean", "hist_grad_sqmean", "hist_grad_mean"):
+    for name in ("hist_mean_intercept", "hist_sqmean_intercept", "hist_grad_sqmean", "hist_grad_mean"):
         a, b = getattr(amp.cbn, name), getattr(fp32.cbn, name)
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2), name  # fp32 statistics of a bf16 conv
 
@@ -414,3 +452,17 @@ def test_detectron2_conv_with_cbn_norm():
             for p in (conv.weight, cbn.weight, cbn.bias):
                 p -= LR * p.grad
                 p.grad = None
+
+
+@pytest.mark.parametrize("conv_kw", [dict(k=3, padding=1), dict(k=3, stride=2, padding=2, dilation=2),
+                                     dict(k=1, padding=0, groups=2)])
+def test_sqmean_weight_gradient_matches_autograd(conv_kw):
+    from d2norm.layers.cross_iteration_batch_norm import _conv_padding, sqmean_weight_gradient
+
+    conv = _conv(4, 6, **conv_kw)
+    x = _inputs(1, (2, 4, 9, 9))[0]
+    y = conv(x)
+    expect = torch.autograd.grad((y * y).mean((0, 2, 3)).sum(), conv.weight)[0]
+    got = sqmean_weight_gradient(x, y.detach(), conv.weight.detach(), conv.stride,
+                                 _conv_padding(conv), conv.dilation, conv.groups)
+    _assert_close(got, expect, "dnu/dW", 1e-12)

@@ -15,6 +15,10 @@ input patch (im2col column mean) of the group of channel c, and dnu_c/dW_c is th
 gradient for grad_output = 2y/M (``aten.convolution_backward``); stride, padding, dilation and
 groups are honoured. They are computed under ``no_grad`` in fp32 (fp64 for fp64 inputs), also
 under AMP.
+
+Each compensated statistic is an affine function of W_t, s(W) = s_{t-r} + <g, W - W_{t-r}>, so
+the history stores it as slope g and intercept s_{t-r} - <g, W_{t-r}> (no stored weights):
+s(W_t) = intercept + <g, W_t>, one dot product per channel and stored iteration.
 """
 import warnings
 import weakref
@@ -24,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CrossIterationBatchNorm2d"]
+__all__ = ["CrossIterationBatchNorm2d", "sqmean_weight_gradient"]
 
 _STASH_KEY = "_d2norm_cbn_input"  # conv.__dict__ key holding the conv's input until the CBN runs
 _OWNER_KEY = "_d2norm_cbn_owner"  # conv.__dict__ key: _ModuleRef to the CBN bound to this conv
-_HISTORY = ("hist_weight", "hist_grad_sqmean", "hist_grad_mean", "hist_mean", "hist_sqmean")
+_HISTORY = ("hist_grad_sqmean", "hist_grad_mean", "hist_mean_intercept", "hist_sqmean_intercept")
+_LEGACY_HISTORY = ("hist_weight", "hist_mean", "hist_sqmean")  # the stored-weights layout
 
 
 def _stash_conv_input(module, args):
@@ -97,20 +102,22 @@ class CrossIterationBatchNorm2d(nn.Module):
     * Speed: the normalization runs on ATen's fused batch-norm kernels (forward in eval form at
       (mubar, sigma2bar); backward = BN's backward with its batch means divided by n, see
       ``_WindowBatchNorm``); per recorded iteration the extra cost is one conv weight gradient
-      (dnu/dW) plus O(|x| + k|W|) elementwise work. No double backward.
+      (dnu/dW) plus O(|x| + k|W|) elementwise work (one read of the history). No double backward.
     * Running stats track the *window* statistics the model is trained with: running_mean <- mubar,
       running_var <- sigma2bar * nM/(nM-1) (n window entries, M values per channel in the current
       batch; for n = 1 torch BN's unbiased update). Eval: ``F.batch_norm`` with the running
       stats, an affine map; eval needs no bound conv.
-    * Only mu_t and nu_t carry gradient; stored statistics, their weight gradients, stored weights
-      and the W_t used in the compensation are constants. Only the bound conv's weight is
+    * Only mu_t and nu_t carry gradient; the stored compensations (slopes, intercepts) and the
+      W_t they are evaluated at are constants. Only the bound conv's weight is
       compensated (as in the paper). A parametrized conv weight is read as ``conv.weight``.
     * State: every piece (iteration count, ring buffers, valid count, write position) is a
       persistent buffer, so a state_dict round trip mid-window continues exactly. The history is
       allocated by ``bind`` from ``conv.weight``'s shape (float32, float64 if the weight is);
       a checkpoint whose history does not fit (other k or conv shape, or keys dropped by a
       checkpointer) is accepted and the history is restarted, with a warning.
-      History memory: (k-1) * (2|W| + G*|W|/C + 2C) values (weights, dnu/dW, pbar, mu, nu).
+      History memory: (k-1) * (|W| + G*|W|/C + 2C) values (dnu/dW, pbar, two intercepts).
+      A checkpoint in the earlier layout that stored weights (``hist_weight``, ``hist_mean``,
+      ``hist_sqmean``) loads with a restarted window.
     * Each training forward with a non-empty batch advances the iteration count (so the layer
       must not be re-run by activation checkpointing). An empty batch returns an empty output
       connected to the graph and changes no state.
@@ -243,11 +250,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         groups = conv.groups if conv is not None else 1
         h = self.buffer_size - 1
         return {
-            "hist_weight": (h, c_out, fan_in),
             "hist_grad_sqmean": (h, c_out, fan_in),
             "hist_grad_mean": (h, groups, fan_in),
-            "hist_mean": (h, c_out),
-            "hist_sqmean": (h, c_out),
+            "hist_mean_intercept": (h, c_out),
+            "hist_sqmean_intercept": (h, c_out),
         }
 
     def _ensure_history(self, weight):
@@ -271,6 +277,12 @@ class CrossIterationBatchNorm2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Accept a history of any shape (checked against the conv at the next forward / bind).
+        legacy = [prefix + n for n in _LEGACY_HISTORY if prefix + n in state_dict]
+        if legacy:  # earlier layout: consumed and dropped, the window restarts (below)
+            for key in legacy:
+                state_dict.pop(key)
+            for name in _HISTORY:
+                state_dict[prefix + name] = self._buffers[name]
         for name in _HISTORY:
             value = state_dict.get(prefix + name)
             mine = self._buffers[name]
@@ -282,6 +294,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._count = int(self.hist_count.item())
         self._pos = int(self.hist_pos.item())
         self._history_checked = False
+        if legacy and self._count:
+            warnings.warn(f"{self._layer_name()}: the checkpoint stores the CBN history in an earlier "
+                          "layout (hist_weight); restarting the window.")
+            self.reset_history()
         conv = self._conv_ref()
         if conv is not None:
             self._ensure_history(conv.weight)
@@ -333,7 +349,7 @@ class CrossIterationBatchNorm2d(nn.Module):
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {tuple(y.shape)}")
         with torch.no_grad():
-            var_t, mu_t = torch.var_mean(y.to(sdt), dim=(0, 2, 3), unbiased=False)
+            mu_t, var_t = _batch_mean_var(y.to(sdt))
             if h == 0:
                 mu_bar, var_bar = mu_t, var_t
             else:
@@ -350,40 +366,42 @@ class CrossIterationBatchNorm2d(nn.Module):
         out = _WindowBatchNorm.apply(y, self.weight, self.bias, mu_bar, var_bar, n, self.eps)
         if record:
             with torch.no_grad():
-                self._record(x, y, conv, mu_t, var_t, m_count, sdt)
+                self._record(x, y, conv, mu_t, var_t, sdt)
         self._iter = t + 1
         self.num_iterations.fill_(self._iter)
         return out
 
     def _compensated_history(self, w_t, h, sdt):
+        """mu_{t-r}(W_t), nu_{t-r}(W_t) of the h stored iterations, each (h, C)."""
         c_out = w_t.shape[0]
         groups = self.hist_grad_mean.shape[1]
-        dw = w_t.reshape(1, c_out, -1) - self.hist_weight[:h].to(sdt)  # (h, C, K)
-        # mu: <pbar_g, dW_c> for each channel c of group g
-        pbar = self.hist_grad_mean[:h].to(sdt)  # (h, G, K)
-        dmu = torch.einsum("hgok,hgk->hgo", dw.view(h, groups, c_out // groups, -1), pbar)
-        mu = self.hist_mean[:h].to(sdt) + dmu.reshape(h, c_out)
-        dnu = torch.einsum("hck,hck->hc", self.hist_grad_sqmean[:h].to(sdt), dw)
-        nu = self.hist_sqmean[:h].to(sdt) + dnu
-        return mu, nu
+        w = w_t.reshape(c_out, -1)  # (C, K)
+        # mu: <pbar_g, W_c> for each channel c of group g; (G, C/G, K) @ (G, K, h)
+        pbar = self.hist_grad_mean[:h].to(sdt).permute(1, 2, 0)
+        mu = torch.bmm(w.view(groups, c_out // groups, -1), pbar).reshape(c_out, h).t()
+        nu = torch.linalg.vecdot(self.hist_grad_sqmean[:h].to(sdt), w)
+        return (mu + self.hist_mean_intercept[:h].to(sdt),
+                nu + self.hist_sqmean_intercept[:h].to(sdt))
 
-    def _record(self, x, y, conv, mu_t, var_t, m_count, sdt):
-        """Store this iteration's mu, nu, W and analytic dmu/dW, dnu/dW in the ring buffer."""
-        w = conv.weight.detach().to(sdt)
+    def _record(self, x, y, conv, mu_t, var_t, sdt):
+        """Store this iteration's compensations in the ring buffer: slopes dnu/dW, dmu/dW (pbar)
+        and intercepts nu_t - <dnu/dW, W_t>, mu_t - <pbar, W_t>."""
+        w4 = conv.weight.detach().to(sdt)
+        c_out = w4.shape[0]
+        w = w4.reshape(c_out, -1)
         xf = x.to(sdt)
         stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
-        # dnu_c/dW_c = (2/M) sum_pos y_c * patch: the conv weight gradient for grad_output 2y/M
-        gnu = torch.ops.aten.convolution_backward(
-            y.to(sdt), xf, w, None, stride, padding, dilation, False, [0, 0], conv.groups,
-            [False, True, False])[1]
         i = self._pos
-        self.hist_grad_sqmean[i].copy_(gnu.reshape(gnu.shape[0], -1).mul_(2.0 / m_count))
+        g_nu = sqmean_weight_gradient(xf, y.to(sdt), w4, stride, padding, dilation, conv.groups)
+        g_nu = g_nu.reshape(c_out, -1)
         # dmu_c/dW_c = pbar: the mean input patch of the group of channel c
-        self.hist_grad_mean[i].copy_(_mean_patch(xf, w.shape, stride, padding, dilation,
-                                                 conv.groups, y.shape[2:]))
-        self.hist_weight[i].copy_(w.reshape(w.shape[0], -1))
-        self.hist_mean[i].copy_(mu_t)
-        self.hist_sqmean[i].copy_(var_t + mu_t * mu_t)
+        pbar = _mean_patch(xf, w4.shape, stride, padding, dilation, conv.groups, y.shape[2:])
+        groups = pbar.shape[0]
+        mu_at_w = torch.bmm(w.view(groups, c_out // groups, -1), pbar.unsqueeze(-1)).reshape(c_out)
+        self.hist_grad_sqmean[i].copy_(g_nu)
+        self.hist_grad_mean[i].copy_(pbar)
+        self.hist_mean_intercept[i].copy_(mu_t - mu_at_w)
+        self.hist_sqmean_intercept[i].copy_(var_t + mu_t * mu_t - torch.linalg.vecdot(g_nu, w))
         self._pos = (i + 1) % (self.buffer_size - 1)
         self._count = min(self._count + 1, self.buffer_size - 1)
         self.hist_pos.fill_(self._pos)
@@ -427,6 +445,24 @@ class _WindowBatchNorm(torch.autograd.Function):
         if gbeta is not None:
             gbeta = gbeta.to(gamma.dtype)
         return gy, ggamma, gbeta, None, None, None, None
+
+
+def sqmean_weight_gradient(x, y, weight, stride, padding, dilation, groups):
+    """dnu_c/dW_c for nu_c = E[y_c^2], y = conv(x, weight) (no bias): (2/M) sum_pos y_c * patch,
+    the conv weight gradient for grad_output 2y/M, M = N*H_out*W_out; shaped like ``weight``."""
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    return torch.ops.aten.convolution_backward(
+        y, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [False, True, False])[1].mul_(2.0 / m)
+
+
+def _batch_mean_var(y):
+    """Per-channel mean and biased variance over (N, H, W), two-pass (no E[y^2] - mu^2
+    cancellation); faster on CPU than ``torch.var_mean`` over non-trailing dims."""
+    m = y.numel() // y.shape[1]
+    mu = y.sum((0, 2, 3)).div_(m)
+    d = y - mu.view(1, -1, 1, 1)
+    return mu, d.mul_(d).sum((0, 2, 3)).div_(m)
 
 
 def _mean_patch(x, weight_shape, stride, padding, dilation, groups, out_hw):
