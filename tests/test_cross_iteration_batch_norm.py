@@ -243,9 +243,9 @@ def test_incompatible_history_restarts_with_warning():
     _step(b, _inputs(1, (2, 4, 8, 8))[0], torch.ones(2, 6, 8, 8, dtype=D))
 
 
-def test_history_is_slope_and_intercept_without_weights():
-    """The stored compensation of iteration t-1 evaluated at W_{t-1} gives back its own mu, nu;
-    the history holds no copy of the weights."""
+def test_history_holds_no_weights_and_gives_back_recorded_statistics():
+    """Evaluated at the weights it was recorded with, a stored iteration gives back its own mu, nu
+    (<pbar, W> = mu, <dnu/dW, W> = 2 nu for a conv without bias); no weights are stored."""
     pair = _pair_k(k=3)
     x = _inputs(1, (2, 4, 8, 8))[0]
     w = pair.conv.weight.detach().clone()
@@ -253,31 +253,36 @@ def test_history_is_slope_and_intercept_without_weights():
         y = pair.conv(x)
     pair.conv.__dict__.pop("_d2norm_cbn_input", None)
     _step(pair, x, torch.ones(2, 6, 8, 8, dtype=D))
+    assert not torch.equal(pair.conv.weight, w)  # the SGD step moved W
     mu, nu = pair.cbn._compensated_history(w, 1, D)
     _assert_close(mu[0], y.mean((0, 2, 3)), "mu at the recorded weights", 1e-12)
     _assert_close(nu[0], (y * y).mean((0, 2, 3)), "nu at the recorded weights", 1e-12)
-    assert not [k for k in pair.cbn.state_dict() if "weight" in k and k.startswith("hist")]
-    hist = sum(pair.cbn.state_dict()[k].numel() for k in pair.cbn.state_dict() if k.startswith("hist_"))
-    c, fan_in, h = 6, 4 * 9, 2  # (k-1) * (|W| + G*fan_in + 2C) + the two counters
-    assert hist == h * (c * fan_in + fan_in + 2 * c) + 2
+    state = pair.cbn.state_dict()
+    hist = sorted(k for k in state if k.startswith("hist_"))
+    assert hist == ["hist_count", "hist_grad_mean", "hist_grad_sqmean", "hist_pos", "hist_sqmean"]
+    c, fan_in, h = 6, 4 * 9, 2  # (k-1) * (|W| + G*fan_in + C) + the two counters
+    assert sum(state[k].numel() for k in hist) == h * (c * fan_in + fan_in + c) + 2
 
 
-def test_earlier_layout_with_stored_weights_restarts_window():
+def test_earlier_layout_with_stored_weights_continues_exactly():
+    """A checkpoint that also holds hist_weight / hist_mean (not needed) loads strictly and the
+    run continues bit-exactly."""
+    xs = _inputs(6, (2, 4, 8, 8))
     a = _pair_k(k=3)
-    for x in _inputs(3, (2, 4, 8, 8)):
+    for x in xs[:3]:
         _step(a, x, torch.ones(2, 6, 8, 8, dtype=D))
-    state = a.state_dict()
-    for name in ("hist_mean_intercept", "hist_sqmean_intercept"):
-        del state["cbn." + name]
-    state["cbn.hist_weight"] = torch.zeros(2, 6, 36, dtype=D)
-    state["cbn.hist_mean"] = state["cbn.hist_sqmean"] = torch.zeros(2, 6, dtype=D)
-    b = _pair_k(k=3)
-    with pytest.warns(UserWarning, match="earlier layout.*restarting the window"):
-        b.load_state_dict(state)  # strict: the old keys are consumed, nothing unexpected
-    assert b.cbn._count == 0 and b.cbn.iteration == 3
-    assert torch.equal(b.cbn.running_mean, a.cbn.running_mean)
-    _step(b, _inputs(1, (2, 4, 8, 8))[0], torch.ones(2, 6, 8, 8, dtype=D))
-    assert b.cbn._count == 1
+    state = copy.deepcopy(a.state_dict())
+    state["cbn.hist_weight"] = torch.randn(2, 6, 36, dtype=D)
+    state["cbn.hist_mean"] = torch.randn(2, 6, dtype=D)
+    b = _pair_k(k=3, seed=5)
+    b.load_state_dict(state)  # strict: nothing unexpected, nothing missing
+    assert b.cbn._count == 2 and b.cbn.iteration == 3
+    for i, x in enumerate(xs[3:]):
+        g = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(i), dtype=D)
+        oa, xa, ga = _step(a, x, g)
+        ob, xb, gb = _step(b, x, g)
+        assert torch.equal(oa, ob) and torch.equal(xa, xb)
+        assert all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
 def test_eval_is_affine_map_of_running_stats():
@@ -419,7 +424,7 @@ def test_autocast_statistics_in_fp32():
         out.float().sum().backward()
         _assert_close(out.float(), ref.detach(), "bf16 autocast vs fp32 output", 5e-2)
     assert amp.cbn.hist_grad_sqmean.dtype == torch.float32 and amp.cbn._count == 2
-    for name in ("hist_mean_intercept", "hist_sqmean_intercept", "hist_grad_sqmean", "hist_grad_mean"):
+    for name in ("hist_sqmean", "hist_grad_sqmean", "hist_grad_mean"):
         a, b = getattr(amp.cbn, name), getattr(fp32.cbn, name)
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2), name  # fp32 statistics of a bf16 conv
 

@@ -163,7 +163,7 @@ def test_trainer_skips_nan_image_and_continues(tmp_path, data_root, norm):
     for k, v in inj.before.items():  # nothing at all changed during the NaN step
         assert torch.equal(inj.after[k], v), k
     final = trainer.model.state_dict()
-    stats = [k for k in final if k.endswith(("running_mean", "running_var", "buffer_x2", "hist_mean_intercept"))]
+    stats = [k for k in final if k.endswith(("running_mean", "running_var", "buffer_x2", "hist_sqmean"))]
     assert stats
     for k in stats:
         assert torch.isfinite(final[k]).all(), k

@@ -16,9 +16,10 @@ gradient for grad_output = 2y/M (``aten.convolution_backward``); stride, padding
 groups are honoured. They are computed under ``no_grad`` in fp32 (fp64 for fp64 inputs), also
 under AMP.
 
-Each compensated statistic is an affine function of W_t, s(W) = s_{t-r} + <g, W - W_{t-r}>, so
-the history stores it as slope g and intercept s_{t-r} - <g, W_{t-r}> (no stored weights):
-s(W_t) = intercept + <g, W_t>, one dot product per channel and stored iteration.
+No weights are stored: for a conv without bias, <dmu/dW, W_{t-r}> = mu_{t-r} and
+<dnu/dW, W_{t-r}> = 2 nu_{t-r} (y is linear in W), so the compensations are, exactly,
+    mu_{t-r}(W_t) = <pbar_{t-r}, W_t>,   nu_{t-r}(W_t) = <dnu_{t-r}/dW, W_t> - nu_{t-r},
+one dot product per channel and stored iteration.
 """
 import warnings
 import weakref
@@ -32,8 +33,8 @@ __all__ = ["CrossIterationBatchNorm2d", "sqmean_weight_gradient"]
 
 _STASH_KEY = "_d2norm_cbn_input"  # conv.__dict__ key holding the conv's input until the CBN runs
 _OWNER_KEY = "_d2norm_cbn_owner"  # conv.__dict__ key: _ModuleRef to the CBN bound to this conv
-_HISTORY = ("hist_grad_sqmean", "hist_grad_mean", "hist_mean_intercept", "hist_sqmean_intercept")
-_LEGACY_HISTORY = ("hist_weight", "hist_mean", "hist_sqmean")  # the stored-weights layout
+_HISTORY = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
+_UNUSED_HISTORY = ("hist_weight", "hist_mean")  # stored by an earlier layout; not needed (see top)
 
 
 def _stash_conv_input(module, args):
@@ -107,17 +108,17 @@ class CrossIterationBatchNorm2d(nn.Module):
       running_var <- sigma2bar * nM/(nM-1) (n window entries, M values per channel in the current
       batch; for n = 1 torch BN's unbiased update). Eval: ``F.batch_norm`` with the running
       stats, an affine map; eval needs no bound conv.
-    * Only mu_t and nu_t carry gradient; the stored compensations (slopes, intercepts) and the
-      W_t they are evaluated at are constants. Only the bound conv's weight is
+    * Only mu_t and nu_t carry gradient; the stored statistics and their weight gradients and
+      the W_t they are evaluated at are constants. Only the bound conv's weight is
       compensated (as in the paper). A parametrized conv weight is read as ``conv.weight``.
     * State: every piece (iteration count, ring buffers, valid count, write position) is a
       persistent buffer, so a state_dict round trip mid-window continues exactly. The history is
       allocated by ``bind`` from ``conv.weight``'s shape (float32, float64 if the weight is);
       a checkpoint whose history does not fit (other k or conv shape, or keys dropped by a
       checkpointer) is accepted and the history is restarted, with a warning.
-      History memory: (k-1) * (|W| + G*|W|/C + 2C) values (dnu/dW, pbar, two intercepts).
-      A checkpoint in the earlier layout that stored weights (``hist_weight``, ``hist_mean``,
-      ``hist_sqmean``) loads with a restarted window.
+      History memory: (k-1) * (|W| + G*|W|/C + C) values (dnu/dW, pbar, nu). A checkpoint of
+      the earlier layout that also stored weights and means (``hist_weight``, ``hist_mean``)
+      loads and continues exactly; those two are not needed and are dropped.
     * Each training forward with a non-empty batch advances the iteration count (so the layer
       must not be re-run by activation checkpointing). An empty batch returns an empty output
       connected to the graph and changes no state.
@@ -252,8 +253,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         return {
             "hist_grad_sqmean": (h, c_out, fan_in),
             "hist_grad_mean": (h, groups, fan_in),
-            "hist_mean_intercept": (h, c_out),
-            "hist_sqmean_intercept": (h, c_out),
+            "hist_sqmean": (h, c_out),
         }
 
     def _ensure_history(self, weight):
@@ -277,12 +277,8 @@ class CrossIterationBatchNorm2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Accept a history of any shape (checked against the conv at the next forward / bind).
-        legacy = [prefix + n for n in _LEGACY_HISTORY if prefix + n in state_dict]
-        if legacy:  # earlier layout: consumed and dropped, the window restarts (below)
-            for key in legacy:
-                state_dict.pop(key)
-            for name in _HISTORY:
-                state_dict[prefix + name] = self._buffers[name]
+        for name in _UNUSED_HISTORY:
+            state_dict.pop(prefix + name, None)
         for name in _HISTORY:
             value = state_dict.get(prefix + name)
             mine = self._buffers[name]
@@ -294,10 +290,6 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._count = int(self.hist_count.item())
         self._pos = int(self.hist_pos.item())
         self._history_checked = False
-        if legacy and self._count:
-            warnings.warn(f"{self._layer_name()}: the checkpoint stores the CBN history in an earlier "
-                          "layout (hist_weight); restarting the window.")
-            self.reset_history()
         conv = self._conv_ref()
         if conv is not None:
             self._ensure_history(conv.weight)
@@ -379,29 +371,22 @@ class CrossIterationBatchNorm2d(nn.Module):
         # mu: <pbar_g, W_c> for each channel c of group g; (G, C/G, K) @ (G, K, h)
         pbar = self.hist_grad_mean[:h].to(sdt).permute(1, 2, 0)
         mu = torch.bmm(w.view(groups, c_out // groups, -1), pbar).reshape(c_out, h).t()
-        nu = torch.linalg.vecdot(self.hist_grad_sqmean[:h].to(sdt), w)
-        return (mu + self.hist_mean_intercept[:h].to(sdt),
-                nu + self.hist_sqmean_intercept[:h].to(sdt))
+        nu = torch.linalg.vecdot(self.hist_grad_sqmean[:h].to(sdt), w) - self.hist_sqmean[:h].to(sdt)
+        return mu, nu
 
     def _record(self, x, y, conv, mu_t, var_t, sdt):
-        """Store this iteration's compensations in the ring buffer: slopes dnu/dW, dmu/dW (pbar)
-        and intercepts nu_t - <dnu/dW, W_t>, mu_t - <pbar, W_t>."""
+        """Store this iteration's dnu/dW, dmu/dW (= pbar) and nu in the ring buffer."""
         w4 = conv.weight.detach().to(sdt)
         c_out = w4.shape[0]
-        w = w4.reshape(c_out, -1)
         xf = x.to(sdt)
         stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
         i = self._pos
         g_nu = sqmean_weight_gradient(xf, y.to(sdt), w4, stride, padding, dilation, conv.groups)
-        g_nu = g_nu.reshape(c_out, -1)
+        self.hist_grad_sqmean[i].copy_(g_nu.reshape(c_out, -1))
         # dmu_c/dW_c = pbar: the mean input patch of the group of channel c
-        pbar = _mean_patch(xf, w4.shape, stride, padding, dilation, conv.groups, y.shape[2:])
-        groups = pbar.shape[0]
-        mu_at_w = torch.bmm(w.view(groups, c_out // groups, -1), pbar.unsqueeze(-1)).reshape(c_out)
-        self.hist_grad_sqmean[i].copy_(g_nu)
-        self.hist_grad_mean[i].copy_(pbar)
-        self.hist_mean_intercept[i].copy_(mu_t - mu_at_w)
-        self.hist_sqmean_intercept[i].copy_(var_t + mu_t * mu_t - torch.linalg.vecdot(g_nu, w))
+        self.hist_grad_mean[i].copy_(_mean_patch(xf, w4.shape, stride, padding, dilation,
+                                                 conv.groups, y.shape[2:]))
+        self.hist_sqmean[i].copy_(var_t + mu_t * mu_t)
         self._pos = (i + 1) % (self.buffer_size - 1)
         self._count = min(self._count + 1, self.buffer_size - 1)
         self.hist_pos.fill_(self._pos)
