@@ -29,7 +29,8 @@ __all__ = [
 _DEFAULT_OPTIONS = {
     "GN": {"NUM_GROUPS": 32, "EPS": 1e-5},
     "WS": {"EPS": 1e-5, "CONVENTION": "sqrt_var"},
-    "CBN": {"BUFFER_SIZE": 3, "BURNIN_ITERS": 0, "EPS": 1e-5, "MOMENTUM": 0.1},
+    "CBN": {"BUFFER_SIZE": 3, "BURNIN_ITERS": 0, "EPS": 1e-5, "MOMENTUM": 0.1,
+            "GRAD_THROUGH_COMPENSATION": False},
     "MABN": {"BUFFER_SIZE": 16, "WARMUP_ITERS": 100, "MOMENTUM": 0.98, "EPS": 1e-5},
 }
 _options = copy.deepcopy(_DEFAULT_OPTIONS)
@@ -100,7 +101,8 @@ def _cbn(c):
 
     o = _options["CBN"]
     return CrossIterationBatchNorm2d(
-        c, buffer_size=o["BUFFER_SIZE"], burnin=o["BURNIN_ITERS"], eps=o["EPS"], momentum=o["MOMENTUM"]
+        c, buffer_size=o["BUFFER_SIZE"], burnin=o["BURNIN_ITERS"], eps=o["EPS"], momentum=o["MOMENTUM"],
+        grad_through_compensation=o["GRAD_THROUGH_COMPENSATION"],
     )
 
 
