@@ -28,6 +28,7 @@ from ..checkpoint import D2NormCheckpointer
 from ..compat import compiled_ops_available
 from ..data.resumable_loader import DeferredTrainLoader, ResumableTrainingSampler
 from ..modeling import build_model
+from .cbn_regime import warn_cbn_regime
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
 
 __all__ = ["Trainer", "RNGState", "NormMilestoneHook"]
@@ -112,6 +113,7 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer for d2norm models (see module docstring)."""
 
     def __init__(self, cfg):
+        warn_cbn_regime(cfg)  # one warning where CBN is known to stall training (cbn_regime.py)
         with _ddp_for_cpu_models():
             super().__init__(cfg)
 
