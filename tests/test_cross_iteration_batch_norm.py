@@ -503,3 +503,46 @@ def test_sqmean_weight_gradient_matches_autograd(conv_kw):
     got = sqmean_weight_gradient(x, y.detach(), conv.weight.detach(), conv.stride,
                                  _conv_padding(conv), conv.dilation, conv.groups)
     _assert_close(got, expect, "dnu/dW", 1e-12)
+
+
+def test_history_in_a_full_mask_rcnn_matches_autograd(data_root):
+    """In the synthetic Mask R-CNN (CBN in backbone, FPN, box and mask heads; RoI batches of
+    varying size), each layer's recorded pbar, dnu/dW and nu equal autograd's dmu/dW, dnu/dW and
+    E[y^2] of its own conv on the input that conv really received (float64 recomputation)."""
+    from conftest import synthetic_cfg
+    from detectron2.data import build_detection_train_loader
+    from detectron2.utils.events import EventStorage
+
+    from d2norm import build_model
+
+    cfg = synthetic_cfg("CBN", **{"D2NORM.DATA.ROOT": data_root, "D2NORM.CBN.BUFFER_SIZE": 3})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    inputs = {}
+
+    def keep_input(conv, args):
+        inputs[conv] = args[0].detach().clone()
+
+    convs = [m for m in model.modules() if isinstance(getattr(m, "norm", None), CrossIterationBatchNorm2d)]
+    assert len(convs) > 30
+    for conv in convs:
+        conv.register_forward_pre_hook(keep_input)
+    with EventStorage(0):
+        model(next(iter(build_detection_train_loader(cfg))))
+    heads = 0
+    for conv in convs:
+        cbn = conv.norm
+        assert cbn._count == 1, cbn._d2norm_name
+        x = inputs[conv].to(D)
+        w = conv.weight.detach().to(D).requires_grad_(True)
+        y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        mu, nu = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+        dmu = torch.autograd.grad(mu.sum(), w, retain_graph=True)[0].flatten(1)
+        dnu = torch.autograd.grad(nu.sum(), w)[0].flatten(1)
+        pbar = cbn.hist_grad_mean[0].to(D).repeat_interleave(w.shape[0] // conv.groups, 0)
+        for got, want, what in ((pbar, dmu, "pbar"), (cbn.hist_grad_sqmean[0].to(D), dnu, "dnu/dW"),
+                                (cbn.hist_sqmean[0].to(D), nu.detach(), "nu")):
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-4, f"{cbn._d2norm_name} {what}: relative error {err:.1e}"
+        heads += cbn._d2norm_name.startswith("roi_heads")
+    assert heads == 6  # 4 box-head convs, 2 mask-head convs
