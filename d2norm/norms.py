@@ -181,8 +181,19 @@ def _valid_names():
 
 
 def build_norm(norm, out_channels):
-    """Build the norm layer named ``norm`` for ``out_channels`` channels (a d2norm name)."""
-    return D2NORM_NORMS[norm](out_channels)
+    """Build the norm layer named ``norm`` for ``out_channels`` channels (a d2norm name).
+
+    A layer whose conv needs a weight transform (GN+WS, BN+WS: Weight Standardization; MABN:
+    weight centralization) refuses to train until ``prepare_preceding_conv`` has run on it
+    (:func:`d2norm.prepare_model` does that), so a model built without the preparation pass
+    (e.g. by ``detectron2.modeling.build_model``) stops at its first training step instead of
+    silently training without the transform. (CBN refuses unbound training by itself.)"""
+    from .layers.conv_link import require_prepared_conv
+
+    layer = D2NORM_NORMS[norm](out_channels)
+    if callable(getattr(layer, "conv_transform", None)):
+        require_prepared_conv(layer)
+    return layer
 
 
 _original_get_norm = None

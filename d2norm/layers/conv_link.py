@@ -5,11 +5,12 @@ Some norms need something of the conv that feeds them: Weight Standardization ("
 input and weight. Such a norm defines ``prepare_preceding_conv(conv)``; d2norm's preparation
 pass (:func:`d2norm.prepare_model`) finds the conv and calls it.
 
-A norm that needs its conv calls :func:`require_prepared_conv` in its constructor: its first
-training forward then raises unless ``prepare_preceding_conv`` has run (for instance in a model
-built by detectron2's own ``build_model``, which never prepares), instead of silently training
-a different model. The check removes itself after the first training forward that passes, so it
-costs nothing afterwards.
+A norm whose conv needs a weight transform, built by name through ``get_norm``, gets
+:func:`require_prepared_conv`: its first training forward raises unless
+``prepare_preceding_conv`` has run (it has not in a model built by detectron2's own
+``build_model``), instead of silently training a different model. The check removes itself after
+the first training forward that passes, so it costs nothing afterwards. (A layer constructed
+directly is the caller's to pair with its conv; CBN checks its binding itself.)
 
 :class:`ModuleRef` and :class:`TensorRef` are weak references that survive ``copy.deepcopy`` and
 pickling, for links that must not own what they point at.
@@ -102,7 +103,7 @@ def _check_prepared(norm, args):
 
 def require_prepared_conv(norm):
     """Make the first training forward of ``norm`` raise unless its conv was prepared
-    (:func:`mark_conv_prepared`). Call in the norm's constructor."""
+    (:func:`mark_conv_prepared`, called by ``prepare_preceding_conv``)."""
     if not any(h is _check_prepared for h in norm._forward_pre_hooks.values()):
         norm.register_forward_pre_hook(_check_prepared)
     return norm

@@ -6,7 +6,7 @@ over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and
 """
 from torch import nn
 
-from .conv_link import mark_conv_prepared, require_prepared_conv
+from .conv_link import mark_conv_prepared
 from .weight_transforms import WeightStandardization, apply_weight_transform, check_ws_options
 
 __all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups", "check_ws_options"]
@@ -60,10 +60,7 @@ def _refuse_unusable(module, args):
 
 
 class _StandardizesPrecedingConv:
-    """Mixin: the conv feeding this norm gets Weight Standardization (see weight_transforms).
-
-    Until ``prepare_preceding_conv`` has run, the first training forward raises
-    (:func:`~d2norm.layers.conv_link.require_prepared_conv`)."""
+    """Mixin: the conv feeding this norm gets Weight Standardization (see weight_transforms)."""
 
     ws_eps = 1e-5
     ws_convention = "sqrt_var"
@@ -105,7 +102,6 @@ class GroupNormWS(_StandardizesPrecedingConv, GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.ws_eps = ws_eps
         self.ws_convention = ws_convention
-        require_prepared_conv(self)
 
 
 class BatchNormWS(_StandardizesPrecedingConv, nn.modules.batchnorm._BatchNorm):
@@ -124,7 +120,6 @@ class BatchNormWS(_StandardizesPrecedingConv, nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.ws_eps = ws_eps
         self.ws_convention = ws_convention
-        require_prepared_conv(self)
 
     def _check_input_dim(self, input):
         if input.dim() != 4:

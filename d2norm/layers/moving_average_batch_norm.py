@@ -49,7 +49,7 @@ The conv before each MABN must use centralized weights (``W - mean(W)`` per outp
 import torch
 from torch import nn
 
-from .conv_link import mark_conv_prepared, require_prepared_conv
+from .conv_link import mark_conv_prepared
 from .weight_transforms import WeightCentralization, apply_weight_transform
 
 __all__ = ["MovingAverageBatchNorm2d"]
@@ -177,7 +177,6 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.register_buffer("buffer_x2", torch.zeros(buffer_size, num_features))
         self.register_buffer("buffer_gz", torch.zeros(buffer_size, num_features))
         self.register_buffer("running_var", torch.ones(num_features))
-        require_prepared_conv(self)  # training before prepare_preceding_conv raises
 
     def extra_repr(self):
         return (
