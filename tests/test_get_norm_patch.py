@@ -198,7 +198,8 @@ def test_option_defaults_are_those_of_add_d2norm_config():
     assert (gn.num_groups, gn.eps) == (cfg.D2NORM.GN.NUM_GROUPS, cfg.D2NORM.GN.EPS)
     assert (gn.ws_eps, gn.ws_convention) == (ws.EPS, ws.CONVENTION)
     mabn = d2norm.build_norm("MABN", 8)
-    assert (mabn.buffer_size, mabn.warmup_iters) == (cfg.D2NORM.MABN.BUFFER_SIZE, cfg.D2NORM.MABN.WARMUP_ITERS)
+    mabn_cfg = cfg.D2NORM.MABN
+    assert (mabn.buffer_size, mabn.warmup_iters) == (mabn_cfg.BUFFER_SIZE, mabn_cfg.WARMUP_ITERS)
 
 
 @pytest.mark.parametrize("name", ["GN+WS", "BN+WS", "MABN"])

@@ -48,7 +48,8 @@ def test_cbn_mabn_norm_parameters_get_weight_decay_norm(name):
     model = d2norm.build_model(cfg)
     opt = Trainer.build_optimizer(cfg, model)  # the trainer's optimizer, as training builds it
     settings = _by_param(opt.param_groups)
-    norms = [m for m in model.modules() if isinstance(m, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d))]
+    types = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
+    norms = [m for m in model.modules() if isinstance(m, types)]
     assert len(norms) > 10
     for m in norms:
         assert settings[id(m.weight)]["weight_decay"] == 0.0
