@@ -49,6 +49,12 @@ def test_no_warning_outside_the_regime(case):
     assert cbn_regime_warning(_cfg(**case)) is None
 
 
+def test_pretrained_weights_are_not_warned_about():
+    cfg = _cfg()
+    cfg.MODEL.WEIGHTS = "R-50.pkl"  # the published setting: CBN in the heads of a pretrained model
+    assert cbn_regime_warning(cfg) is None
+
+
 def test_head_norm_without_convs_is_not_warned_about():
     cfg = _cfg(mask="GN")
     cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 0  # a 2fc box head builds no norm

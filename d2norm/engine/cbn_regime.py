@@ -42,11 +42,13 @@ def _get(cfg, dotted):
 def cbn_regime_warning(cfg):
     """The warning for a config that puts CBN where it is known to stall training, else None.
 
-    The failing regime: ``"CBN"`` as the norm of a RoI head with convs (box head with
-    ``NUM_CONV > 0``, mask head when ``MASK_ON``), a window of more than one iteration
-    (``D2NORM.CBN.BUFFER_SIZE > 1``) and the paper's gradient
-    (``D2NORM.CBN.GRAD_THROUGH_COMPENSATION False``). CBN in the backbone and FPN, ``BUFFER_SIZE
-    1`` (plain BN) and the exact gradient (``GRAD_THROUGH_COMPENSATION True``) are not warned about.
+    The failing regime (measured): a model trained from scratch (``MODEL.WEIGHTS`` empty) with
+    ``"CBN"`` as the norm of a RoI head with convs (box head with ``NUM_CONV > 0``, mask head when
+    ``MASK_ON``), a window of more than one iteration (``D2NORM.CBN.BUFFER_SIZE > 1``) and the
+    paper's gradient (``D2NORM.CBN.GRAD_THROUGH_COMPENSATION False``). Not warned about: CBN in the
+    backbone and FPN, ``BUFFER_SIZE 1`` (plain BN), the exact gradient
+    (``GRAD_THROUGH_COMPENSATION True``), and models that start from pretrained weights (the
+    published CBN detection results use CBN in FPN and heads on a pretrained backbone).
     """
     d2norm_cfg = cfg.get("D2NORM", None)
     if d2norm_cfg is None or "CBN" not in d2norm_cfg:
@@ -54,14 +56,17 @@ def cbn_regime_warning(cfg):
     cbn = d2norm_cfg.CBN
     if int(cbn.BUFFER_SIZE) <= 1 or bool(cbn.get("GRAD_THROUGH_COMPENSATION", False)):
         return None
+    if str(cfg.MODEL.get("WEIGHTS", "") or "").strip():
+        return None
     keys = [key for key in _head_norm_sites(cfg) if _get(cfg, key) == "CBN"]
     if not keys:
         return None
     return (
         f"CBN with a {int(cbn.BUFFER_SIZE)}-iteration window and the paper's gradient "
-        f"(D2NORM.CBN.GRAD_THROUGH_COMPENSATION False) is used in the RoI heads ({', '.join(keys)}). "
-        "In this setting training stalls once burn-in ends (the mask loss stops falling; measured "
-        "with d2norm's and the official CBN layer alike, docs/cbn_diagnosis.md). Fix: set "
+        f"(D2NORM.CBN.GRAD_THROUGH_COMPENSATION False) is used in the RoI heads ({', '.join(keys)}) "
+        "of a model trained from scratch (MODEL.WEIGHTS empty). In this setting training stalls "
+        "once burn-in ends (the mask loss stops falling; measured with d2norm's and the official "
+        "CBN layer alike, docs/cbn_diagnosis.md). Fix: set "
         "D2NORM.CBN.GRAD_THROUGH_COMPENSATION True (the exact gradient of the window statistics), "
         f"or use another norm for {', '.join(keys)} (e.g. \"GN\" or \"BN\") and keep CBN in the "
         "backbone / FPN."
