@@ -129,6 +129,8 @@ def test_recipe_config_matches_its_name(path):
     if norm == "FrozenBN":  # BN*: detectron2's baseline layout
         assert (M.FPN.NORM, M.ROI_BOX_HEAD.NORM, M.ROI_MASK_HEAD.NORM) == ("", "", "")
         assert M.BACKBONE.FREEZE_AT == 2
+    elif norm == "CBN" and not exp["coco"]:  # CBN where it trains from scratch (docs/cbn_diagnosis.md)
+        assert (M.FPN.NORM, M.ROI_BOX_HEAD.NORM, M.ROI_MASK_HEAD.NORM) == ("CBN", "BN", "BN")
     else:
         assert M.FPN.NORM == M.ROI_BOX_HEAD.NORM == M.ROI_MASK_HEAD.NORM == norm
         if exp["coco"]:  # the published 4conv1fc head
@@ -217,6 +219,8 @@ def _check_model(cfg, model, exp):
     frozen_bn = _frozen_bn_type()
     site_type = frozen_bn if norm == "FrozenBN" else _NORM_TYPE[norm]
     head_type = None if norm == "FrozenBN" else site_type
+    # the synthetic CBN recipe keeps BN in the RoI heads (docs/cbn_diagnosis.md)
+    roi_type = _NORM_TYPE["BN"] if (norm == "CBN" and not exp["coco"]) else head_type
     depth, groups, width = _BACKBONE[exp["backbone"]]
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
 
@@ -255,14 +259,14 @@ def _check_model(cfg, model, exp):
     assert len(box_head.conv_norm_relus) == cfg.MODEL.ROI_BOX_HEAD.NUM_CONV
     assert len(box_head.fcs) == cfg.MODEL.ROI_BOX_HEAD.NUM_FC
     for conv in box_head.conv_norm_relus:
-        n_sites += _check_site(conv, head_type, "box head conv")
+        n_sites += _check_site(conv, roi_type, "box head conv")
     # mask head convs
     if exp["mask"]:
         assert model.roi_heads.mask_on
         convs = model.roi_heads.mask_head.conv_norm_relus
         assert len(convs) == cfg.MODEL.ROI_MASK_HEAD.NUM_CONV > 0
         for conv in convs:
-            n_sites += _check_site(conv, head_type, "mask head conv")
+            n_sites += _check_site(conv, roi_type, "mask head conv")
 
     # no other norm anywhere (e.g. an RPN conv), and conv-side transforms exactly where due
     if not exp["mask"] and model.roi_heads.mask_on:  # built as the Mask R-CNN twin
