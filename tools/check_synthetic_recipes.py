@@ -66,7 +66,8 @@ def train(norm, output_dir, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO)
     print("+", " ".join(cmd), flush=True)
     start = time.time()
-    with open(os.path.join(os.path.dirname(output_dir) or ".", f"{os.path.basename(output_dir)}.out"), "w") as log:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "train_net.out"), "w") as log:
         subprocess.run(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     return time.time() - start
 
@@ -90,7 +91,8 @@ def check(results, margin):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
     parser.add_argument("--output-root", default=os.path.join(REPO, "output", "synthetic"))
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,

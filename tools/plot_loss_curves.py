@@ -39,7 +39,8 @@ def tail_mean(points, last):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="LABEL=OUTPUT_DIR entries")
     parser.add_argument("--keys", nargs="+", default=["total_loss", "loss_mask"])
     parser.add_argument("--output", required=True, help="PNG file to write")
