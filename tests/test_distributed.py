@@ -149,7 +149,7 @@ def _register_rank_dataset(data_root, rank):
 def _train(norm, data_root, out_dir):
     import torch.distributed as dist
 
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
     from d2norm.engine import Trainer
 
     cfg = synthetic_cfg(norm, **{

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 
 def _train_net_args(out, data_root, *extra, eval_only=False, resume=False):
@@ -60,7 +60,7 @@ def _run(cfg, max_iter):
 
 @pytest.mark.parametrize("norm", ["GN", "BN", "CBN", "MABN"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
 
     cfg = synthetic_cfg(norm, **{"SOLVER.CHECKPOINT_PERIOD": 3, "D2NORM.DATA.ROOT": data_root,
                                  "D2NORM.CBN.BURNIN_ITERS": 1, "D2NORM.MABN.WARMUP_ITERS": 2,
