@@ -19,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRAIN_NORMS = ("CBN", "MABN", "SyncBN")
+pytestmark = pytest.mark.slow  # multi-process
 TIMEOUT_S = 300  # the whole 2-process run; each collective additionally times out after 120 s
 
 
