@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 import d2norm
 from d2norm.layers import CrossIterationBatchNorm2d, GroupNorm, GroupNormWS, SyncBatchNorm2d

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _load_study():

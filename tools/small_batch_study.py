@@ -42,8 +42,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 STUDY_CONFIG_DIR = os.path.join(ROOT, "configs", "synthetic", "study")
 ALL_NORMS = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN")
@@ -370,14 +368,14 @@ def train_and_evaluate(spec, output_root, data_root="", opts=(), progress=None, 
     import torch
     from detectron2.utils.env import seed_all_rng
 
-    from d2norm.engine.launch import _register_datasets
+    from d2norm.data import register_datasets
 
     norm, batch, seed, iters = spec["norm"], spec["batch"], spec["seed"], spec["iters"]
     run_dir = os.path.join(output_root, "runs", f"{norm.replace('+', '_')}_b{batch}_s{seed}_i{iters}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted before its record
     os.makedirs(run_dir)
     cfg = build_cfg(norm, batch, seed, iters, run_dir, data_root, opts)
-    _register_datasets(cfg)
+    register_datasets(cfg)
     Trainer = _study_trainer_class()
     Trainer.progress_callback = staticmethod(progress) if progress else None
     rec = dict(spec, version=RECORD_VERSION, lr=cfg.SOLVER.BASE_LR,

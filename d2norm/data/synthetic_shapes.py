@@ -178,3 +178,11 @@ def register_synthetic_datasets(root=None, names=None):
             MetadataCatalog.remove(name)
         register_coco_instances(name, {}, json_file, image_dir)
         MetadataCatalog.get(name).set(thing_classes=list(SHAPE_CLASSES))
+
+
+def register_datasets(cfg):
+    """Register the synthetic splits that ``cfg.DATASETS.TRAIN`` / ``TEST`` name (generating them
+    if needed) under ``cfg.D2NORM.DATA.ROOT``; other names are left to detectron2's catalog."""
+    names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if n.startswith("d2norm_shapes")]
+    if names:
+        register_synthetic_datasets(cfg.D2NORM.DATA.ROOT or None, names)

@@ -495,3 +495,20 @@ def _conv_padding(conv):
             pads.append(total // 2)
         return tuple(pads)
     return tuple(p)
+
+
+def conv_statistic_gradients(conv, x, y):
+    """What CBN records per iteration for ``y = conv(x)`` (``conv`` without bias): dnu/dW (shaped
+    like the weight; :func:`sqmean_weight_gradient`) and pbar = dmu/dW, the mean input patch of
+    each group, shape (G, Cin/G * kh * kw). Public for benchmarks and reference checks."""
+    stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
+    g_nu = sqmean_weight_gradient(x, y, conv.weight, stride, padding, dilation, conv.groups)
+    pbar = _mean_patch(x, conv.weight.shape, stride, padding, dilation, conv.groups, y.shape[2:])
+    return g_nu, pbar
+
+
+def conv_nu_weight_gradient(conv, x, y):
+    """dnu/dW alone for ``y = conv(x)``: the one conv weight gradient any exact CBN adds to conv +
+    BN per training iteration (the "CBN floor" of the benchmarks)."""
+    stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
+    return sqmean_weight_gradient(x, y, conv.weight, stride, padding, dilation, conv.groups)
