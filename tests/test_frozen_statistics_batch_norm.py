@@ -116,3 +116,38 @@ def test_fold_into_conv_matches_the_unfolded_model():
     assert [t for _, t in folded.fold_report["folded"]] == ["FrozenStatisticsBatchNorm2d"] * 2
     assert all(m.norm is None for m in folded if isinstance(m, Conv2d))
     torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_torchvision_weights_load_into_a_frozen_statistics_backbone(tmp_path):
+    """The CBN paper's backbone: torchvision BN statistics land in FrozenStatsBN (trainable γ/β)
+    from res3 on and in FrozenBN in the frozen stem + res2; a training step keeps them."""
+    import torchvision
+
+    from conftest import synthetic_cfg
+    from d2norm.weights import load_pretrained_backbone
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    path = str(tmp_path / "resnet18.pth")
+    torch.save(tv.state_dict(), path)
+    cfg = synthetic_cfg("FrozenStatsBN", **{"MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.FPN.NORM": "",
+                                            "MODEL.ROI_BOX_HEAD.NORM": "", "MODEL.ROI_MASK_HEAD.NORM": ""})
+    model = d2norm.build_model(cfg)
+    load_pretrained_backbone(model, path)
+    bottom_up = model.backbone.bottom_up
+    stem, res3 = bottom_up.stem.conv1.norm, bottom_up.res3[0].conv1.norm
+    assert type(stem) is FrozenBatchNorm2d and type(res3) is FrozenStatisticsBatchNorm2d
+    assert torch.equal(stem.running_mean, tv.bn1.running_mean)
+    assert torch.equal(res3.running_var, tv.layer2[0].bn1.running_var)
+    assert res3.weight.requires_grad and not res3.training
+    model.train()
+    assert not res3.training  # stays in eval mode, as mmdetection's norm_eval keeps it
+    x = torch.randn(1, res3.num_features, 8, 8) * 3
+    before = res3.running_mean.clone()
+    res3(x).sum().backward()
+    assert torch.equal(res3.running_mean, before) and res3.weight.grad is not None

@@ -109,14 +109,18 @@ def _stride_in_1x1(cb, v):
     return v == "caffe" if cb == "mmdet" else bool(v)
 
 
+def _first_set(*values):
+    return next(v for v in values if v is not None)
+
+
 # Optimizer treatment of norm parameters and biases, per codebase:
 # (norm gamma decay, norm beta decay, other biases' decay, bias LR factor) from the values.
 _RULES = {
     # detectron2/solver/build.py: norm modules get WEIGHT_DECAY_NORM, then "bias" parameters
     # WEIGHT_DECAY_BIAS (None: unchanged) and BIAS_LR_FACTOR
     "detectron2": lambda v: (v["norm_weight_decay"],
-                             v["norm_weight_decay"] if v["bias_weight_decay"] is None else v["bias_weight_decay"],
-                             v["weight_decay"] if v["bias_weight_decay"] is None else v["bias_weight_decay"],
+                             _first_set(v["bias_weight_decay"], v["norm_weight_decay"]),
+                             _first_set(v["bias_weight_decay"], v["weight_decay"]),
                              v["bias_lr_factor"]),
     # Detectron optimizer.py: GN parameters WEIGHT_DECAY_GN; biases no decay at 2x LR
     "detectron": lambda v: (v["norm_weight_decay"], v["norm_weight_decay"], v["bias_weight_decay"],
@@ -231,7 +235,8 @@ def _same(a, b):
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        return numbers and math.isclose(a, b, rel_tol=1e-9)
     return a == b
 
 

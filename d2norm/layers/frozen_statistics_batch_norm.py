@@ -40,6 +40,7 @@ class FrozenStatisticsBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, device=None, dtype=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, device=device, dtype=dtype)
+        self.training = False  # see train()
 
     def train(self, mode=True):
         """Stays in eval mode, as mmdetection's ``norm_eval`` keeps it: ``model.train()`` leaves
