@@ -151,3 +151,19 @@ def test_torchvision_weights_load_into_a_frozen_statistics_backbone(tmp_path):
     before = res3.running_mean.clone()
     res3(x).sum().backward()
     assert torch.equal(res3.running_mean, before) and res3.weight.grad is not None
+
+
+def test_the_trainers_optimizer_gives_it_weight_decay_norm():
+    from conftest import synthetic_cfg
+    from d2norm.engine import Trainer
+
+    cfg = synthetic_cfg("FrozenStatsBN", **{"MODEL.FPN.NORM": "", "MODEL.ROI_BOX_HEAD.NORM": "",
+                                            "MODEL.ROI_MASK_HEAD.NORM": ""})
+    cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM = 1e-4, 3e-5
+    model = d2norm.build_model(cfg)
+    decay = {id(p): g["weight_decay"] for g in Trainer.build_optimizer(cfg, model).param_groups
+             for p in g["params"]}
+    norms = [m for m in model.modules() if isinstance(m, FrozenStatisticsBatchNorm2d)]
+    assert len(norms) > 10
+    assert all(decay[id(m.weight)] == decay[id(m.bias)] == 3e-5 for m in norms)
+    assert decay[id(model.backbone.bottom_up.stem.conv1.weight)] == 1e-4
