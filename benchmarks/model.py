@@ -62,9 +62,9 @@ def _load_layers_module():
 
 L = _load_layers_module()
 
-# norm: (recipe, extra config options). Every norm is timed in the backbone too: the 1x SyncBN /
-# GN / CBN recipes (the CBN paper's setting) put the norm in FPN and heads only, so their
-# backbone norm is set here.
+# norm: (recipe, extra config options). Every norm is timed in the backbone too, with the stem
+# and res2 frozen: the 1x SyncBN / GN / CBN recipes (the CBN paper's setting) put the norm in FPN
+# and heads only, so their backbone norm is set here, and MABN's official recipe freezes nothing.
 RECIPES = {
     "BN*": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", []),
     "BN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml",
@@ -76,8 +76,9 @@ RECIPES = {
     "GN+WS": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn_ws.yaml", []),
     "CBN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn.yaml",
             ["MODEL.RESNETS.NORM", "CBN", "D2NORM.CBN.BURNIN_ITERS", "0"]),
-    "MABN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn.yaml",
-             ["D2NORM.MABN.BUFFER_SIZE", "2", "D2NORM.MABN.WARMUP_ITERS", "0"]),
+    "MABN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn.yaml",  # (official: nothing frozen)
+             ["D2NORM.MABN.BUFFER_SIZE", "2", "D2NORM.MABN.WARMUP_ITERS", "0",
+              "MODEL.BACKBONE.FREEZE_AT", "2"]),
 }
 # BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
 # the least a CBN iteration can cost (training only; a BN model at inference)
