@@ -1,7 +1,8 @@
 """Cross-Iteration Batch Normalization (CBN; Yao et al., arXiv 2002.05712), pure torch.
 
 Per channel c, with y = W_t * x the output of the conv bound to this layer (no bias), M = N*H*W,
-and a window of the current iteration t plus the valid stored iterations t-1 .. t-(k-1):
+and a window of the current iteration t plus the valid stored iterations t-1 .. t-(k-1)
+(k = ``buffer_size``; the official code's ``buffer_num`` is k - 1, so its buffer_num=3 is k=4):
 
     mu_t = E[y],  nu_t = E[y^2]                                   (only these carry gradient)
     mu_{t-r}(W_t) = mu_{t-r} + <dmu_{t-r}/dW, W_t - W_{t-r}>      (first-order compensation,
