@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import statistics
 
 import numpy as np
 import pytest
@@ -32,7 +31,8 @@ def test_append_load_and_resume(tmp_path):
     assert bad == 1
     assert [(r["norm"], r["box_ap"]) for r in records] == [("BN", 1.0), ("GN", 3.0)]
     assert json.loads(open(path).read().splitlines()[-1]) == b  # on its own line
-    planned = [dict(norm=n, procs=p, seed=0, iters=10, settings_id="s1") for n in ("BN", "GN") for p in (8, 1)]
+    planned = [dict(norm=n, procs=p, seed=0, iters=10, settings_id="s1")
+               for n in ("BN", "GN") for p in (8, 1)]
     assert [(p["norm"], p["procs"]) for p in study.pending_runs(planned, records)] == [("BN", 1), ("GN", 1)]
     # other settings do not count as done
     assert len(study.pending_runs([dict(planned[0], iters=11)], records)) == 1
@@ -79,7 +79,8 @@ def _table_rows(md, heading):
 def test_committed_table_is_rederived_from_the_committed_jsonl(name):
     """The published table equals the mean / sample std recomputed here (numpy) from the JSONL."""
     md = open(os.path.join(DOCS, f"{name}.md"), encoding="utf-8").read()
-    recs = [json.loads(ln) for ln in open(os.path.join(DOCS, f"{name}.jsonl"), encoding="utf-8") if ln.strip()]
+    with open(os.path.join(DOCS, f"{name}.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
     assert recs, "no records"
     head, rows = _table_rows(md, "## Box AP (mean ± sample std over seeds)")
     bs = [int(re.match(r"b=(\d+)", h).group(1)) for h in head[1:]]
@@ -172,30 +173,37 @@ def test_per_norm_rules_follow_images_per_process():
 
 
 def test_tiny_study_end_to_end(tmp_path, data_root):
-    """GN with 2 images per iteration in P = 2 and P = 1 processes: both runs train exactly the same
-    images per iteration (digest of the per-iteration image ids), each process b of them; the
-    report and plot are written; a second call resumes without training."""
-    import importlib.util
+    """GN with 2 images per iteration in P = 2 and P = 1 processes, through the command line: both
+    runs train exactly the same images per iteration (digest of the per-iteration image ids),
+    each process b of them; the report and plot are written; a second call resumes without
+    training."""
+    import subprocess
+    import sys
 
-    spec = importlib.util.spec_from_file_location("small_batch_study_cli", os.path.join(REPO, "tools", "small_batch_study.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     out = tmp_path / "study"
     argv = ["--norms", "GN", "--procs", "2", "1", "--seeds", "0", "--iters", "3", "--total-batch", "2",
             "--jobs", "2", "--output", str(out), "--data-root", data_root, "--no-progress",
             "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
-            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
-    records = cli.main(argv)
+            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+
+    def cli(*extra):
+        cmd = [sys.executable, os.path.join(REPO, "tools", "small_batch_study.py"), *extra, *argv]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+    first = cli()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    records, bad = study.load_records(str(out / "results.jsonl"))
     by_p = {r["procs"]: r for r in records}
-    assert sorted(by_p) == [1, 2] and all(r["status"] == "ok" for r in records)
+    assert bad == 0 and sorted(by_p) == [1, 2] and all(r["status"] == "ok" for r in records)
     assert by_p[2]["images_per_proc"] == [1] and by_p[1]["images_per_proc"] == [2]
     assert by_p[2]["images_per_iter"] == by_p[1]["images_per_iter"] == [2]
     assert by_p[2]["images_digest"] == by_p[1]["images_digest"]
     assert sorted(int(k) for k in by_p[1]["curve"]) == [2, 3]  # 0.6 / 0.8 / 0.9 / 1.0 of 3 iterations
     assert (out / "small_batch_study.md").is_file() and (out / "small_batch_study.png").stat().st_size > 1000
     assert not any((out / "runs").iterdir())  # cleaned up
-    with pytest.raises(SystemExit):  # refuses to mix into an existing study without --resume
-        cli.main(argv)
-    again = cli.main(["--resume"] + argv)
-    assert {r["finished"] for r in again} == {r["finished"] for r in records}
+    refused = cli()  # refuses to mix into an existing study without --resume
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    again = cli("--resume")
+    assert again.returncode == 0 and "2 already done, 0 to go" in again.stdout
     assert len(open(out / "results.jsonl").read().splitlines()) == 2

@@ -38,7 +38,8 @@ def parse_args(argv=None):
                    "this d2norm can build, e.g. BRN FRN EvoNorm-S0 where present)")
     p.add_argument("--procs", nargs="+", type=int, default=None,
                    help=f"processes per run P (b = total batch / P); default: {' '.join(map(str, d.procs))}")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, d.seeds))}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help=f"default: {' '.join(map(str, d.seeds))}")
     p.add_argument("--iters", type=int, default=None, help=f"iterations per run (default {d.iters})")
     p.add_argument("--total-batch", type=int, default=d.total_batch, help="images per iteration")
     p.add_argument("--jobs", type=int, default=1,
@@ -49,7 +50,8 @@ def parse_args(argv=None):
                    help="folder for results.jsonl, the report, the plot and the per-run folders")
     p.add_argument("--report", default=None, help="Markdown report (default <output>/small_batch_study.md)")
     p.add_argument("--plot", default=None, help="PNG plot (default <output>/small_batch_study.png)")
-    p.add_argument("--header", default=None, help="a Markdown file placed at the top of the report (findings)")
+    p.add_argument("--header", default=None,
+                   help="a Markdown file placed at the top of the report (findings)")
     p.add_argument("--resume", action="store_true", help="skip the runs already in <output>/results.jsonl")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report / plot")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="the study's base config")
@@ -143,7 +145,8 @@ def main(argv=None):
     s = args.settings
     if args.report_only:
         keys = {run_key(p) for p in plan(s, settings_id(s))}
-        records = [r for r in load_records(os.path.join(args.output, "results.jsonl"))[0] if run_key(r) in keys]
+        records = load_records(os.path.join(args.output, "results.jsonl"))[0]
+        records = [r for r in records if run_key(r) in keys]
         report(args, records)
         print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
         return records

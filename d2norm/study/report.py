@@ -151,7 +151,8 @@ def machine_line():
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def atomic_write_text(path, text):
@@ -229,7 +230,8 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
               f"{'yes' if inv['images_per_process_ok'] else 'NO'}; runs of the same seed trained on the same "
               f"images at every point: {'yes' if inv['same_images_per_seed'] else 'NO'}.", "",
               "## Cost per run (CPU seconds of all processes / wall seconds, median over seeds)", "",
-              cost, "", f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.", ""]
+              cost, "", f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.",
+              ""]
     if footer:
         parts += [footer.strip(), ""]
     atomic_write_text(path, "\n".join(parts))

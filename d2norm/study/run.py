@@ -238,7 +238,8 @@ class _Bar:
         elif self.enabled and n != self.n:
             el = time.time() - self.t0
             eta = el / n * (self.total - n) if n else float("nan")
-            sys.stderr.write(f"\rstudy: {n}/{self.total} it, {el / 60:.1f} min, ETA {eta / 60:.1f} min {note}  ")
+            sys.stderr.write(f"\rstudy: {n}/{self.total} it, {el / 60:.1f} min, "
+                             f"ETA {eta / 60:.1f} min {note}  ")
             sys.stderr.flush()
         self.n = n
 

@@ -92,7 +92,8 @@ def check_norms(norms):
 
 def schedule(s):
     """(STEPS, WARMUP_ITERS) of the settings' schedule."""
-    steps = tuple(sorted({int(round(s.iters * f)) for f in s.step_fracs if 0 < int(round(s.iters * f)) < s.iters}))
+    steps = tuple(sorted({int(round(s.iters * f)) for f in s.step_fracs}))
+    steps = tuple(x for x in steps if 0 < x < s.iters)
     return steps, max(1, int(round(s.iters * s.warmup_frac)))
 
 
