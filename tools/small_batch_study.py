@@ -7,7 +7,7 @@
     python3 tools/small_batch_study.py --output OUT --report-only          # redraw table / plot
 
 Every run trains 8 images per iteration (same LR, schedule and images at every point) split over
-P gloo processes (P = 8, 2, 1 by default: 1, 4, 8 images per process), evaluates box AP on the
+P gloo processes (P = 8, 4, 1 by default: 1, 2, 8 images per process), evaluates box AP on the
 hard synthetic split, and is appended to OUT/results.jsonl. OUT/small_batch_study.md and .png are
 rewritten after every run. The library is ``d2norm.study``; see docs/small_batch_study.md.
 """
@@ -42,6 +42,9 @@ def parse_args(argv=None):
                    help=f"default: {' '.join(map(str, d.seeds))}")
     p.add_argument("--iters", type=int, default=None, help=f"iterations per run (default {d.iters})")
     p.add_argument("--total-batch", type=int, default=d.total_batch, help="images per iteration")
+    p.add_argument("--curve-fracs", nargs="*", type=float, default=None,
+                   help="extra evaluations of the first seed's runs at these fractions of the schedule "
+                        f"(default: {' '.join(map(str, d.curve_fracs))}); e.g. 0.25 0.5 0.75 to calibrate")
     p.add_argument("--jobs", type=int, default=1,
                    help="training processes at once (a run with P processes takes min(P, jobs)); "
                         "use the number of cores")
@@ -67,7 +70,9 @@ def parse_args(argv=None):
     if args.opts and args.opts[0] == "--":
         args.opts = args.opts[1:]
     kw = {k: v for k, v in preset.items() if k != "opts"}
-    for name in ("norms", "procs", "seeds", "iters"):
+    if args.seeds:
+        kw["curve_seeds"] = (args.seeds[0],)
+    for name in ("norms", "procs", "seeds", "iters", "curve_fracs"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.jobs < 1:
