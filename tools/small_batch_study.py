@@ -141,8 +141,11 @@ def report(args, records, wall_s=None):
     plot_rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.report)))
     write_report(args.report, records, "\n".join(header), settings_text(s), "\n".join(footer),
                  s.total_batch, plot_rel)
-    write_plot(args.plot, records, total_batch=s.total_batch,
-               title=f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds")
+    try:
+        title = f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds"
+        write_plot(args.plot, records, total_batch=s.total_batch, title=title)
+    except ImportError as e:  # the records and the tables do not need matplotlib
+        print(f"note: no plot ({e}). Fix: install matplotlib, then rerun with --report-only.")
 
 
 def main(argv=None):
