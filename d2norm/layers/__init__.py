@@ -1,6 +1,7 @@
 """Normalization layers. One module per method; each docstring states its equations."""
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList
+from .frozen_statistics_batch_norm import FrozenStatisticsBatchNorm2d
 from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
 from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
@@ -9,6 +10,7 @@ __all__ = [
     "BatchNormWS",
     "CrossIterationBatchNorm2d",
     "CycleNormList",
+    "FrozenStatisticsBatchNorm2d",
     "GroupNorm",
     "GroupNormWS",
     "MovingAverageBatchNorm2d",
