@@ -65,7 +65,7 @@ def test_head_norm_without_convs_is_not_warned_about():
 
 
 def test_trainer_logs_the_warning_once(tmp_path, data_root, caplog):
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
 
     from d2norm.engine import Trainer
 

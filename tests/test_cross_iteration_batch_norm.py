@@ -512,7 +512,7 @@ def test_history_in_a_full_mask_rcnn_matches_autograd(data_root):
     """In the synthetic Mask R-CNN (CBN in backbone, FPN, box and mask heads; RoI batches of
     varying size), each layer's recorded pbar, dnu/dW and nu equal autograd's dmu/dW, dnu/dW and
     E[y^2] of its own conv on the input that conv really received (float64 recomputation)."""
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
     from detectron2.data import build_detection_train_loader
     from detectron2.utils.events import EventStorage
 
