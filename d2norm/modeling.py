@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .layers.norm_sites import prepare_norm_sites
 from .norms import norm_options_from_config, patch_get_norm
 
 __all__ = ["build_model", "prepare_model", "remap_parametrized_keys"]
@@ -47,6 +48,7 @@ def prepare_model(model):
             ):
                 module._register_load_state_dict_pre_hook(_load_plain_weight_into_parametrized)
                 module._d2norm_key_hook = True
+    prepare_norm_sites(model)  # BRN / FRN / EvoNorm-S0: activations per call site, frozen BRN
     return model
 
 

@@ -31,6 +31,10 @@ _DEFAULT_OPTIONS = {
     "WS": {"EPS": 1e-5, "CONVENTION": "sqrt_var"},
     "CBN": {"BUFFER_SIZE": 3, "BURNIN_ITERS": 0, "EPS": 1e-5, "MOMENTUM": 0.1},
     "MABN": {"BUFFER_SIZE": 16, "WARMUP_ITERS": 100, "MOMENTUM": 0.98, "EPS": 1e-5},
+    "BRN": {"R_MAX": 3.0, "D_MAX": 5.0, "RAMP_START_ITER": 5000, "R_MAX_END_ITER": 40000,
+            "D_MAX_END_ITER": 25000, "MOMENTUM": 0.01, "EPS": 1e-5},
+    "FRN": {"EPS": 1e-6, "LEARNABLE_EPS": False, "LEARNED_EPS_INIT": 1e-4, "REPLACE_RELU": True},
+    "EVONORM": {"NUM_GROUPS": 32, "EPS": 1e-5, "REPLACE_RELU": True},
 }
 _options = copy.deepcopy(_DEFAULT_OPTIONS)
 
@@ -117,6 +121,33 @@ def _mabn(c):
     )
 
 
+def _brn(c):
+    from .layers.batch_renorm import BatchRenorm2d
+
+    o = _options["BRN"]
+    return BatchRenorm2d(
+        c, r_max=o["R_MAX"], d_max=o["D_MAX"], ramp_start=o["RAMP_START_ITER"],
+        r_max_end=o["R_MAX_END_ITER"], d_max_end=o["D_MAX_END_ITER"], momentum=o["MOMENTUM"], eps=o["EPS"],
+    )
+
+
+def _frn(c):
+    from .layers.filter_response_norm import FilterResponseNorm2d
+
+    o = _options["FRN"]
+    return FilterResponseNorm2d(
+        c, eps=o["EPS"], learnable_eps=o["LEARNABLE_EPS"], learned_eps_init=o["LEARNED_EPS_INIT"],
+        replace_relu=o["REPLACE_RELU"],
+    )
+
+
+def _evonorm_s0(c):
+    from .layers.evonorm import EvoNormS0
+
+    o = _options["EVONORM"]
+    return EvoNormS0(c, num_groups=o["NUM_GROUPS"], eps=o["EPS"], replace_relu=o["REPLACE_RELU"])
+
+
 #: Names d2norm builds (they take precedence over detectron2's meaning of the same name).
 D2NORM_NORMS = {
     "BN*": _frozen_bn,
@@ -127,6 +158,9 @@ D2NORM_NORMS = {
     "BN+WS": _bn_ws,
     "CBN": _cbn,
     "MABN": _mabn,
+    "BRN": _brn,
+    "FRN": _frn,
+    "EvoNorm-S0": _evonorm_s0,
 }
 #: Names passed through to detectron2's own get_norm (those of v0.6; newer versions add more).
 DETECTRON2_NORMS = ("BN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")

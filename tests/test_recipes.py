@@ -19,7 +19,15 @@ from torch import nn
 from conftest import CONFIGS
 
 import d2norm
-from d2norm.layers import CrossIterationBatchNorm2d, GroupNorm, GroupNormWS, SyncBatchNorm2d
+from d2norm.layers import (
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    EvoNormS0,
+    FilterResponseNorm2d,
+    GroupNorm,
+    GroupNormWS,
+    SyncBatchNorm2d,
+)
 from d2norm.layers.moving_average_batch_norm import MovingAverageBatchNorm2d
 from d2norm.layers.weight_transforms import (
     WeightCentralization,
@@ -37,16 +45,18 @@ _COCO_NAME = re.compile(
     r"^(?P<scratch>scratch_)?(?P<arch>mask|faster)_rcnn_(?P<bb>R_50|R_101|X_101_32x8d|X_50_32x4d|"
     r"X_101_32x4d)_FPN_(?P<sched>\d+x)(?:_(?P<norm>syncbn|gn_ws|gn|cbn|mabn|bn))?\.yaml$"
 )
-_SYNTH_NAME = re.compile(r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN)\.yaml$")
+_SYNTH_NAME = re.compile(
+    r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm)\.yaml$")
 _NORM_OF_SUFFIX = {None: "FrozenBN", "syncbn": "SyncBN", "gn": "GN", "gn_ws": "GN+WS",
                    "cbn": "CBN", "mabn": "MABN", "bn": "BN",
                    "BN": "BN", "CBN": "CBN", "GN": "GN", "GN_WS": "GN+WS", "MABN": "MABN",
-                   "SyncBN": "SyncBN"}
+                   "SyncBN": "SyncBN", "BRN": "BRN", "FRN": "FRN", "EvoNorm": "EvoNorm-S0"}
 _BACKBONE = {"R_18": (18, 1, 64), "R_50": (50, 1, 64), "R_101": (101, 1, 64),
              "X_101_32x8d": (101, 32, 8), "X_50_32x4d": (50, 32, 4), "X_101_32x4d": (101, 32, 4)}
 _NORM_TYPE = {"FrozenBN": None, "BN": nn.BatchNorm2d, "SyncBN": SyncBatchNorm2d, "GN": GroupNorm,
               "GN+WS": GroupNormWS, "CBN": CrossIterationBatchNorm2d,
-              "MABN": MovingAverageBatchNorm2d}
+              "MABN": MovingAverageBatchNorm2d, "BRN": BatchRenorm2d, "FRN": FilterResponseNorm2d,
+              "EvoNorm-S0": EvoNormS0}
 _BLOCKS_RES4 = {18: 2, 50: 6, 101: 23}
 
 
@@ -228,7 +238,7 @@ def _check_model(cfg, model, exp):
         module = getattr(bottom_up, stage)
         frozen = freeze_at >= idx
         # (d2norm's preparation pass does the same for CBN / MABN)
-        expected = frozen_bn if (frozen and norm in ("BN", "SyncBN", "CBN", "MABN")) else site_type
+        expected = frozen_bn if (frozen and norm in ("BN", "SyncBN", "CBN", "MABN", "BRN")) else site_type
         convs = _detectron2_convs(module)
         assert convs
         for conv in convs:

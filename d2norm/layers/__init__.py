@@ -1,12 +1,18 @@
 """Normalization layers. One module per method; each docstring states its equations."""
+from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
+from .evonorm import EvoNormS0
+from .filter_response_norm import FilterResponseNorm2d
 from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
 
 __all__ = [
     "BatchNormWS",
+    "BatchRenorm2d",
     "CrossIterationBatchNorm2d",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
     "GroupNorm",
     "GroupNormWS",
     "MovingAverageBatchNorm2d",
