@@ -74,6 +74,13 @@ RECIPES = {  # norm: (recipe, extra config options)
     "MABN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn.yaml",
              ["D2NORM.MABN.BUFFER_SIZE", "2", "D2NORM.MABN.WARMUP_ITERS", "0"]),
 }
+# BRN (past its ramp), FRN + TLU and EvoNorm-S0 in the normalized layout of the GN recipe
+for _name in ("BRN", "FRN", "EvoNorm-S0"):
+    RECIPES[_name] = ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.yaml",
+                      [k for site in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+                       for k in (f"MODEL.{site}.NORM", _name)]
+                      + ["D2NORM.BRN.RAMP_START_ITER", "0", "D2NORM.BRN.R_MAX_END_ITER", "0",
+                         "D2NORM.BRN.D_MAX_END_ITER", "0"])
 # BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
 # the least a CBN iteration can cost (training only; a BN model at inference)
 CBN_FLOOR = "CBN floor"

@@ -103,10 +103,61 @@ class FilterResponseNorm2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(
                 f"FilterResponseNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-        nu2 = torch.mean(x * x, dim=(2, 3), keepdim=True)
-        eps = self.eps if self.eps_learned is None else self.eps + self.eps_learned.abs().view(1, -1, 1, 1)
-        scale = torch.rsqrt(nu2 + eps) * self.weight.view(1, -1, 1, 1)
-        y = torch.addcmul(self.bias.view(1, -1, 1, 1), x, scale)
-        if self.tau is not None:
-            y = torch.maximum(y, self.tau.view(1, -1, 1, 1))
+        if x.numel() == 0:  # nothing to normalize: an empty output connected to the parameters
+            y = x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+            return y if self.tau is None else torch.maximum(y, self.tau.view(1, -1, 1, 1))
+        return _FRNFunction.apply(x, self.weight, self.bias, self.tau, self.eps_learned, self.eps)
+
+
+class _FRNFunction(torch.autograd.Function):
+    """FRN (+ TLU) with a hand-written backward: two passes forward, four backward.
+
+    With M = H·W, inv = 1/√(ν² + ε) per (n, c), x̂ = x·inv, g the upstream gradient and
+    g_y = g·[γx̂ + β > τ] (g without TLU)::
+
+        S   = Σ_hw g_y·x                      (per n, c)
+        dx  = γ·inv·g_y − x·γ·inv³·S/M        (= γ·inv·(g_y − x̂·mean_hw(g_y·x̂)))
+        dγ  = Σ_n inv·S      dβ = Σ g_y       dτ = Σ (g − g_y)
+        dε  = −½ Σ_n γ·inv³·S,   dε_l = dε·sign(ε_l)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tau, eps_learned, eps0):
+        n, c, h, w = x.shape
+        nu2 = torch.linalg.vector_norm(x, 2, dim=(2, 3)).square_().div_(h * w)  # (N, C), one pass
+        eps = eps0 if eps_learned is None else eps_learned.abs() + eps0
+        inv = torch.rsqrt(nu2 + eps)
+        scale = (inv * weight).view(n, c, 1, 1)
+        y = torch.addcmul(bias.view(1, c, 1, 1), x, scale)
+        if tau is not None:
+            torch.maximum(y, tau.view(1, c, 1, 1), out=y)
+        ctx.save_for_backward(x, inv, weight, bias, tau, eps_learned)
         return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, inv, weight, bias, tau, eps_learned = ctx.saved_tensors
+        n, c, h, w = x.shape
+        d_tau = None
+        if tau is not None:
+            pre = torch.addcmul(bias.view(1, c, 1, 1), x, (inv * weight).view(n, c, 1, 1))
+            passed = pre > tau.view(1, c, 1, 1)
+            g_y = torch.where(passed, g, 0.0)
+            if ctx.needs_input_grad[3]:
+                d_tau = (g - g_y).sum(dim=(0, 2, 3))
+        else:
+            g_y = g
+        s = (g_y * x).sum(dim=(2, 3))  # (N, C)
+        ginv3s = weight * inv.pow(3) * s  # γ·inv³·S
+        d_x = d_w = d_b = d_eps = None
+        if ctx.needs_input_grad[0]:
+            d_x = torch.mul(g_y, (weight * inv).view(n, c, 1, 1))
+            d_x.addcmul_(x, ginv3s.view(n, c, 1, 1), value=-1.0 / (h * w))
+        if ctx.needs_input_grad[1]:
+            d_w = (inv * s).sum(dim=0)
+        if ctx.needs_input_grad[2]:
+            d_b = g_y.sum(dim=(0, 2, 3))
+        if eps_learned is not None and ctx.needs_input_grad[4]:
+            d_eps = -0.5 * ginv3s.sum(dim=0) * torch.sign(eps_learned)
+        return d_x, d_w, d_b, d_tau, d_eps, None
