@@ -436,7 +436,8 @@ def draw_chart(md_path, png_path):
 
     data = read_sections(md_path)
     text = open(md_path, encoding="utf-8").read()
-    model_order = ["BN*", "BN", "SyncBN", "GN", "GN+WS", "CBN", "CBN floor", "MABN", "BRN", "FRN", "EvoNorm-S0"]
+    model_order = ["BN*", "BN", "SyncBN", "GN", "GN+WS", "CBN", "CBN floor", "MABN",
+                   "BRN", "FRN", "EvoNorm-S0"]
 
     def ordered(items, order):
         rank = {k: i for i, k in enumerate(order)}

@@ -78,7 +78,8 @@ class EvoNormS0(nn.Module):
         return self
 
     def extra_repr(self):
-        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, nonlinear={self.activation}"
+        return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
+                f"nonlinear={self.activation}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
