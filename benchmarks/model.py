@@ -15,7 +15,9 @@ filled during warm-up). MABN runs with a 2-iteration buffer and no warm-up, so i
 averages are in use after the warm-up iterations (its per-iteration work is branch-free and does
 not depend on the buffer length or on whether renormalization is active). "CBN floor" is the BN
 model that also computes, per normalized conv and training forward, the conv weight gradient
-dnu/dW that any exact CBN must compute: the least a CBN iteration can cost (training only). Batch statistics are
+dnu/dW that any exact CBN must compute: the least a CBN iteration can cost (training only). BRN,
+FRN and EvoNorm-S0 use the GN recipe's layout with the norm swapped (BRN past its ramp, r and d
+clipped at the full bounds). Batch statistics are
 per image batch of this process (one device).
 
 * **train**: one iteration = forward with losses, backward, SGD step. After warm-up the norms

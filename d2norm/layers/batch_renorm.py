@@ -29,6 +29,7 @@ Defaults (config ``D2NORM.BRN.*``): R_MAX 3, D_MAX 5, RAMP_START_ITER 5000, R_MA
 schedules should scale them, e.g. the synthetic recipe uses 50 / 400 / 250 for 600 iterations),
 MOMENTUM α = 0.01 (the paper uses a fast update of the moving averages), EPS 1e-5.
 
+Batch statistics are those of the process's own batch (as detectron2's ``"BN"``; no all-reduce).
 The counter ``iters`` is a buffer (in the state dict, so a resumed run continues the ramp) and
 advances once per training forward; every schedule decision is a tensor op (no host sync).
 """
