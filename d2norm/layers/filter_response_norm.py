@@ -23,7 +23,9 @@ pass (:func:`d2norm.layers.norm_sites.prepare_norm_sites`) places the activation
   keeps the ReLU after the TLU, the variant measured in the project's notes);
 * ResNet stem conv and the first conv(s) of each block, followed by a *functional*
   ``F.relu_`` inside detectron2's ``forward``: the TLU is kept and the ReLU stays, so these
-  sites compute max(y, max(τ, 0)) — the cost of not rewriting detectron2's block code;
+  sites compute max(y, max(τ, 0)). τ starts at 0 and the ReLU's derivative at 0 is 0, so τ gets
+  no gradient there and stays exactly 0 (verified on the trained synthetic model): these sites
+  are FRN + ReLU, the TLU has no effect — the cost of not rewriting detectron2's block code;
 * sites with no ReLU after the norm (the last conv of each residual branch and the shortcut,
   before the addition; FPN lateral / output convs): FRN without TLU, z = y, as BN would be.
 

@@ -12,7 +12,8 @@
   - ``"functional"``: detectron2 calls ``F.relu_`` on the conv's output inside a ResNet block's
     ``forward`` (stem conv1; BasicBlock conv1; Bottleneck / DeformBottleneck conv1, conv2).
     The norm keeps its activation and the ReLU stays (d2norm does not rewrite detectron2's
-    block code): FRN computes max(y, max(τ, 0)) there, EvoNorm-S0 ReLU(its output).
+    block code): FRN computes max(y, max(τ, 0)) there, and since τ starts at 0 and gets no
+    gradient through the ReLU it stays 0 (FRN + ReLU); EvoNorm-S0 computes ReLU(its output).
   - ``"none"``: nothing follows (residual-branch ends and shortcuts before the addition, FPN
     lateral / output convs): the norm's activation is removed (``drop_activation``), so the
     site computes the plain normalization, as BN would.
