@@ -388,6 +388,12 @@ def test_every_new_norm_trains_a_few_iterations_without_unused_parameters():
         sum(losses.values()).backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert missing == [], missing
+        if name == "FRN":  # τ = 0 before a functional ReLU gets no gradient (ReLU'(0) = 0)
+            taus = {n: p.grad for n, p in model.named_parameters() if n.endswith("norm.tau")}
+            backbone = [g for n, g in taus.items() if n.startswith("backbone.")]
+            heads = [g for n, g in taus.items() if n.startswith("roi_heads.")]
+            assert len(backbone) == 9 and all(torch.count_nonzero(g) == 0 for g in backbone)
+            assert len(heads) == 6 and any(torch.count_nonzero(g) > 0 for g in heads)
 
 
 def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root):
