@@ -1,9 +1,10 @@
 """Normalization layers. One module per method; each docstring states its equations."""
 from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
-from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
+from .cycle_norm_list import CycleNormList
 from .evonorm import EvoNormS0
 from .filter_response_norm import FilterResponseNorm2d
+from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
 from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
 
@@ -11,10 +12,26 @@ __all__ = [
     "BatchNormWS",
     "BatchRenorm2d",
     "CrossIterationBatchNorm2d",
+    "CycleNormList",
     "EvoNormS0",
     "FilterResponseNorm2d",
     "GroupNorm",
     "GroupNormWS",
     "MovingAverageBatchNorm2d",
+    "NORM_TYPES",
     "SyncBatchNorm2d",
 ]
+
+#: d2norm's normalization layer classes (a new norm adds its class here: the optimizer's
+#: WEIGHT_DECAY_NORM rule and the preparation pass read this tuple).
+NORM_TYPES = (
+    BatchNormWS,
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    EvoNormS0,
+    FilterResponseNorm2d,
+    GroupNorm,
+    GroupNormWS,
+    MovingAverageBatchNorm2d,
+    SyncBatchNorm2d,
+)
