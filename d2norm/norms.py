@@ -161,7 +161,10 @@ def _evonorm_s0(c):
     from .layers.evonorm import EvoNormS0
 
     o = _options["EVONORM"]
-    return EvoNormS0(c, num_groups=o["NUM_GROUPS"], eps=o["EPS"], replace_relu=o["REPLACE_RELU"])
+    groups, kwargs = o["NUM_GROUPS"], dict(eps=o["EPS"], replace_relu=o["REPLACE_RELU"])
+    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < c < groups:
+        return EvoNormS0.type_probe(groups, c, **kwargs)  # RetinaNetHead's get_norm(norm, 1) probe
+    return EvoNormS0(c, num_groups=groups, **kwargs)
 
 
 #: Names d2norm builds (they take precedence over detectron2's meaning of the same name).

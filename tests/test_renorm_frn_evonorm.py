@@ -306,6 +306,13 @@ def test_evonorm_bad_options():
         EvoNormS0(32, eps=0)
     with pytest.raises(ValueError, match=r"D2NORM\.EVONORM\.NUM_GROUPS must be a positive integer"):
         EvoNormS0(32, num_groups=0)
+    # detectron2's RetinaNetHead builds get_norm(norm, 1) to read the type: a layer that refuses to run
+    from detectron2.layers import get_norm
+
+    probe = get_norm("EvoNorm-S0", 1)
+    assert isinstance(probe, EvoNormS0)
+    with pytest.raises(RuntimeError, match=r"NUM_GROUPS=32 groups cannot split the 1 channel"):
+        probe(torch.zeros(1, 1, 2, 2))
 
 
 # ----------------------------------------------------------------------------- in a model
@@ -434,3 +441,41 @@ def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(trainer.model.backbone.bottom_up.stem.conv1.norm.iters) == 6
+
+
+@pytest.mark.parametrize("name", ["FRN", "EvoNorm-S0"])
+def test_retinanet_head_relu_after_the_norm_is_replaced(name):
+    """RetinaNet's head subnets are nn.Sequential(conv, norm, ReLU, ...): the ReLU goes, the
+    norm keeps its activation, and the model trains."""
+    from detectron2.utils.events import EventStorage
+    from detectron2.structures import Boxes, Instances
+
+    from conftest import synthetic_cfg
+
+    cfg = synthetic_cfg("GN")
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.MASK_ON = False
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[s] for s in (16, 32, 64, 128, 256)]
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.RETINANET.NORM = name
+    torch.manual_seed(0)
+    model = d2norm.build_model(cfg)
+    for subnet in (model.head.cls_subnet, model.head.bbox_subnet):
+        mods = list(subnet)
+        assert [type(m).__name__ for m in mods[1::3]] == [type(mods[1]).__name__] * 2
+        assert all(m.activation for m in mods[1::3])
+        assert all(type(m) is nn.Identity for m in mods[2::3])
+    d2norm.prepare_model(model)  # idempotent
+    assert all(type(m) is nn.Identity for m in list(model.head.cls_subnet)[2::3])
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 40.0, 50.0]]))
+    inst.gt_classes = torch.tensor([1])
+    model.train()
+    with EventStorage(0):
+        loss = sum(model([{"image": torch.rand(3, 64, 64) * 255, "instances": inst}]).values())
+    loss.backward()
+    assert torch.isfinite(loss)

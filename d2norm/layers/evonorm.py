@@ -38,6 +38,10 @@ def check_evonorm_options(num_groups, num_channels, eps):
         raise ValueError(f"D2NORM.EVONORM.EPS must be > 0, got {eps!r}. Fix: set it to 1e-5 (default).")
 
 
+def _refuse_unusable(module, args):
+    raise RuntimeError(module.unusable)
+
+
 class EvoNormS0(nn.Module):
     """EvoNorm-S0 for ``(N, C, H, W)`` inputs (``NORM: "EvoNorm-S0"``); see the module docstring.
 
@@ -65,6 +69,26 @@ class EvoNormS0(nn.Module):
             self.v = nn.Parameter(torch.ones(num_features))
         else:
             self.register_parameter("v", None)
+
+    @classmethod
+    def type_probe(cls, num_groups, num_channels, **kwargs):
+        """A layer of this class for fewer channels than groups, which refuses to run.
+
+        detectron2's ``RetinaNetHead`` builds ``get_norm(norm, 1)`` only to read the layer's type
+        (as for GN, :meth:`d2norm.layers.GroupNorm.type_probe`): the returned layer has one group
+        per channel, raises when called and carries ``unusable`` (the reason), which
+        ``d2norm.prepare_model`` reports with the module's path if it ends up in a model."""
+        check_evonorm_options(num_groups, num_groups, kwargs.get("eps", 1e-5))
+        if num_channels >= num_groups:
+            raise ValueError(f"type_probe is for fewer channels than groups, got {num_channels} "
+                             f"channels and {num_groups} groups")
+        layer = cls(num_channels, num_groups=num_channels, **kwargs)
+        layer.unusable = (
+            f"EvoNorm-S0: D2NORM.EVONORM.NUM_GROUPS={num_groups} groups cannot split the "
+            f"{num_channels} channel(s) of this layer. Fix: choose D2NORM.EVONORM.NUM_GROUPS dividing "
+            f"every normalized channel count.")
+        layer.register_forward_pre_hook(_refuse_unusable)
+        return layer
 
     @property
     def activation(self):

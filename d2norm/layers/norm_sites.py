@@ -14,6 +14,10 @@
     The norm keeps its activation and the ReLU stays (d2norm does not rewrite detectron2's
     block code): FRN computes max(y, max(τ, 0)) there, and since τ starts at 0 and gets no
     gradient through the ReLU it stays 0 (FRN + ReLU); EvoNorm-S0 computes ReLU(its output).
+  - in an ``nn.Sequential`` (RetinaNet's head subnets: conv, norm, ``nn.ReLU``, ...), an
+    ``nn.ReLU`` registered right after the norm is replaced by ``nn.Identity`` (with
+    ``replace_relu``); a norm that is not the ``norm`` of a conv and not followed by an
+    ``nn.ReLU`` in a Sequential keeps its activation.
   - ``"none"``: nothing follows (residual-branch ends and shortcuts before the addition, FPN
     lateral / output convs): the norm's activation is removed (``drop_activation``), so the
     site computes the plain normalization, as BN would.
@@ -106,4 +110,13 @@ def prepare_norm_sites(model):
                 setattr(conv, _RELU_REPLACED, True)
         elif site == "none":
             norm.drop_activation()
+    for seq in list(model.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for i, name in enumerate(names[:-1]):
+            norm, nxt = seq._modules[name], seq._modules[names[i + 1]]
+            if isinstance(norm, ACTIVATION_NORMS) and norm.activation and norm.replace_relu and (
+                    isinstance(nxt, nn.ReLU)):
+                seq._modules[names[i + 1]] = nn.Identity()
     return model
