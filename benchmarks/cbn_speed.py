@@ -1,5 +1,5 @@
 """Speed of conv + CrossIterationBatchNorm2d (analytic statistic gradients) vs the autograd.grad
-formulation of the official code (tests/reference/cbn_reference.py) vs conv + nn.BatchNorm2d.
+formulation of the official code (d2norm/testing/cbn_reference.py) vs conv + nn.BatchNorm2d.
 
     python benchmarks/cbn_speed.py [--quick] [--device cuda] [--reps N] [--threads T]
 
@@ -16,29 +16,21 @@ gradient and nothing else. "ref / floor" is the most any CBN implementation can 
 autograd.grad formulation on that shape; "ours / floor" is how far this implementation is from it.
 """
 import argparse
-import os
-import statistics
-import sys
-import time
+import functools
 
 import torch
 from torch import nn
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
-sys.path.insert(0, os.path.join(_HERE, ".."))
-sys.path.insert(0, _HERE)
-from reference.cbn_reference import ReferenceConvCBN  # noqa: E402
-
-from d2norm.layers.cross_iteration_batch_norm import (  # noqa: E402
-    CrossIterationBatchNorm2d,
-    _conv_padding,
-    _mean_patch,
-    sqmean_weight_gradient,
+from benchmarks.common import (
+    BatchNormWithNuGradient,
+    machine_line,
+    median_ms,
+    setup_device,
+    time_interleaved,
 )
-from layers import CBN_FLOOR as FLOOR  # noqa: E402
-from layers import BatchNormWithNuGradient, setup_device  # noqa: E402
-
+from benchmarks.layers import CBN_FLOOR as FLOOR
+from d2norm.layers.cross_iteration_batch_norm import CrossIterationBatchNorm2d, conv_statistic_gradients
+from d2norm.testing.cbn_reference import ReferenceConvCBN
 
 SHAPES = {  # name: (input N, C, H, W), conv kwargs
     "3x3 256->256 @ 2x256x64x64": ((2, 256, 64, 64), dict(in_channels=256, out_channels=256,
@@ -68,11 +60,6 @@ def build(variant, conv_kw, k, device):
     return ReferenceConvCBN(conv, buffer_size=k).to(device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step(model, x, g):
     for p in model.parameters():
         p.grad = None
@@ -83,11 +70,7 @@ def step(model, x, g):
 def analytic_stat_grads(conv, x, y):
     """What CrossIterationBatchNorm2d computes per recorded iteration: dnu/dW and pbar."""
     with torch.no_grad():
-        pad = _conv_padding(conv)
-        gnu = sqmean_weight_gradient(x, y, conv.weight, conv.stride, pad, conv.dilation, conv.groups)
-        pbar = _mean_patch(x, conv.weight.shape, conv.stride, pad, conv.dilation, conv.groups,
-                           y.shape[2:])
-    return gnu, pbar
+        return conv_statistic_gradients(conv, x, y)
 
 
 def autograd_stat_grads(conv, x):
@@ -124,10 +107,8 @@ def main():
     warmup = max(args.warmup or (2 if args.quick else 3), args.buffer_size)  # fill the windows
     shapes = QUICK_SHAPES if args.quick else SHAPES
     variants = ["conv+BN", FLOOR, "conv+CBN (ours)", "autograd.grad ref"]
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {torch.get_num_threads()} threads")
-          + f", fp32, buffer_size k={args.buffer_size}, warm-up {warmup}, median of {reps} reps")
+    print(f"{machine_line(device)}; fp32, buffer_size k={args.buffer_size}, warm-up {warmup}, "
+          f"median of {reps} reps")
 
     for name, (in_shape, conv_kw) in shapes.items():
         gen = torch.Generator().manual_seed(0)
@@ -144,28 +125,16 @@ def main():
         with torch.no_grad():
             yd = conv(xd)
         stat_fns = {  # statistic gradients alone; the autograd one includes its conv forward
-            "analytic": lambda: analytic_stat_grads(conv, xd, yd),
-            "autograd.grad": lambda: autograd_stat_grads(conv, xd),
-            "conv fwd": lambda: torch.nn.functional.conv2d(xd, conv.weight, None, conv.stride,
-                                                           conv.padding, conv.dilation, conv.groups),
+            "analytic": functools.partial(analytic_stat_grads, conv, xd, yd),
+            "autograd.grad": functools.partial(autograd_stat_grads, conv, xd),
+            "conv fwd": functools.partial(torch.nn.functional.conv2d, xd, conv.weight, None, conv.stride,
+                                          conv.padding, conv.dilation, conv.groups),
         }
         for f in stat_fns.values():
             f()
-        times = {v: [] for v in list(variants) + list(stat_fns)}
-        for _ in range(reps):
-            for v in variants:
-                sync(device)
-                t0 = time.perf_counter()
-                step(models[v], x, g)
-                sync(device)
-                times[v].append(time.perf_counter() - t0)
-            for v, f in stat_fns.items():
-                sync(device)
-                t0 = time.perf_counter()
-                f()
-                sync(device)
-                times[v].append(time.perf_counter() - t0)
-        med = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+        fns = {v: functools.partial(step, models[v], x, g) for v in variants}
+        times = time_interleaved({**fns, **stat_fns}, reps, device)
+        med = {v: median_ms(ts) for v, ts in times.items()}
         best = {v: min(ts) * 1e3 for v, ts in times.items()}
         bn = med["conv+BN"]
         print(f"\n{name}  (fwd+bwd of the conv+norm pair)")

@@ -8,14 +8,14 @@ Two groups, each run on detection-like shapes (``--quick``: smaller ones):
 
 * **norm alone** (input = the feature map; reference ``torch.nn.BatchNorm2d``): BN, FrozenBN
   (detectron2's ``FrozenBatchNorm2d``), SyncBN in one process, GN (32 groups), MABN, and MABN in
-  the official formulation (``tests/reference/mabn_reference.py``: a Python autograd.Function
+  the official formulation (``d2norm/testing/mabn_reference.py``: a Python autograd.Function
   reading the iteration counter with ``.item()``). MABN variants run in the steady state (past
   warm-up, moving averages and the renorm clamp active).
 * **conv + norm pair** (input = the conv's input; reference conv + ``nn.BatchNorm2d``), so that
   conv-side work is included: GN, GN+WS (the conv's weight standardized through its
   parametrization, recomputed every forward), CBN with its statistic gradients (window k = 3,
   windows filled during warm-up), the autograd.grad formulation of CBN
-  (``tests/reference/cbn_reference.py``), the CBN floor (conv + BN plus the one conv weight
+  (``d2norm/testing/cbn_reference.py``), the CBN floor (conv + BN plus the one conv weight
   gradient dnu/dW that any exact CBN computes), and MABN with its weight-centralized conv.
 
 Time: every variant runs fwd+bwd on the same input and upstream gradient; variants alternate
@@ -36,30 +36,30 @@ The script writes (replaces) the "Layers" section of ``--output`` (Markdown) and
 bar chart ``--plot`` from all sections (``benchmarks/model.py`` writes the "Model" section).
 """
 import argparse
-import contextlib
 import datetime
-import json
-import os
-import platform
-import re
+import functools
 import statistics
-import sys
 import time
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler's C++ start/stop lines
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import d2norm  # noqa: E402,F401  (must precede detectron2.layers)
-from reference.cbn_reference import ReferenceConvCBN  # noqa: E402
-from reference.mabn_reference import OfficialStyleMABN2d  # noqa: E402
-
-from d2norm.layers import (  # noqa: E402
+import d2norm  # noqa: F401  (must precede detectron2.layers)
+from benchmarks.common import (
+    DOCS_MD,
+    DOCS_PNG,
+    BatchNormWithNuGradient,
+    draw_chart,
+    load_note,
+    machine_line,
+    mabn_steady,
+    median_ms,
+    peak_bytes,
+    setup_device,
+    time_interleaved,
+    update_section,
+)
+from d2norm.layers import (
     BatchRenorm2d,
     CrossIterationBatchNorm2d,
     EvoNormS0,
@@ -69,7 +69,8 @@ from d2norm.layers import (  # noqa: E402
     MovingAverageBatchNorm2d,
     SyncBatchNorm2d,
 )
-from d2norm.layers.cross_iteration_batch_norm import _conv_padding, sqmean_weight_gradient  # noqa: E402
+from d2norm.testing.cbn_reference import ReferenceConvCBN
+from d2norm.testing.mabn_reference import OfficialStyleMABN2d
 
 # name: (N, C, H, W) of the normalized feature map
 NORM_SHAPES = {
@@ -106,33 +107,7 @@ PAIR_VARIANTS = ["conv+BN (torch)", "conv+GN", "conv+GN+WS", "conv+CBN", CBN_FLO
                  "conv+CBN autograd.grad ref", "conv+MABN (centralized conv)"]
 
 
-class BatchNormWithNuGradient(nn.Module):
-    """conv + BN that also computes dnu/dW (one conv weight gradient for grad_output 2y/M) per
-    training forward: the least work any exact CBN adds to conv + BN."""
-
-    def __init__(self, conv, bn):
-        super().__init__()
-        self.conv, self.bn = conv, bn
-
-    def forward(self, x):
-        y = self.conv(x)
-        if self.training:
-            with torch.no_grad():
-                c = self.conv
-                sqmean_weight_gradient(x.detach(), y.detach(), c.weight.detach(), c.stride,
-                                       _conv_padding(c), c.dilation, c.groups)
-        return self.bn(y)
-
-
 # ----------------------------------------------------------------------------- building
-def _mabn_steady(m):
-    steady = max(1000, MABN_WARMUP) + MABN_BUFFER + 1
-    m.iters.fill_(steady)
-    m.buffer_x2.fill_(1.0)
-    m.buffer_gz.fill_(0.01)
-    return m
-
-
 def build_norm_variant(name, c):
     from detectron2.layers import FrozenBatchNorm2d
 
@@ -145,9 +120,9 @@ def build_norm_variant(name, c):
     if name == "GN":
         return GroupNorm(32, c)
     if name == "MABN":
-        return _mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
+        return mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
     if name == "MABN official-style":
-        return _mabn_steady(OfficialStyleMABN2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
+        return mabn_steady(OfficialStyleMABN2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
     if name == "BRN":
         brn = BatchRenorm2d(c)
         brn.iters.fill_(brn.r_max_end)  # past the ramp (same work at every step)
@@ -180,7 +155,7 @@ def build_pair_variant(name, conv_kw):
     if name == CBN_FLOOR:
         return BatchNormWithNuGradient(conv, nn.BatchNorm2d(c))
     if name == "conv+MABN (centralized conv)":
-        mabn = _mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
+        mabn = mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
         mabn.prepare_preceding_conv(conv)
         return nn.Sequential(conv, mabn)
     raise KeyError(name)
@@ -199,11 +174,6 @@ def state_bytes(name, model):
 
 
 # ----------------------------------------------------------------------------- measuring
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def clear_grads(model, x):
     for p in model.parameters():
         p.grad = None
@@ -213,52 +183,6 @@ def clear_grads(model, x):
 def step(model, x, g):
     clear_grads(model, x)
     model(x).backward(g)
-
-
-def steps(model, x, g, n):
-    for _ in range(n):
-        step(model, x, g)
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Silence file descriptor 2 (the profiler's C++ start / stop lines) for a moment."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield
-        return
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def peak_bytes(fn, device):
-    """Peak of tensor allocations during ``fn()`` above what was allocated before (see doc)."""
-    if device.type == "cuda":
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    run = peak = 0
-    for _, n in events:
-        run += n
-        peak = max(peak, run)
-    return peak
 
 
 def saved_bytes(model, x, g):
@@ -293,24 +217,11 @@ def bench_group(variants, builders, x_shape, device, reps, warmup):
     with torch.no_grad():
         out_shape = models[variants[0]](x).shape
     g = torch.randn(out_shape, generator=gen).to(device)
-    t_warm = {}
-    for _ in range(warmup):
-        for v in variants:
-            sync(device)
-            t0 = time.perf_counter()
-            step(models[v], x, g)
-            sync(device)
-            t_warm[v] = time.perf_counter() - t0
+    fns = {v: functools.partial(step, models[v], x, g) for v in variants}
+    t_warm = {v: ts[-1] for v, ts in time_interleaved(fns, warmup, device).items()}
     # short steps are timed in blocks of several (>= ~30 ms per sample), the same for all variants
     block = max(1, min(50, int(0.03 / max(min(t_warm.values()), 1e-6))))
-    times = {v: [] for v in variants}
-    for _ in range(reps):
-        for v in variants:
-            sync(device)
-            t0 = time.perf_counter()
-            steps(models[v], x, g, block)
-            sync(device)
-            times[v].append((time.perf_counter() - t0) / block)
+    times = time_interleaved(fns, reps, device, block)
     res = {}
     for v in variants:
         m = models[v]
@@ -322,7 +233,7 @@ def bench_group(variants, builders, x_shape, device, reps, warmup):
         for _ in range(3):  # grads cleared outside the profiled region: it frees nothing older
             clear_grads(m, x)
             peaks.append(peak_bytes(fwd_bwd, device))
-        res[v] = dict(ms=statistics.median(times[v]) * 1e3, min_ms=min(times[v]) * 1e3,
+        res[v] = dict(ms=median_ms(times[v]), min_ms=min(times[v]) * 1e3,
                       peak=statistics.median(peaks), saved=saved_bytes(m, x, g),
                       state=state_bytes(v, m), block=block)
     ref = res[variants[0]]
@@ -335,42 +246,6 @@ def bench_group(variants, builders, x_shape, device, reps, warmup):
 
 
 # ----------------------------------------------------------------------------- reporting
-def setup_device(args):
-    """The torch device of ``args.device`` (exits if CUDA is asked for but absent); applies
-    ``args.threads``."""
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return device
-
-
-def machine_line(device):
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name(device)
-    else:
-        dev = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        dev = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        dev = f"{dev}, {os.cpu_count()} cores"
-    return (f"{dev}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
-            f"Python {platform.python_version()}")
-
-
-def load_note():
-    try:
-        return "load average " + " / ".join(f"{v:.1f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"
-    except OSError:
-        return ""
-
-
 def _mb(b):
     return f"{b / 2 ** 20:.1f}"
 
@@ -385,118 +260,6 @@ def table(res, variants):
     return "\n".join(lines)
 
 
-HEADER = """# Benchmarks
-
-Speed and memory of d2norm's normalization methods, measured side by side in one run per script
-(variants interleaved, medians reported). Regenerate with the commands in each section; the
-chart `benchmarks.png` shows the time ratios of both sections. On a machine shared with other
-jobs the absolute times are noisy; the ratios, measured interleaved, are the result.
-"""
-
-
-def update_section(path, name, body, data):
-    """Replace (or append) the section ``name`` of the Markdown file ``path``.
-
-    The section is delimited by HTML comments and carries its data as JSON in a comment, so the
-    chart can be redrawn from the file alone."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = (f"{begin}\n{body.strip()}\n\n<!-- DATA {name} {json.dumps(data)} -->\n{end}")
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else HEADER
-    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pat.search(text):
-        text = pat.sub(lambda _: block, text)
-    else:
-        order = ["layers", "model"]  # keep the sections in this order
-        later = [n for n in order[order.index(name) + 1:]] if name in order else []
-        pos = min((text.find(f"<!-- BEGIN {n} -->") for n in later if f"<!-- BEGIN {n} -->" in text),
-                  default=-1)
-        text = (text[:pos] + block + "\n\n" + text[pos:]) if pos >= 0 else (text.rstrip() + "\n\n" + block + "\n")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_sections(path):
-    if not os.path.exists(path):
-        return {}
-    out = {}
-    for m in re.finditer(r"<!-- DATA (\w+) (\{.*?\}) -->", open(path, encoding="utf-8").read(), re.S):
-        out[m.group(1)] = json.loads(m.group(2))
-    return out
-
-
-def draw_chart(md_path, png_path):
-    """Bar chart of the time ratios of every section found in ``md_path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = read_sections(md_path)
-    text = open(md_path, encoding="utf-8").read()
-    model_order = ["BN*", "BN", "SyncBN", "GN", "GN+WS", "CBN", "CBN floor", "MABN",
-                   "BRN", "FRN", "EvoNorm-S0"]
-
-    def ordered(items, order):
-        rank = {k: i for i, k in enumerate(order)}
-        return sorted(items, key=lambda kv: rank.get(kv[0].replace(" folded", ""), len(rank))
-                      + (0.5 if kv[0].endswith(" folded") else 0))
-
-    panels = []
-    lay = data.get("layers")
-    if lay:
-        for gname, order in (("norm", NORM_VARIANTS), ("pair", PAIR_VARIANTS)):
-            shapes = sorted(lay.get(gname, {}).items(), key=lambda kv: text.find(kv[0]))
-            for shape, res in shapes:
-                panels.append((f"{'norm alone' if gname == 'norm' else 'conv + norm'}: {shape}",
-                               [(v, r["time_ratio"], r.get("peak_ratio"))
-                                for v, r in ordered(res.items(), order)],
-                               "fwd+bwd time / reference"))
-    mod = data.get("model")
-    if mod:
-        rows = ordered(mod.get("train", {}).items(), model_order)
-        panels.append((f"Mask R-CNN R-50-FPN training iteration ({mod.get('size', '')})",
-                       [(v, r["time_ratio"], r.get("peak_ratio")) for v, r in rows],
-                       "iteration time / BN*"))
-        inf = ordered(mod.get("inference", {}).items(), model_order)
-        if inf:
-            panels.append(("inference per image (before / after folding)",
-                           [(v, r["ratio"], None) for v, r in inf], "time / BN* unfolded"))
-    if not panels:
-        return
-    cols = 2
-    rows_n = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(12, 3.6 * rows_n), squeeze=False)
-    for ax, (title, bars, ylabel) in zip(axes.flat, panels):
-        names = [b[0] for b in bars]
-        t = [b[1] for b in bars]
-        pk = [b[2] for b in bars]
-        xs = range(len(names))
-        has_peak = any(p is not None and p == p for p in pk)
-        w = 0.4 if has_peak else 0.7
-        ax.bar([x - (w / 2 if has_peak else 0) for x in xs], t, width=w, label="time", color="tab:blue")
-        if has_peak:
-            ax.bar([x + w / 2 for x in xs], [p if p is not None else 0 for p in pk], width=w,
-                   label="peak memory", color="tab:orange")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-        ax.set_title(title, fontsize=8)
-        ax.set_ylabel(ylabel.replace("time", "ratio"), fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-        if has_peak:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -506,8 +269,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7, quick 5)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default and minimum: k = 3)")
-    ap.add_argument("--output", default=os.path.join(ROOT, "docs", "benchmarks.md"))
-    ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "benchmarks.png"))
+    ap.add_argument("--output", default=DOCS_MD)
+    ap.add_argument("--plot", default=DOCS_PNG)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     device = setup_device(args)
@@ -522,15 +285,17 @@ def main(argv=None):
     data = {"norm": {}, "pair": {}}
     sections = []
     for shape_name, shape in norm_shapes.items():
-        res = bench_group(NORM_VARIANTS, lambda v: build_norm_variant(v, shape[1]), shape, device,
+        res = bench_group(NORM_VARIANTS, functools.partial(build_norm_variant, c=shape[1]), shape, device,
                           reps, warmup)
         data["norm"][shape_name] = res
-        sections.append((f"Norm alone, {shape_name} (reference: torch `BatchNorm2d`)", table(res, NORM_VARIANTS)))
+        sections.append((f"Norm alone, {shape_name} (reference: torch `BatchNorm2d`)",
+                         table(res, NORM_VARIANTS)))
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
         print(f"RATIO MABN official-style / d2norm MABN: "
               f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x")
     for shape_name, (x_shape, conv_kw) in pair_shapes.items():
-        res = bench_group(PAIR_VARIANTS, lambda v: build_pair_variant(v, conv_kw), x_shape, device,
+        build = functools.partial(build_pair_variant, conv_kw=conv_kw)
+        res = bench_group(PAIR_VARIANTS, build, x_shape, device,
                           reps, warmup)
         data["pair"][shape_name] = res
         sections.append((f"Conv + norm, {shape_name} (reference: conv + torch `BatchNorm2d`)",
@@ -582,7 +347,8 @@ def main(argv=None):
         floor = res[CBN_FLOOR]["ms"]
         summary.append(f"* {shape_name}: CBN autograd.grad reference / d2norm CBN time {ref / ours:.2f}x "
                        f"(statistic overhead over conv+BN: {(ref - bn) / max(ours - bn, 1e-9):.2f}x); "
-                       f"peak memory {res['conv+CBN autograd.grad ref']['peak'] / max(res['conv+CBN']['peak'], 1):.2f}x. "
+                       "peak memory "
+                       f"{res['conv+CBN autograd.grad ref']['peak'] / max(res['conv+CBN']['peak'], 1):.2f}x. "
                        f"d2norm CBN / CBN floor {ours / floor:.2f}x; reference / CBN floor "
                        f"{ref / floor:.2f}x, the most any exact CBN can gain over the reference here "
                        f"(a pair 3x faster than the reference would take {ref / 3 / bn:.2f}x the time "

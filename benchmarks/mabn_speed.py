@@ -6,7 +6,7 @@ For each shape, three layers run side by side on the same input and output gradi
 steady state (past warm-up and the renorm threshold):
 
 * ``ours``      d2norm.layers.MovingAverageBatchNorm2d (no host reads, tensor-op branches)
-* ``official``  the official formulation (tests/reference/mabn_reference.py): a Python
+* ``official``  the official formulation (d2norm/testing/mabn_reference.py): a Python
                 autograd.Function that reads the iteration counter with ``.item()`` and
                 branches in Python
 * ``torch_bn``  torch.nn.BatchNorm2d in training mode
@@ -17,43 +17,21 @@ methods are interleaved and the median per-step time is reported. On CPU ``.item
 memory read, so there the comparison measures only the arithmetic of the formulations.
 """
 import argparse
-import importlib.util
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from d2norm.layers.moving_average_batch_norm import MovingAverageBatchNorm2d  # noqa: E402
-
-
-def _load_reference():
-    path = os.path.join(ROOT, "tests", "reference", "mabn_reference.py")
-    spec = importlib.util.spec_from_file_location("_d2norm_mabn_reference", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks.common import machine_line, mabn_steady, sync
+from d2norm.layers.moving_average_batch_norm import MovingAverageBatchNorm2d
+from d2norm.testing.mabn_reference import OfficialStyleMABN2d
 
 
 def _make_layers(C, device, buffer_size, warmup):
-    ref = _load_reference()
-    ours = MovingAverageBatchNorm2d(C, buffer_size=buffer_size, warmup_iters=warmup)
-    official = ref.OfficialStyleMABN2d(C, buffer_size=buffer_size, warmup_iters=warmup)
+    ours = mabn_steady(MovingAverageBatchNorm2d(C, buffer_size=buffer_size, warmup_iters=warmup))
+    official = mabn_steady(OfficialStyleMABN2d(C, buffer_size=buffer_size, warmup_iters=warmup))
     bn = nn.BatchNorm2d(C)
-    steady = max(1000, warmup) + buffer_size + 1
-    for m in (ours, official):
-        m.iters.fill_(steady)  # steady state: moving averages and the renorm clamp active
-        m.buffer_x2.fill_(1.0)
-        m.buffer_gz.fill_(0.01)
     return {"ours": ours.to(device), "official": official.to(device), "torch_bn": bn.to(device)}
 
 
@@ -74,13 +52,13 @@ def bench_shape(shape, device, dtype, block, repeats, warmup_blocks, buffer_size
     for _ in range(warmup_blocks):
         for layer in layers.values():
             run_block(layer)
-    _sync(device)
+    sync(device)
     for _ in range(repeats):
         for name, layer in layers.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             run_block(layer)
-            _sync(device)
+            sync(device)
             times[name].append((time.perf_counter() - t0) / block * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -109,11 +87,10 @@ def main(argv=None):
         block = args.block or (20 if device.type == "cuda" else 5)
         repeats, warmup_blocks = args.repeats or 15, 2
 
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", threads {torch.get_num_threads()}, dtype {args.dtype}, "
+    print(f"{machine_line(device)}; dtype {args.dtype}, "
           f"buffer_size {args.buffer_size}, {repeats} samples x {block} steps, median ms per fwd+bwd")
-    header = f"{'shape':<22}{'ours':>10}{'official':>10}{'torch_bn':>10}{'official/ours':>15}{'ours/torch_bn':>15}"
+    header = (f"{'shape':<22}{'ours':>10}{'official':>10}{'torch_bn':>10}{'official/ours':>15}"
+              f"{'ours/torch_bn':>15}")
     print(header)
     print("-" * len(header))
     for shape in shapes:
@@ -121,7 +98,6 @@ def main(argv=None):
                         args.buffer_size, args.warmup_iters)
         print(f"{str(shape):<22}{r['ours']:>10.3f}{r['official']:>10.3f}{r['torch_bn']:>10.3f}"
               f"{r['official'] / r['ours']:>14.2f}x{r['ours'] / r['torch_bn']:>14.2f}x")
-    print("goal: official/ours >= 1.5x, ours/torch_bn <= 1.3x")
 
 
 if __name__ == "__main__":

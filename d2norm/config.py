@@ -22,7 +22,9 @@ def add_d2norm_config(cfg):
     _C.D2NORM.WS.EPS = 1e-5
     _C.D2NORM.WS.CONVENTION = "sqrt_var"
     # Cross-Iteration BN: window of BUFFER_SIZE iterations (incl. the current one);
-    # plain BN for the first BURNIN_ITERS training iterations.
+    # plain BN for the first BURNIN_ITERS training iterations. The official code's buffer_num
+    # counts the previous iterations only: official buffer_num = BUFFER_SIZE - 1 (its
+    # "buffer3" configs are BUFFER_SIZE 4).
     _C.D2NORM.CBN = CN()
     _C.D2NORM.CBN.BUFFER_SIZE = 3
     _C.D2NORM.CBN.BURNIN_ITERS = 0

@@ -12,8 +12,8 @@ Transforms that fold eval-mode norm layers into the preceding conv belong here t
 visit the same (conv, conv.norm) pairs as :func:`iter_conv_norm_pairs`.
 
 * :func:`fold`: bake the weight transforms, then fold every eval-mode BN, SyncBN, BN+WS, BN*,
-  CBN, MABN and BRN into the conv before it (:func:`eval_affine` gives a norm's per-channel
-  ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
+  FrozenStatsBN, CBN, MABN and BRN into the conv before it (:func:`eval_affine` gives a norm's
+  per-channel ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
 import logging
@@ -118,8 +118,9 @@ def eval_affine(norm):
     """``(scale, shift)``, float64 per-channel tensors with ``norm(y) == y*scale + shift`` in
     eval mode (channels on dim 1):
 
-    * BN / SyncBN / BN+WS (any ``_BatchNorm`` with running stats), BN* (``FrozenBatchNorm2d``),
-      CBN: ``scale = γ/√(running_var + ε)``, ``shift = β − running_mean·scale``;
+    * BN / SyncBN / BN+WS / FrozenStatsBN (any ``_BatchNorm`` with running stats), BN*
+      (``FrozenBatchNorm2d``), CBN: ``scale = γ/√(running_var + ε)``,
+      ``shift = β − running_mean·scale``;
     * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``;
     * BRN (running σ, ε included): ``scale = γ/running_std``, ``shift = β − running_mean·scale``.
 

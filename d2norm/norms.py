@@ -78,6 +78,12 @@ def _frozen_bn(c):
     return FrozenBatchNorm2d(c)
 
 
+def _frozen_stats_bn(c):
+    from .layers.frozen_statistics_batch_norm import FrozenStatisticsBatchNorm2d
+
+    return FrozenStatisticsBatchNorm2d(c)
+
+
 def _sync_bn(c):
     from .layers.sync_batch_norm import SyncBatchNorm2d
 
@@ -171,6 +177,7 @@ def _evonorm_s0(c):
 D2NORM_NORMS = {
     "BN*": _frozen_bn,
     "FrozenBN": _frozen_bn,
+    "FrozenStatsBN": _frozen_stats_bn,
     "SyncBN": _sync_bn,
     "GN": _gn,
     "GN+WS": _gn_ws,

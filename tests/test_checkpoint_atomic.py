@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import d2norm  # noqa: F401
-from conftest import REPO
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # child processes killed mid-write
 
 # The child saves checkpoint 1 (weights = 1), then saves weights = 2 through a writer that
 # stalls after 1 MiB; it prints MIDWRITE there and the parent SIGKILLs it.

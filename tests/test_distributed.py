@@ -19,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRAIN_NORMS = ("CBN", "MABN", "SyncBN")
+pytestmark = pytest.mark.slow  # multi-process
 TIMEOUT_S = 300  # the whole 2-process run; each collective additionally times out after 120 s
 
 
@@ -149,7 +150,7 @@ def _register_rank_dataset(data_root, rank):
 def _train(norm, data_root, out_dir):
     import torch.distributed as dist
 
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
     from d2norm.engine import Trainer
 
     cfg = synthetic_cfg(norm, **{

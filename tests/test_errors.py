@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
-from conftest import CONFIGS, REPO, synthetic_cfg
+from helpers import CONFIGS, REPO, synthetic_cfg
 
 D2NORM_DIR = os.path.join(REPO, "d2norm")
 

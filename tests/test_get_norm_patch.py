@@ -9,7 +9,7 @@ import d2norm
 from d2norm import norms
 from d2norm.layers import GroupNorm, GroupNormWS, SyncBatchNorm2d
 
-from conftest import synthetic_cfg
+from helpers import synthetic_cfg
 
 CALL_SITES = ("backbone.bottom_up", "backbone.fpn_lateral", "backbone.fpn_output",
               "roi_heads.box_head", "roi_heads.mask_head")
@@ -59,7 +59,14 @@ def test_every_call_site_gets_the_named_norm(name):
 
 
 def test_patch_is_idempotent_and_covers_all_loaded_modules():
-    first = d2norm.patch_get_norm()
+    norms.unpatch_get_norm()  # back to detectron2's own get_norm, so the next call patches
+    try:
+        first = d2norm.patch_get_norm()
+    finally:
+        d2norm.patch_get_norm()
+    assert {"detectron2.layers", "detectron2.layers.batch_norm", "detectron2.modeling.backbone.resnet",
+            "detectron2.modeling.backbone.fpn", "detectron2.modeling.roi_heads.box_head",
+            "detectron2.modeling.roi_heads.mask_head"} <= set(first)
     again = d2norm.patch_get_norm()
     assert again == []  # nothing left to patch
     import detectron2.layers
@@ -77,7 +84,6 @@ def test_patch_is_idempotent_and_covers_all_loaded_modules():
     original = norms._original_get_norm
     assert not [n for n, m in sys.modules.items()
                 if n.startswith("detectron2") and m is not None and m.__dict__.get("get_norm") is original]
-    assert isinstance(first, list)
 
 
 def test_detectron2_names_and_callables_pass_through():

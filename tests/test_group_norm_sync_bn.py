@@ -1,10 +1,13 @@
-"""GN against torch.nn.GroupNorm and a float64 recomputation; SyncBN in one process == BN, its
-all-reduce path against float64 BN math without host reads, and its input shapes."""
+"""GN built from the config, SyncBN in one process, and SyncBN's all-reduce path (without host
+reads) against float64 recomputations of their formulas; SyncBN's input shapes. The
+multi-process SyncBN math: test_distributed.py."""
 import pytest
 import torch
 from torch import nn
 
+import d2norm
 from d2norm.layers import GroupNorm, SyncBatchNorm2d
+from helpers import synthetic_cfg
 
 
 def _gn_reference_f64(x, groups, weight, bias, eps):
@@ -16,22 +19,26 @@ def _gn_reference_f64(x, groups, weight, bias, eps):
     return y * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("groups,channels", [(32, 64), (8, 64), (1, 16), (16, 16)])
-def test_group_norm_matches_float64_and_torch(groups, channels):
+@pytest.mark.parametrize("groups,eps", [(8, 1e-3), (1, 1e-5)])
+def test_gn_built_from_the_config_matches_float64(groups, eps):
+    """``NORM: "GN"`` in a model: the group count and eps come from D2NORM.GN (detectron2's own
+    "GN" would use 32 groups), and the layer computes GN's formula."""
     torch.manual_seed(0)
-    gn = GroupNorm(groups, channels)
-    with torch.no_grad():
-        gn.weight.uniform_(0.5, 1.5)
-        gn.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(2, channels, 7, 5) * 3 + 1
-    y = gn(x)
-    ref = _gn_reference_f64(x, groups, gn.weight, gn.bias, gn.eps)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    torch_gn = nn.GroupNorm(groups, channels)
-    torch_gn.load_state_dict(gn.state_dict())
-    torch.testing.assert_close(y, torch_gn(x))
-    gn.eval()
-    torch.testing.assert_close(gn(x), y)  # identical in eval
+    cfg = synthetic_cfg("GN", **{"MODEL.DEVICE": "cpu", "D2NORM.GN.NUM_GROUPS": groups,
+                                 "D2NORM.GN.EPS": eps})
+    model = d2norm.build_model(cfg)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(isinstance(m, GroupNorm) for m in norms)
+    for gn in norms[:3]:
+        channels = gn.num_channels
+        with torch.no_grad():
+            gn.weight.uniform_(0.5, 1.5)
+            gn.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(2, channels, 7, 5) * 3 + 1
+        ref = _gn_reference_f64(x, groups, gn.weight, gn.bias, eps)
+        torch.testing.assert_close(gn(x).double(), ref, rtol=1e-5, atol=1e-5)
+        gn.eval()
+        torch.testing.assert_close(gn(x).double(), ref, rtol=1e-5, atol=1e-5)  # same in eval
 
 
 def test_group_norm_bad_groups():
@@ -51,26 +58,40 @@ def _pair(c=6):
     return ours, ref
 
 
-def test_sync_bn_single_process_equals_bn():
+def test_sync_bn_single_process_matches_float64_bn_math():
+    """One process: the formula of the module docstring with a single rank, its gradients
+    (float64 autograd of that formula) and running statistics (momentum, unbiased variance)."""
     assert not torch.distributed.is_initialized()
-    ours, ref = _pair()
+    ours, _ = _pair()
+    c, m, eps = ours.num_features, ours.momentum, ours.eps
+    w64 = ours.weight.detach().double().requires_grad_()
+    b64 = ours.bias.detach().double().requires_grad_()
+    running_mean = torch.zeros(c, dtype=torch.float64)
+    running_var = torch.ones(c, dtype=torch.float64)
     for step in range(3):
-        x = torch.randn(2, 6, 5, 4) * (step + 1) + step
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(xa), ref(xb)
-        torch.testing.assert_close(ya, yb)
+        x = torch.randn(2, c, 5, 4) * (step + 1) + step
+        xa, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+        ya = ours(xa)
+        y64 = _bn64_train(x64, (0, 2, 3), w64, b64, eps)
+        mean, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+        torch.testing.assert_close(ya.double(), y64, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(ya)
+        ours.weight.grad = ours.bias.grad = w64.grad = b64.grad = None
         ya.backward(g)
-        yb.backward(g)
-        torch.testing.assert_close(xa.grad, xb.grad)
-        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
-        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
-    torch.testing.assert_close(ours.running_mean, ref.running_mean)
-    torch.testing.assert_close(ours.running_var, ref.running_var)
+        y64.backward(g.double())
+        torch.testing.assert_close(xa.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.bias.grad.double(), b64.grad, rtol=1e-4, atol=1e-5)
+        n = x.numel() // c
+        running_mean = (1 - m) * running_mean + m * mean.detach()
+        running_var = (1 - m) * running_var + m * var.detach() * n / (n - 1)
+        torch.testing.assert_close(ours.running_mean.double(), running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.running_var.double(), running_var, rtol=1e-5, atol=1e-6)
     ours.eval()
-    ref.eval()
-    x = torch.randn(3, 6, 2, 2)
-    torch.testing.assert_close(ours(x), ref(x))
+    x = torch.randn(3, c, 2, 2)
+    ref = (x.double() - running_mean.view(1, -1, 1, 1)) / torch.sqrt(running_var.view(1, -1, 1, 1) + eps)
+    ref = ref * w64.detach().view(1, -1, 1, 1) + b64.detach().view(1, -1, 1, 1)
+    torch.testing.assert_close(ours(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sync_bn_empty_batch():

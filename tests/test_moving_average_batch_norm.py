@@ -1,22 +1,18 @@
-"""MovingAverageBatchNorm2d against a float64 step-by-step reference (tests/reference)."""
+"""MovingAverageBatchNorm2d against a float64 step-by-step reference (d2norm.testing)."""
 import copy
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference.mabn_reference import MABNReference, OfficialStyleMABN2d  # noqa: E402
-
-from d2norm.layers.moving_average_batch_norm import MovingAverageBatchNorm2d  # noqa: E402
-from d2norm.layers.weight_transforms import (  # noqa: E402
+from d2norm.layers.moving_average_batch_norm import MovingAverageBatchNorm2d
+from d2norm.layers.weight_transforms import (
     WeightCentralization,
     WeightStandardization,
     apply_weight_transform,
     get_weight_transform,
 )
+from d2norm.testing.mabn_reference import MABNReference, OfficialStyleMABN2d
 
 
 SHAPE = (2, 3, 4, 5)

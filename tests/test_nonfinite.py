@@ -146,7 +146,7 @@ class _Injector:
 
 @pytest.mark.parametrize("norm", ["BN", "CBN", "MABN"])
 def test_trainer_skips_nan_image_and_continues(tmp_path, data_root, norm):
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
 
     from d2norm.engine import Trainer
 

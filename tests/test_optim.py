@@ -13,7 +13,7 @@ from d2norm.engine import Trainer
 from d2norm.layers import CrossIterationBatchNorm2d, CycleNormList, MovingAverageBatchNorm2d
 from d2norm.optim import get_param_groups
 
-from conftest import synthetic_cfg
+from helpers import synthetic_cfg
 
 
 def _by_param(groups):

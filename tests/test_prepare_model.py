@@ -17,7 +17,7 @@ import d2norm
 from d2norm.layers import (BatchNormWS, CrossIterationBatchNorm2d, CycleNormList, GroupNormWS,
                            MovingAverageBatchNorm2d, SyncBatchNorm2d)
 
-from conftest import synthetic_cfg
+from helpers import synthetic_cfg
 
 
 def _ws64(w, eps=1e-5):

@@ -1,24 +1,20 @@
 """BRN, FRN + TLU and EvoNorm-S0 against float64 references written from the papers
-(tests/reference/renorm_frn_evonorm_reference.py), their call-site preparation, folding,
+(d2norm/testing/renorm_frn_evonorm_reference.py), their call-site preparation, folding,
 checkpointed state and errors."""
 import copy
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference.renorm_frn_evonorm_reference import (  # noqa: E402
+import d2norm
+from d2norm.layers import BatchRenorm2d, EvoNormS0, FilterResponseNorm2d
+from d2norm.testing.renorm_frn_evonorm_reference import (
     BatchRenormReference,
     evonorm_s0,
     frn_tlu,
     ramp_limits,
 )
-
-import d2norm  # noqa: E402
-from d2norm.layers import BatchRenorm2d, EvoNormS0, FilterResponseNorm2d  # noqa: E402
 
 F64 = torch.float64
 SHAPE = (3, 4, 5, 6)
@@ -317,7 +313,7 @@ def test_evonorm_bad_options():
 
 # ----------------------------------------------------------------------------- in a model
 def _cfg(norm, **overrides):
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
 
     return synthetic_cfg(norm, **overrides)
 
@@ -410,7 +406,7 @@ def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root
 
     from detectron2.utils.env import seed_all_rng
 
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
     from d2norm.engine import Trainer
 
     def run(cfg, max_iter):
@@ -450,7 +446,7 @@ def test_retinanet_head_relu_after_the_norm_is_replaced(name):
     from detectron2.utils.events import EventStorage
     from detectron2.structures import Boxes, Instances
 
-    from conftest import synthetic_cfg
+    from helpers import synthetic_cfg
 
     cfg = synthetic_cfg("GN")
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"

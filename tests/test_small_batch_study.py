@@ -1,108 +1,209 @@
-"""tools/small_batch_study.py: records, resume, the table writer, and one tiny run end to end."""
-import importlib.util
+"""d2norm.study: records, statistics against hand computations, the committed result, the hard
+split, and a tiny study end to end (P = 2 and 1 processes train on the same images)."""
 import json
 import math
 import os
+import re
 
+import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
+from d2norm import study
+from d2norm.study import report, stats
+
+DOCS = os.path.join(REPO, "docs")
 
 
-def _load_study():
-    spec = importlib.util.spec_from_file_location(
-        "_d2norm_small_batch_study", os.path.join(REPO, "tools", "small_batch_study.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-study = _load_study()
-
-
-def _rec(norm, batch, seed, box, mask, iters=10, sid="s1", **kw):
-    return dict(norm=norm, batch=batch, seed=seed, iters=iters, settings_id=sid, box_ap=box,
-                mask_ap=mask, status="ok", **kw)
+def _rec(norm, procs, seed, box, iters=10, sid="s1", total=8, **kw):
+    return dict(norm=norm, procs=procs, per_proc=total // procs, seed=seed, iters=iters,
+                settings_id=sid, box_ap=box, status="ok", **kw)
 
 
 def test_append_load_and_resume(tmp_path):
     path = str(tmp_path / "results.jsonl")
-    a, b = _rec("BN", 1, 0, 1.0, 2.0), _rec("GN", 1, 0, 3.0, 4.0)
+    a, b = _rec("BN", 8, 0, 1.0), _rec("GN", 8, 0, 3.0)
     study.append_record(path, a)
     with open(path, "a") as f:  # a writer killed in the middle of a line
-        f.write('{"norm": "BN", "batch": 2, "se')
+        f.write('{"norm": "BN", "procs": 2, "se')
     study.append_record(path, b)
     records, bad = study.load_records(path)
     assert bad == 1
     assert [(r["norm"], r["box_ap"]) for r in records] == [("BN", 1.0), ("GN", 3.0)]
-    # the record after the torn line starts on its own line
-    lines = open(path).read().splitlines()
-    assert json.loads(lines[-1]) == b
-    planned = [dict(norm=n, batch=bs, seed=0, iters=10, settings_id="s1")
-               for n in ("BN", "GN") for bs in (1, 2)]
-    todo = study.pending_runs(planned, records)
-    assert [(p["norm"], p["batch"]) for p in todo] == [("BN", 2), ("GN", 2)]
-    # other settings (iterations, config) do not count as done
+    assert json.loads(open(path).read().splitlines()[-1]) == b  # on its own line
+    planned = [dict(norm=n, procs=p, seed=0, iters=10, settings_id="s1")
+               for n in ("BN", "GN") for p in (8, 1)]
+    assert [(p["norm"], p["procs"]) for p in study.pending_runs(planned, records)] == [("BN", 1), ("GN", 1)]
+    # other settings do not count as done
     assert len(study.pending_runs([dict(planned[0], iters=11)], records)) == 1
     assert len(study.pending_runs([dict(planned[0], settings_id="s2")], records)) == 1
 
 
-def test_table_mean_and_sample_std(tmp_path):
-    recs = [
-        _rec("BN", 1, 0, 10.0, 5.0), _rec("BN", 1, 1, 12.0, 6.0), _rec("BN", 1, 2, 17.0, 7.0),
-        _rec("BN", 8, 0, 30.0, 20.0), _rec("BN", 8, 1, 34.0, 24.0),
-        _rec("GN", 1, 0, 25.0, 15.0),
-        dict(_rec("GN", 8, 0, None, None), status="diverged"),
-    ]
-    # by hand: BN b1 box 10, 12, 17 -> mean 13, sample var ((-3)^2 + (-1)^2 + 4^2) / 2 = 13
-    agg = study.aggregate(recs, "box_ap")
-    mean, std, n = agg[("BN", 1)]
-    assert (mean, n) == (13.0, 3) and math.isclose(std, math.sqrt(13.0))
-    mean, std, n = agg[("BN", 8)]  # 30, 34 -> mean 32, var (4 + 4) / 1 = 8
-    assert (mean, n) == (32.0, 2) and math.isclose(std, math.sqrt(8.0))
-    assert agg[("GN", 1)] == (25.0, None, 1)
-    assert ("GN", 8) not in agg  # a failed run is not averaged
-    mask = study.aggregate(recs, "mask_ap")
-    assert mask[("BN", 1)][0] == 6.0 and math.isclose(mask[("BN", 1)][1], 1.0)
-
-    table = study.metric_table(recs, "box_ap")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in table.splitlines()[2:]}
-    assert rows["BN"] == ["13.0 ± 3.6 (n=3)", "32.0 ± 2.8 (n=2)"]
-    assert rows["GN"] == ["25.0 (n=1)", "– (1 failed)"]
-    assert table.splitlines()[0] == "| norm | batch 1 | batch 8 |"
-
-    md, png = str(tmp_path / "study.md"), str(tmp_path / "study.png")
-    study.write_markdown(md, recs, {"quick": True, "settings": "* test"})
-    text = open(md).read()
-    assert "quick mode" in text and "13.0 ± 3.6 (n=3)" in text
-    assert "6.0 ± 1.0 (n=3)" in text and "22.0 ± 2.8 (n=2)" in text  # mask AP
-    assert "BN: AP(batch 8) − AP(batch b) = batch 1: +19.0" in text
-    study.write_plot(png, recs)
-    assert os.path.getsize(png) > 1000
+def test_t_quantile_matches_the_t_table():
+    # two-sided 95% critical values of Student's t (any statistics textbook table)
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 30: 2.042}
+    for df, t in table.items():
+        assert study.t_quantile(0.975, df) == pytest.approx(t, abs=2e-3)
+    with pytest.raises(ValueError, match="df >= 1"):
+        study.t_quantile(0.975, 0)
 
 
-def test_study_runs_and_resumes(tmp_path, data_root):
+def test_paired_difference_and_aggregate_by_hand():
+    a = {0: 10.0, 1: 12.0, 2: 17.0, 5: 99.0}  # seed 5 has no partner: left out
+    b = {0: 8.0, 1: 11.0, 2: 12.0}
+    mean, (lo, hi), n = study.paired_difference(a, b)
+    # d = 2, 1, 5: mean 8/3, sample sd sqrt(13/3), half width 4.303 * sd / sqrt(3)
+    half = 4.303 * math.sqrt(13 / 3) / math.sqrt(3)
+    assert n == 3 and mean == pytest.approx(8 / 3)
+    assert lo == pytest.approx(8 / 3 - half, abs=1e-2) and hi == pytest.approx(8 / 3 + half, abs=1e-2)
+    assert study.paired_difference({0: 1.0}, {0: 0.5}) == (0.5, None, 1)
+    recs = [_rec("BN", 8, s, v) for s, v in a.items() if s < 5] + [_rec("BN", 1, s, v) for s, v in b.items()]
+    recs.append(dict(_rec("BN", 1, 3, None), status="diverged"))
+    agg = study.aggregate(recs)
+    assert agg[("BN", 1)] == (13.0, pytest.approx(math.sqrt(13.0)), 3)
+    assert agg[("BN", 8)][0] == pytest.approx(31 / 3) and agg[("BN", 8)][2] == 3
+    table = report.ap_table(recs)
+    assert "| BN | 13.0 ± 3.6 (n=3) | 10.3 ± 2.1 (n=3) (1 diverged) |" in table  # b=1 is P=8
+    d1, d2 = report.difference_tables(recs)
+    assert f"| BN | {-8 / 3:+.1f} [{-8 / 3 - half:+.1f}, {-8 / 3 + half:+.1f}] (n=3) |" in d1
+
+
+def _table_rows(md, heading):
+    block = md.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in block.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in rows[0].split("|")[1:-1]]
+    return head, {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
+
+
+@pytest.mark.parametrize("name", ["small_batch_study_quick"])
+def test_committed_table_is_rederived_from_the_committed_jsonl(name):
+    """The published table equals the mean / sample std recomputed here (numpy) from the JSONL."""
+    md = open(os.path.join(DOCS, f"{name}.md"), encoding="utf-8").read()
+    with open(os.path.join(DOCS, f"{name}.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    assert recs, "no records"
+    head, rows = _table_rows(md, "## Box AP (mean ± sample std over seeds)")
+    bs = [int(re.match(r"b=(\d+)", h).group(1)) for h in head[1:]]
+    cells = 0
+    for norm, row in rows.items():
+        for b, cell in zip(bs, row):
+            vals = np.array([r["box_ap"] for r in recs if r["norm"] == norm and r["per_proc"] == b
+                             and r["status"] == "ok"], dtype=np.float64)
+            if not len(vals):
+                assert cell.startswith("–") or cell.startswith("= BN")
+                continue
+            m = re.match(r"(-?[\d.]+)(?: ± ([\d.]+))? \(n=(\d+)\)", cell)
+            assert m, cell
+            assert float(m.group(1)) == pytest.approx(vals.mean(), abs=0.051)
+            assert int(m.group(3)) == len(vals)
+            if len(vals) > 1:
+                assert float(m.group(2)) == pytest.approx(vals.std(ddof=1), abs=0.051)
+            cells += 1
+    assert cells >= 4
+    # every run of a seed trained the same 8 images per iteration, whatever P
+    by_seed = {}
+    for r in recs:
+        assert r["images_per_iter"] == [8] and r["images_per_proc"] == [r["per_proc"]]
+        by_seed.setdefault(r["seed"], set()).add(r["images_digest"])
+    assert all(len(v) == 1 for v in by_seed.values())
+
+
+def test_hard_split_masks_are_the_visible_pixels(tmp_path):
+    import cv2
+    from pycocotools.coco import COCO
+
+    from d2norm.data.synthetic_shapes import HARD_SHAPE_CLASSES, generate_split, make_hard_image
+
+    json_file, image_dir = generate_split(str(tmp_path), "h", 30, seed=3, size=64, kind="hard")
+    again, _ = generate_split(str(tmp_path / "again"), "h", 30, seed=3, size=64, kind="hard")
+    assert open(json_file).read() == open(again).read()  # deterministic
+    coco = COCO(json_file)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(HARD_SHAPE_CLASSES)
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) >= 2 * 30 * 0.8
+    overlapping = 0
+    for img in coco.loadImgs(coco.getImgIds()):
+        image = cv2.imread(os.path.join(image_dir, img["file_name"])).astype(np.float64)
+        masks = [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))]
+        for a, m in zip(coco.loadAnns(coco.getAnnIds(imgIds=img["id"])), masks):
+            ys, xs = np.nonzero(m)
+            assert m.sum() == a["area"] >= 12
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            # one flat colour plus the pixel noise (sigma 8): the mask is one object's pixels only
+            assert image[m].std(axis=0).max() < 14
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                assert not (masks[i] & masks[j]).any()  # visible parts are disjoint
+        boxes = [a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))]
+        overlapping += any(_overlap(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1:])
+    assert overlapping >= 5  # occlusion happens
+    areas = [a["area"] for a in anns]
+    assert max(areas) / min(areas) > 15  # a wide range of object sizes
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    ia, oa = make_hard_image(rng_a, 48)
+    ib, ob = make_hard_image(rng_b, 48)
+    assert np.array_equal(ia, ib) and all(np.array_equal(x[1], y[1]) for x, y in zip(oa, ob))
+
+
+def _overlap(p, q):
+    return p[0] < q[0] + q[2] and q[0] < p[0] + p[2] and p[1] < q[1] + q[3] and q[1] < p[1] + p[3]
+
+
+def test_unknown_norm_and_bad_procs_are_refused():
+    with pytest.raises(ValueError, match="Valid names"):
+        study.plan(study.StudySettings(config=os.path.join(REPO, "configs/synthetic/study/Base-Study.yaml"),
+                                       norms=("BN", "NoSuchNorm")))
+    with pytest.raises(ValueError, match="do not divide"):
+        study.StudySettings(config="x", procs=(3,))
+
+
+def test_per_norm_rules_follow_images_per_process():
+    s = study.StudySettings(config=os.path.join(REPO, "configs/synthetic/study/Base-Study.yaml"), iters=100)
+    for procs in (8, 4, 2, 1):
+        b = 8 // procs
+        cbn = study.build_cfg(s, "CBN", procs, 0, "/tmp/x")
+        mabn = study.build_cfg(s, "MABN", procs, 0, "/tmp/x")
+        bn = study.build_cfg(s, "BN", procs, 0, "/tmp/x")
+        assert cbn.D2NORM.CBN.BUFFER_SIZE * b == 8 and mabn.D2NORM.MABN.BUFFER_SIZE * b == 8
+        assert cbn.D2NORM.CBN.BURNIN_ITERS == mabn.D2NORM.MABN.WARMUP_ITERS == bn.SOLVER.WARMUP_ITERS == 10
+        # what must not vary between points
+        assert (bn.SOLVER.IMS_PER_BATCH, bn.SOLVER.BASE_LR, bn.SOLVER.MAX_ITER, bn.SOLVER.STEPS) == \
+            (8, study.build_cfg(s, "BN", 1, 0, "/tmp/x").SOLVER.BASE_LR, 100, (75, 90))
+        assert {cbn.MODEL[k].NORM for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")} == {"CBN"}
+
+
+def test_tiny_study_end_to_end(tmp_path, data_root):
+    """GN with 2 images per iteration in P = 2 and P = 1 processes, through the command line: both
+    runs train exactly the same images per iteration (digest of the per-iteration image ids),
+    each process b of them; the report and plot are written; a second call resumes without
+    training."""
+    import subprocess
+    import sys
+
     out = tmp_path / "study"
-    argv = ["--norms", "GN", "--batch-sizes", "1", "--seeds", "0", "--iters", "2",
-            "--output", str(out), "--data-root", data_root, "--no-progress",
-            "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)",
-            "DATASETS.TEST", "('d2norm_shapes_tiny_val',)"]  # config overrides come last
-    records = study.main(argv)
-    assert len(records) == 1
-    rec = records[0]
-    assert (rec["norm"], rec["batch"], rec["seed"], rec["iters"], rec["status"]) == ("GN", 1, 0, 2, "ok")
-    assert rec["lr"] == pytest.approx(0.02 * 1 / 4)  # the linear rule
-    assert rec["mabn_buffer"] == 16
-    for k in ("box_ap", "mask_ap"):
-        assert 0.0 <= rec[k] <= 100.0
-    lines = open(out / "results.jsonl").read().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["norm"] == "GN"
-    assert (out / "small_batch_study.md").is_file() and (out / "small_batch_study.png").is_file()
-    assert not (out / "runs").exists() or not any((out / "runs").iterdir())  # cleaned up
+    argv = ["--norms", "GN", "--procs", "2", "1", "--seeds", "0", "--iters", "3", "--total-batch", "2",
+            "--jobs", "2", "--output", str(out), "--data-root", data_root, "--no-progress",
+            "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
+            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
 
-    with pytest.raises(SystemExit):  # refuses to mix into an existing study without --resume
-        study.main(argv)
-    again = study.main(["--resume"] + argv)  # nothing left to do: no training
-    assert len(again) == 1 and again[0]["finished"] == rec["finished"]
-    assert len(open(out / "results.jsonl").read().splitlines()) == 1
+    def cli(*extra):
+        cmd = [sys.executable, os.path.join(REPO, "tools", "small_batch_study.py"), *extra, *argv]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+    first = cli()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    records, bad = study.load_records(str(out / "results.jsonl"))
+    by_p = {r["procs"]: r for r in records}
+    assert bad == 0 and sorted(by_p) == [1, 2] and all(r["status"] == "ok" for r in records)
+    assert by_p[2]["images_per_proc"] == [1] and by_p[1]["images_per_proc"] == [2]
+    assert by_p[2]["images_per_iter"] == by_p[1]["images_per_iter"] == [2]
+    assert by_p[2]["images_digest"] == by_p[1]["images_digest"]
+    assert sorted(int(k) for k in by_p[1]["curve"]) == [2, 3]  # 0.6 / 0.8 / 0.9 / 1.0 of 3 iterations
+    assert (out / "small_batch_study.md").is_file() and (out / "small_batch_study.png").stat().st_size > 1000
+    assert not any((out / "runs").iterdir())  # cleaned up
+    refused = cli()  # refuses to mix into an existing study without --resume
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    again = cli("--resume")
+    assert again.returncode == 0 and "2 already done, 0 to go" in again.stdout
+    assert len(open(out / "results.jsonl").read().splitlines()) == 2

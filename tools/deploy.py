@@ -8,7 +8,7 @@ Steps: build the model (``d2norm.build_model``), load ``MODEL.WEIGHTS`` with
 ``D2NormCheckpointer``, fold (``d2norm.deploy.fold``: WS / weight centralization baked; BN,
 SyncBN, BN*, CBN and MABN folded into the preceding conv; GN kept), run the unfolded and the
 folded model on the first ``--num-images`` images of ``DATASETS.TEST[0]`` and compare the
-detections (boxes, scores, classes, masks; tolerances in ``TOLERANCE``), trace the folded
+detections (boxes, scores, classes, masks; ``d2norm.detections.compare_detections``), trace the folded
 model for TorchScript, and time both. Written to ``--output`` (atomically):
 
 * ``model_folded.pth``: ``{"model": folded state dict}``; load it with
@@ -34,18 +34,13 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import d2norm  # noqa: E402  (before detectron2.layers: the _C stand-in, norm names)
-import torch  # noqa: E402
+import d2norm  # (before detectron2.layers: the _C stand-in, norm names)
+from d2norm.detections import compare_detections
 
 logger = logging.getLogger("d2norm.deploy")
 
-#: Folded vs unfolded detections (float32): largest allowed |Δ box coordinate| in pixels,
-#: |Δ score|, and fraction of mask pixels that differ (over all matched instances of an image).
-TOLERANCE = {"box_px": 1e-2, "score": 1e-4, "mask_pixel_fraction": 1e-3}
 
 
 def parse_args(argv=None):
@@ -64,7 +59,8 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    from d2norm.engine.launch import _register_datasets, setup as train_setup
+    from d2norm.data import register_datasets
+    from d2norm.engine.launch import setup as train_setup
 
     ns = argparse.Namespace(config_file=args.config_file, eval_only=True,
                             opts=list(args.opts) + ["OUTPUT_DIR", args.output])
@@ -75,7 +71,7 @@ def setup(args):
     if not cfg.DATASETS.TEST:
         raise SystemExit("DATASETS.TEST is empty: tools/deploy.py checks the folded model on its "
                          "first images. Fix: set DATASETS.TEST, e.g. \"('d2norm_shapes_val',)\".")
-    _register_datasets(cfg)
+    register_datasets(cfg)
     return cfg
 
 
@@ -114,52 +110,6 @@ def time_per_image(fn, inputs, rounds):
             fn(inp)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _box_linf(a, b):
-    return (a[:, None, :] - b[None, :, :]).abs().amax(-1)
-
-
-def compare_detections(ref, new, tol=TOLERANCE):
-    """Match each reference detection to the folded detection of the same class with the
-    closest box; report the largest differences. Detections left unmatched are allowed only at
-    the score cut (within ``tol["score"]`` of the lowest kept score: a near-tie at top-k)."""
-    worst = {"box_px": 0.0, "score": 0.0, "mask_pixel_fraction": 0.0}
-    counts = {"reference": 0, "folded": 0, "matched": 0, "unmatched_at_cut": 0, "unmatched": 0}
-    for a, b in zip(ref, new):
-        counts["reference"] += len(a)
-        counts["folded"] += len(b)
-        used = torch.zeros(len(b), dtype=torch.bool)
-        pairs = []
-        if len(a) and len(b):
-            dist = _box_linf(a.pred_boxes.tensor.double(), b.pred_boxes.tensor.double())
-            dist[a.pred_classes[:, None] != b.pred_classes[None, :]] = float("inf")
-            for i in range(len(a)):
-                d = dist[i].clone()
-                d[used] = float("inf")
-                j = int(d.argmin())
-                if torch.isfinite(d[j]) and d[j] <= tol["box_px"] * 100:
-                    used[j] = True
-                    pairs.append((i, j))
-        matched_a = {i for i, _ in pairs}
-        unmatched = [(a.scores, i) for i in range(len(a)) if i not in matched_a]
-        unmatched += [(b.scores, j) for j in range(len(b)) if not used[j]]
-        for scores, k in unmatched:
-            at_cut = float(scores[k]) <= float(scores.min()) + tol["score"]
-            counts["unmatched_at_cut" if at_cut else "unmatched"] += 1
-        counts["matched"] += len(pairs)
-        if not pairs:
-            continue
-        ia = torch.tensor([i for i, _ in pairs])
-        ib = torch.tensor([j for _, j in pairs])
-        worst["box_px"] = max(worst["box_px"], float(
-            (a.pred_boxes.tensor[ia].double() - b.pred_boxes.tensor[ib].double()).abs().max()))
-        worst["score"] = max(worst["score"], float((a.scores[ia] - b.scores[ib]).abs().max()))
-        if a.has("pred_masks"):
-            differ = (a.pred_masks[ia] != b.pred_masks[ib]).double().mean()
-            worst["mask_pixel_fraction"] = max(worst["mask_pixel_fraction"], float(differ))
-    ok = counts["unmatched"] == 0 and all(worst[k] <= tol[k] for k in tol)
-    return {"ok": ok, "max_diff": worst, "counts": counts, "tolerance": dict(tol)}
 
 
 def trace(model, inputs):

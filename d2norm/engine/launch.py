@@ -15,7 +15,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import D2NormCheckpointer
 from ..config import add_d2norm_config
-from ..data.synthetic_shapes import register_synthetic_datasets
+from ..data.synthetic_shapes import register_datasets
 from .trainer import Trainer
 
 __all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device"]
@@ -49,15 +49,9 @@ def setup(args):
     return cfg
 
 
-def _register_datasets(cfg):
-    names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if n.startswith("d2norm_shapes")]
-    if names:
-        register_synthetic_datasets(cfg.D2NORM.DATA.ROOT or None, names)
-
-
 def main(args):
     cfg = setup(args)
-    _register_datasets(cfg)
+    register_datasets(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

@@ -4,6 +4,7 @@ from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList
 from .evonorm import EvoNormS0
 from .filter_response_norm import FilterResponseNorm2d
+from .frozen_statistics_batch_norm import FrozenStatisticsBatchNorm2d
 from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
 from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
@@ -15,6 +16,7 @@ __all__ = [
     "CycleNormList",
     "EvoNormS0",
     "FilterResponseNorm2d",
+    "FrozenStatisticsBatchNorm2d",
     "GroupNorm",
     "GroupNormWS",
     "MovingAverageBatchNorm2d",

@@ -1,7 +1,8 @@
 """Cross-Iteration Batch Normalization (CBN; Yao et al., arXiv 2002.05712), pure torch.
 
 Per channel c, with y = W_t * x the output of the conv bound to this layer (no bias), M = N*H*W,
-and a window of the current iteration t plus the valid stored iterations t-1 .. t-(k-1):
+and a window of the current iteration t plus the valid stored iterations t-1 .. t-(k-1)
+(k = ``buffer_size``; the official code's ``buffer_num`` is k - 1, so its buffer_num=3 is k=4):
 
     mu_t = E[y],  nu_t = E[y^2]                                   (only these carry gradient)
     mu_{t-r}(W_t) = mu_{t-r} + <dmu_{t-r}/dW, W_t - W_{t-r}>      (first-order compensation,
@@ -495,3 +496,20 @@ def _conv_padding(conv):
             pads.append(total // 2)
         return tuple(pads)
     return tuple(p)
+
+
+def conv_statistic_gradients(conv, x, y):
+    """What CBN records per iteration for ``y = conv(x)`` (``conv`` without bias): dnu/dW (shaped
+    like the weight; :func:`sqmean_weight_gradient`) and pbar = dmu/dW, the mean input patch of
+    each group, shape (G, Cin/G * kh * kw). Public for benchmarks and reference checks."""
+    stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
+    g_nu = sqmean_weight_gradient(x, y, conv.weight, stride, padding, dilation, conv.groups)
+    pbar = _mean_patch(x, conv.weight.shape, stride, padding, dilation, conv.groups, y.shape[2:])
+    return g_nu, pbar
+
+
+def conv_nu_weight_gradient(conv, x, y):
+    """dnu/dW alone for ``y = conv(x)``: the one conv weight gradient any exact CBN adds to conv +
+    BN per training iteration (the "CBN floor" of the benchmarks)."""
+    stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
+    return sqmean_weight_gradient(x, y, conv.weight, stride, padding, dilation, conv.groups)

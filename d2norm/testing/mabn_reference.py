@@ -102,7 +102,8 @@ class MABNReference:
         gamma, beta = gamma.detach(), beta.detach()
         y = torch.empty_like(x)
         for c in range(self.C):
-            y[:, c] = float(gamma[c]) * x[:, c] / (float(self.running_var[c]) + self.eps) ** 0.5 + float(beta[c])
+            inv_std = (float(self.running_var[c]) + self.eps) ** -0.5
+            y[:, c] = float(gamma[c]) * x[:, c] * inv_std + float(beta[c])
         return y
 
 

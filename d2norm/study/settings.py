@@ -1,0 +1,183 @@
+"""What a study runs: the grid (norms x processes x seeds), the schedule and the per-norm rules.
+
+Every point trains with the same total batch (``total_batch`` images per iteration), learning
+rate, schedule and images; what varies is the number of processes P and so the images per
+process b = total_batch / P that each norm layer normalizes over. Per-norm rules that depend on
+b (applied by :func:`apply_norm_rules`):
+
+* CBN: window (``D2NORM.CBN.BUFFER_SIZE``, current iteration included) = simulated / b, burn-in
+  (plain BN) = the LR warm-up. The official detection configs use a window of 4 at 2 images per
+  GPU, i.e. 8 images, which is what simulated = 8 gives at b = 2.
+* MABN: buffer (``D2NORM.MABN.BUFFER_SIZE``) = simulated / b, the MABN paper's rule "buffer =
+  simulated batch / real batch" (its detection code: 32 / 2); warm-up = the LR warm-up.
+* BRN (where the installed d2norm has it): the r_max / d_max ramps start after the LR warm-up
+  and end at 50% / 30% of the schedule (the paper's 5k -> 40k / 25k steps, scaled).
+* other norms: nothing depends on b.
+
+``simulated`` defaults to ``total_batch``: CBN and MABN aim at the statistics of the batch that
+SyncBN (the control) and BN at b = total_batch (the reference) normalize over.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+
+__all__ = ["StudySettings", "NORM_SITES", "NORM_RULES", "available_norms", "check_norms",
+           "schedule", "apply_norm_rules", "build_cfg", "plan", "settings_id", "QUICK", "FULL"]
+
+#: the config keys that receive the study's norm (every normalized call site of the model)
+NORM_SITES = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+STUDY_VERSION = 2
+
+
+@dataclasses.dataclass
+class StudySettings:
+    """Everything that defines a study's runs (see the module docstring)."""
+
+    config: str                               # the study's base YAML
+    norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN")
+    procs: tuple = (8, 4, 1)                  # P, processes per run; b = total_batch / P
+    seeds: tuple = (0, 1, 2)
+    iters: int = 400
+    total_batch: int = 8
+    simulated_batch: int = 0                  # CBN / MABN target; 0 = total_batch
+    warmup_frac: float = 0.1
+    step_fracs: tuple = (0.75, 0.9)           # LR x0.1 at these fractions of the schedule
+    curve_fracs: tuple = (0.6, 0.8, 0.9)      # extra evaluations (convergence), 1.0 always
+    curve_seeds: tuple = (0,)                 # seeds whose runs get the extra evaluations
+    skip_redundant: bool = True               # SyncBN at P = 1 is BN at b = total_batch exactly
+    threads: int = 1                          # torch threads per process
+    opts: tuple = ()                          # config overrides (KEY VALUE ...)
+    data_root: str = ""
+
+    def __post_init__(self):
+        for name in ("norms", "procs", "seeds", "step_fracs", "curve_fracs", "curve_seeds", "opts"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if not self.simulated_batch:
+            self.simulated_batch = self.total_batch
+        bad = [p for p in self.procs if p < 1 or self.total_batch % p]
+        if bad:
+            raise ValueError(f"processes {bad} do not divide the total batch {self.total_batch}. Fix: "
+                             f"use divisors of {self.total_batch} (--procs) or change --total-batch.")
+        if self.iters < 1 or self.threads < 1:
+            raise ValueError("--iters and --threads must be >= 1")
+        if len(self.opts) % 2:
+            raise ValueError(f"config overrides come in KEY VALUE pairs, got {list(self.opts)}")
+
+    def per_proc(self, procs):
+        return self.total_batch // procs
+
+
+# quick: the machinery end to end on the 2 extreme points, for tests and a first look
+QUICK = dict(norms=("BN", "SyncBN", "GN"), procs=(2, 1), seeds=(0,), iters=30, curve_fracs=(0.5,),
+             opts=("DATASETS.TEST", "('d2norm_shapes_hard_quick_val',)"))
+FULL = dict()
+
+
+def available_norms():
+    """Norm names a study can train: detectron2's "BN" and d2norm's trainable names."""
+    import d2norm
+
+    return ("BN",) + tuple(n for n in d2norm.D2NORM_NORMS if n not in ("BN*", "FrozenBN"))
+
+
+def check_norms(norms):
+    valid = available_norms()
+    bad = [n for n in norms if n not in valid]
+    if bad:
+        raise ValueError(f"Unknown norm(s) {bad} for the study. Valid names in this d2norm: "
+                         f"{', '.join(valid)}. Fix: pick from them (names added by a newer d2norm "
+                         "become available when it is installed).")
+
+
+def schedule(s):
+    """(STEPS, WARMUP_ITERS) of the settings' schedule."""
+    steps = tuple(sorted({int(round(s.iters * f)) for f in s.step_fracs}))
+    steps = tuple(x for x in steps if 0 < x < s.iters)
+    return steps, max(1, int(round(s.iters * s.warmup_frac)))
+
+
+def _cbn(cfg, s, b, warmup):
+    cfg.D2NORM.CBN.BUFFER_SIZE = max(1, s.simulated_batch // b)
+    cfg.D2NORM.CBN.BURNIN_ITERS = warmup
+
+
+def _mabn(cfg, s, b, warmup):
+    cfg.D2NORM.MABN.BUFFER_SIZE = max(1, s.simulated_batch // b)
+    cfg.D2NORM.MABN.WARMUP_ITERS = warmup
+
+
+def _brn(cfg, s, b, warmup):
+    if "BRN" in cfg.D2NORM:
+        cfg.D2NORM.BRN.RAMP_START_ITER = warmup
+        cfg.D2NORM.BRN.R_MAX_END_ITER = max(warmup + 1, int(s.iters * 0.5))
+        cfg.D2NORM.BRN.D_MAX_END_ITER = max(warmup + 1, int(s.iters * 0.3))
+
+
+#: norm name -> rule(cfg, settings, b, warmup) setting its b-dependent options
+NORM_RULES = {"CBN": _cbn, "MABN": _mabn, "BRN": _brn}
+
+
+def apply_norm_rules(cfg, s, norm, b):
+    for site in NORM_SITES:
+        cfg.MODEL[site].NORM = norm
+    rule = NORM_RULES.get(norm)
+    if rule is not None:
+        rule(cfg, s, b, schedule(s)[1])
+
+
+def _base_cfg(s):
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+
+    if not os.path.isfile(s.config):
+        raise FileNotFoundError(f"Study config not found: {s.config!r}. Fix: pass --config "
+                                "configs/synthetic/study/Base-Study.yaml (relative to the repository).")
+    cfg = get_cfg()
+    add_d2norm_config(cfg)
+    cfg.merge_from_file(s.config)
+    cfg.merge_from_list(list(s.opts))
+    steps, warmup = schedule(s)
+    cfg.SOLVER.IMS_PER_BATCH = s.total_batch
+    cfg.SOLVER.MAX_ITER = s.iters
+    cfg.SOLVER.STEPS = steps
+    cfg.SOLVER.WARMUP_ITERS = warmup
+    if s.data_root:
+        cfg.D2NORM.DATA.ROOT = s.data_root
+    return cfg
+
+
+def build_cfg(s, norm, procs, seed, output_dir):
+    """The frozen config of one run."""
+    cfg = _base_cfg(s)
+    apply_norm_rules(cfg, s, norm, s.per_proc(procs))
+    cfg.SEED = seed
+    cfg.OUTPUT_DIR = output_dir
+    cfg.freeze()
+    return cfg
+
+
+def settings_id(s):
+    """A hash of everything but (norm, P, seed) that changes a run's result: the merged config
+    (all its _BASE_ files and overrides), the schedule, batch sizes and the study version."""
+    cfg = _base_cfg(s)
+    cfg.D2NORM.DATA.ROOT = ""
+    blob = json.dumps({"cfg": cfg.dump(), "sim": s.simulated_batch, "version": STUDY_VERSION},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def plan(s, sid=None):
+    """The study's runs, as dicts with the run-key fields (see :func:`records.run_key`)."""
+    check_norms(s.norms)
+    sid = sid or settings_id(s)
+    out = []
+    for seed in s.seeds:
+        for norm in s.norms:
+            for p in s.procs:
+                if s.skip_redundant and norm == "SyncBN" and p == 1:
+                    continue
+                out.append(dict(norm=norm, procs=p, per_proc=s.per_proc(p), seed=seed,
+                                iters=s.iters, settings_id=sid))
+    return out

@@ -1,0 +1,43 @@
+"""Helpers shared by the test modules (``from helpers import ...``; fixtures live in conftest.py)."""
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def synthetic_cfg(norm="GN", **overrides):
+    """The synthetic recipe for ``norm`` shrunk to the tiny split, as a detectron2 config."""
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+
+    cfg = get_cfg()
+    add_d2norm_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, "synthetic", "Base-Synthetic.yaml"))
+    for key in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
+        cfg.MODEL[key].NORM = norm
+    cfg.DATASETS.TRAIN = ("d2norm_shapes_tiny_train",)
+    cfg.DATASETS.TEST = ("d2norm_shapes_tiny_val",)
+    cfg.INPUT.MIN_SIZE_TRAIN = (96,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 96
+    cfg.INPUT.MIN_SIZE_TEST = 96
+    cfg.INPUT.MAX_SIZE_TEST = 96
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.WARMUP_ITERS = 2
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def convs_with_norm(module):
+    """The detectron2 ``Conv2d`` modules of ``module`` that carry a norm (a model's count of
+    normalized convs, read from the model rather than written down)."""
+    from detectron2.layers import Conv2d
+
+    return [m for m in module.modules() if isinstance(m, Conv2d) and getattr(m, "norm", None) is not None]
