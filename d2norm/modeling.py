@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .norms import norm_options_from_config, patch_get_norm
+from .norms import norm_options_from_config
+from .patches import patch_get_norm
 
 __all__ = ["build_model", "prepare_model", "remap_parametrized_keys"]
 

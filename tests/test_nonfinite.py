@@ -157,7 +157,10 @@ def test_trainer_skips_nan_image_and_continues(tmp_path, data_root, norm):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     inj = _Injector(iter(trainer._trainer._data_loader_iter), trainer.model, nan_at=2, empty_at=1)
-    trainer._trainer._data_loader_iter = inj
+    if "_data_loader_iter_obj" in vars(trainer._trainer):  # detectron2 after v0.6: a property
+        trainer._trainer._data_loader_iter_obj = inj
+    else:
+        trainer._trainer._data_loader_iter = inj
     trainer.train()
     assert inj.after is not None
     for k, v in inj.before.items():  # nothing at all changed during the NaN step
