@@ -10,7 +10,8 @@
 - Norm method state (MABN's official layout, CBN / MABN history of another buffer size) is
   converted before fvcore compares shapes (:func:`d2norm.weights.adapt_method_state`).
 - A missing or unreadable file raises an error that names the file and the fix; the
-  checkpointer stays usable after a failed load.
+  checkpointer stays usable after a failed load. A ``?matching_heuristics=True`` suffix on the
+  path (detectron2's syntax after v0.6) matches names heuristically on every detectron2 version.
 - Pretrained files: torchvision-style ResNet state dicts are renamed to detectron2 names, and a
   file that matches nothing, or whose backbone tensors have wrong shapes or are missing, raises
   an error naming the file and the keys (:mod:`d2norm.weights`; ``strict_backbone``).
@@ -19,7 +20,7 @@ File formats, key matching and the errors live in :mod:`d2norm.weights`; this mo
 """
 import os
 import tempfile
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -76,12 +77,20 @@ def _first_line(e, limit=200):
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _local_file(path):
-    """``path`` without a ``?query`` suffix (``?matching_heuristics=True``, detectron2 after v0.6)."""
+def split_query(path):
+    """``(file, {"matching_heuristics": bool})`` of a weights path with an optional
+    ``?matching_heuristics=True`` suffix (detectron2's syntax, read here on every version)."""
     parsed = urlparse(path)
-    if parsed.scheme in ("", "file") and parsed.query:
-        return parsed._replace(query="").geturl()
-    return path
+    if not parsed.query or parsed.scheme not in ("", "file"):
+        return path, {}
+    queries = parse_qs(parsed.query)
+    value = queries.pop("matching_heuristics", ["False"])
+    if queries or value not in (["True"], ["False"]):
+        raise CheckpointError(
+            f"Unsupported query in weights path {path!r}: only '?matching_heuristics=True' (match "
+            "the file's names to the model's by detectron2's heuristics) is understood. Fix: "
+            "remove the query, or use exactly that suffix.")
+    return parsed._replace(query="").geturl(), {"matching_heuristics": value == ["True"]}
 
 
 class D2NormCheckpointer(DetectionCheckpointer):
@@ -112,17 +121,22 @@ class D2NormCheckpointer(DetectionCheckpointer):
         atomic_write_bytes(path, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path, checkpointables=None):
-        if path and "://" not in path and not os.path.isfile(_local_file(path)):
-            raise CheckpointError(
-                f"Weights file not found: {path!r} (MODEL.WEIGHTS or --resume's last_checkpoint). "
-                "Fix: point MODEL.WEIGHTS at an existing .pth/.pkl file, or set MODEL.WEIGHTS \"\" "
-                "to train from scratch."
-            )
+        options = {}
+        if path and "://" not in path:
+            path, options = split_query(path)
+            if not os.path.isfile(path):
+                raise CheckpointError(
+                    f"Weights file not found: {path!r} (MODEL.WEIGHTS or --resume's "
+                    "last_checkpoint). Fix: point MODEL.WEIGHTS at an existing .pth/.pkl file, or "
+                    "set MODEL.WEIGHTS \"\" to train from scratch."
+                )
+        self._load_options = options
         try:
             return super().load(path, checkpointables=checkpointables)
         finally:
-            # detectron2 after v0.6 keeps the parsed '?query' of the path being loaded and
-            # asserts it is unset at the next load; a failed load must not leave it set.
+            self._load_options = {}
+            # detectron2 after v0.6 keeps the parsed path of the load in progress and asserts
+            # it is unset at the next load; a failed load must not leave it set.
             if hasattr(self, "_parsed_url_during_load"):
                 self._parsed_url_during_load = None
 
@@ -137,6 +151,8 @@ class D2NormCheckpointer(DetectionCheckpointer):
                 "valid file; with --resume, delete it and set 'last_checkpoint' in the output "
                 "directory to the previous checkpoint."
             ) from None
+        if getattr(self, "_load_options", {}).get("matching_heuristics"):
+            loaded["matching_heuristics"] = True
         return normalize_loaded_checkpoint(loaded, f)
 
     def _load_model(self, checkpoint):

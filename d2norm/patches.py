@@ -230,14 +230,19 @@ def _local_group_set():
 
 
 # ----------------------------------------------------------------------------- detectron2.export
+_tracing_adapter = None  # the class loaded without detectron2.export's __init__ (cached)
+
+
 def import_tracing_adapter():
     """detectron2's ``TracingAdapter`` (``detectron2/export/flatten.py``), see the module docstring."""
+    global _tracing_adapter
     try:
         from detectron2.export import TracingAdapter
 
         return TracingAdapter
     except ImportError:
-        pass
+        if _tracing_adapter is not None:
+            return _tracing_adapter
     import detectron2
 
     before = {n: m for n, m in sys.modules.items() if n == "detectron2.export" or n.startswith("detectron2.export.")}
@@ -248,7 +253,8 @@ def import_tracing_adapter():
     pkg.__doc__ = "d2norm: detectron2.export without its caffe2-dependent __init__ (temporary)"
     sys.modules["detectron2.export"] = pkg
     try:
-        return importlib.import_module("detectron2.export.flatten").TracingAdapter
+        _tracing_adapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
+        return _tracing_adapter
     finally:
         for name in [n for n in sys.modules if n == "detectron2.export" or n.startswith("detectron2.export.")]:
             del sys.modules[name]
