@@ -237,6 +237,68 @@ def get_fold():
     return getattr(deploy, "fold", None)
 
 
+# ------------------------------------------------------------------------- the trainer's guard
+GUARD_NORMS = ("BN", "CBN", "MABN")
+
+
+def measure_guard_overhead(norms=GUARD_NORMS, device="cpu", n_img=1, size=(128, 160), reps=5,
+                           warmup=2, recipe_rois=False):
+    """The cost of d2norm's training step (``d2norm.engine.guards.guarded_run_step`` with its
+    ``NonFiniteGuard``, what ``d2norm.engine.Trainer`` runs) against detectron2's
+    ``SimpleTrainer.run_step``, on the same model, optimizer and batch, interleaved.
+
+    Returns ``{norm: {"d2": ms, "guarded": ms, "guard": ms}}`` (medians): one detectron2 step,
+    one guarded step, and the guard alone (save + the non-finite decision, its one host sync
+    included) timed in isolation, which is the cleaner number where step times are noisy."""
+    import itertools
+
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
+
+    inputs = make_inputs(n_img, size, device)
+    out = {}
+    for norm in norms:
+        model, optimizer, _ = build(norm, device, inputs, recipe_rois)
+        trainer = SimpleTrainer(model, itertools.repeat(inputs), optimizer)
+        guard = NonFiniteGuard(model)
+        times = {"d2": [], "guarded": [], "guard": []}
+        with EventStorage(0) as storage:
+            for i in range(warmup + reps):
+                storage.iter = trainer.iter = i
+                for kind in ("d2", "guarded") if i % 2 else ("guarded", "d2"):
+                    L.sync(device)
+                    t0 = time.perf_counter()
+                    if kind == "d2":
+                        trainer.run_step()
+                    elif not guarded_run_step(trainer, guard):
+                        raise FloatingPointError(f"{norm}: the guard skipped a step")
+                    L.sync(device)
+                    if i >= warmup:
+                        times[kind].append(time.perf_counter() - t0)
+                loss = sum(p.sum() for p in list(model.parameters())[:1])
+                L.sync(device)
+                t0 = time.perf_counter()
+                guard.snapshot()
+                guard.step_is_bad(loss.detach(), None, loss.device)
+                L.sync(device)
+                if i >= warmup:
+                    times["guard"].append(time.perf_counter() - t0)
+        out[norm] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        del model, optimizer, trainer, guard
+    return out
+
+
+def guard_table(res):
+    lines = ["| norm | detectron2 step ms | d2norm step (guard on) ms | ratio | guard alone ms | "
+             "guard / step |", "|---|---:|---:|---:|---:|---:|"]
+    for norm, r in res.items():
+        lines.append(f"| {norm} | {r['d2']:.0f} | {r['guarded']:.0f} | {r['guarded'] / r['d2']:.3f}x | "
+                     f"{r['guard']:.1f} | {100 * r['guard'] / r['d2']:.2f}% |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -258,8 +320,20 @@ def main(argv=None):
     ap.add_argument("--output", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "benchmarks.png"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--guard", action="store_true",
+                    help="only measure the trainer's step with its non-finite guard against "
+                         "detectron2's SimpleTrainer step (--norms defaults to BN CBN MABN)")
     args = ap.parse_args(argv)
     device = L.setup_device(args)
+    if args.guard:
+        norms = [n for n in args.norms if n in RECIPES] if args.norms != NORMS else list(GUARD_NORMS)
+        size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
+        print(f"{L.machine_line(device)}; {args.images or 1} image(s) of {size[0]}x{size[1]}; "
+              f"{L.load_note()}")
+        res = measure_guard_overhead(norms, device, args.images or 1, size, args.reps or 5,
+                                     args.warmup, args.recipe_rois)
+        print(guard_table(res))
+        return res
     size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
     n_img = args.images or (1 if args.quick else 2)
     reps = args.reps or (2 if args.quick else 3)

@@ -85,6 +85,33 @@ def test_bad_batch_is_a_no_op(norm, bad_value):
         assert norms[0].iteration == 6 and norms[0].hist_count.item() == 2  # host mirror restored too
 
 
+def test_guard_saves_one_cbn_history_slot_not_the_history():
+    """What the guard copies per step: every buffer whole, except a CBN history, of which only
+    the slot the next forward overwrites ((k-1) times less than the history)."""
+    from d2norm.layers import CrossIterationBatchNorm2d
+
+    torch.manual_seed(0)
+    model = _Toy("CBN")
+    _train(model, _batches(3))  # a full history
+    guard = NonFiniteGuard(model)
+    saved = guard.snapshot()
+    copied = sum(store.numel() for *_, store in saved.entries)
+    history = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
+    expected = 0
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is None:
+                continue
+            if isinstance(m, CrossIterationBatchNorm2d) and name in history:
+                assert b.shape[0] == m.buffer_size - 1 == 2
+                expected += b[0].numel()
+            else:
+                expected += b.numel()
+    assert copied == expected
+    history_numel = sum(b.numel() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in history)
+    assert copied < 0.6 * sum(b.numel() for b in model.buffers()) and history_numel > 0
+
+
 @pytest.mark.parametrize("norm", ["SyncBN", "CBN", "MABN"])
 def test_finite_input_that_overflows_the_statistics_is_undone(norm):
     """A huge but finite batch overflows E[y^2] (running_var -> inf) while the normalized
