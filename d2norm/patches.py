@@ -78,8 +78,9 @@ def _missing_c_error(e):
 def detectron2_needs_standin():
     """Whether ``detectron2.layers`` fails to import for want of ``detectron2._C``.
 
-    Tries the import; on that failure, the half-imported ``detectron2.*`` modules the attempt
-    left behind are removed from ``sys.modules`` so that a later import starts clean."""
+    Tries the import. Python removes the modules whose import raised (``detectron2.layers``);
+    their submodules that did import are removed here too, so that a later import starts clean.
+    Modules imported successfully elsewhere (``detectron2.utils``, ...) stay, as they would."""
     if "detectron2.layers" in sys.modules:
         return False
     before = set(sys.modules)
@@ -88,9 +89,10 @@ def detectron2_needs_standin():
     except ImportError as e:
         if not _missing_c_error(e):
             raise
-        for name in set(sys.modules) - before:
-            if name == "detectron2" or name.startswith("detectron2."):
-                del sys.modules[name]
+        for name in sorted(set(sys.modules) - before):
+            parts = name.split(".")
+            if any(".".join(parts[:i]) not in sys.modules for i in range(1, len(parts))):
+                del sys.modules[name]  # its package failed to import
         return True
     return False
 
@@ -113,8 +115,6 @@ def install_compiled_ops_standin():
         return False  # the real extension exists: never shadow it
     if not detectron2_needs_standin():
         return False
-    import detectron2  # noqa: F811  (re-imported if the failed attempt removed it)
-
     mod = make_compiled_ops_standin()
     sys.modules["detectron2._C"] = mod
     detectron2._C = mod

@@ -198,14 +198,13 @@ def _squeezed(shape):
     return [d for d in shape if d != 1]
 
 
-def _is_norm(module):
+def _norm_types():
     from detectron2.layers import FrozenBatchNorm2d
 
     from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 
-    return isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm,
-                               FrozenBatchNorm2d, CrossIterationBatchNorm2d,
-                               MovingAverageBatchNorm2d))
+    return (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, FrozenBatchNorm2d,
+            CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
 
 
 def adapt_method_state(model, state_dict):
@@ -214,8 +213,9 @@ def adapt_method_state(model, state_dict):
     from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 
     notes = []
+    norm_types = _norm_types()
     for name, module in model.named_modules():
-        if not _is_norm(module):
+        if not isinstance(module, norm_types):
             continue
         prefix = f"{name}." if name else ""
         mine = dict(module.named_buffers(recurse=False))
