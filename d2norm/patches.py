@@ -233,6 +233,10 @@ def _local_group_set():
 _tracing_adapter = None  # the class loaded without detectron2.export's __init__ (cached)
 
 
+def _export_modules():
+    return [n for n in sys.modules if n == "detectron2.export" or n.startswith("detectron2.export.")]
+
+
 def import_tracing_adapter():
     """detectron2's ``TracingAdapter`` (``detectron2/export/flatten.py``), see the module docstring."""
     global _tracing_adapter
@@ -245,8 +249,7 @@ def import_tracing_adapter():
             return _tracing_adapter
     import detectron2
 
-    before = {n: m for n, m in sys.modules.items() if n == "detectron2.export" or n.startswith("detectron2.export.")}
-    for name in before:  # a package left half-imported by the failed attempt
+    for name in _export_modules():  # a package left half-imported by the failed attempt
         del sys.modules[name]
     pkg = types.ModuleType("detectron2.export")
     pkg.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
@@ -256,7 +259,7 @@ def import_tracing_adapter():
         _tracing_adapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
         return _tracing_adapter
     finally:
-        for name in [n for n in sys.modules if n == "detectron2.export" or n.startswith("detectron2.export.")]:
+        for name in _export_modules():
             del sys.modules[name]
         if getattr(detectron2, "export", None) is pkg:
             del detectron2.export

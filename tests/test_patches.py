@@ -60,7 +60,8 @@ def test_get_norm_patch_is_undone_and_redone():
 
     restored = patches.unpatch_get_norm()
     try:
-        assert "detectron2.layers.batch_norm" in restored and "detectron2.modeling.backbone.resnet" in restored
+        assert "detectron2.layers.batch_norm" in restored
+        assert "detectron2.modeling.backbone.resnet" in restored
         assert bn.get_norm is norms.detectron2_get_norm and resnet.get_norm is norms.detectron2_get_norm
         assert not [n for n, m in list(sys.modules.items()) if n.startswith("detectron2") and m is not None
                     and m.__dict__.get("get_norm") is norms.get_norm]

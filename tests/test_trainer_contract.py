@@ -160,7 +160,8 @@ def test_async_write_metrics_is_honoured():
     trainer.async_write_metrics = True
     submitted = []
     submit = trainer.concurrent_executor.submit
-    trainer.concurrent_executor.submit = lambda fn, *a, **k: (submitted.append(k.get("iter")), submit(fn, *a, **k))
+    trainer.concurrent_executor.submit = lambda fn, *a, **k: (submitted.append(k.get("iter")),
+                                                               submit(fn, *a, **k))
     _run_guarded(trainer, 3)
     trainer.concurrent_executor.shutdown(wait=True)
     assert submitted == [0, 1, 2]

@@ -18,7 +18,6 @@ import weakref
 import numpy as np
 import torch
 from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
-from detectron2.utils import comm
 
 from ..checkpoint import D2NormCheckpointer
 from ..data.resumable_loader import DeferredTrainLoader
