@@ -113,7 +113,7 @@ def test_guard_saves_one_cbn_history_slot_not_the_history():
 
 
 @pytest.mark.parametrize("norm", ["SyncBN", "CBN", "MABN"])
-def test_finite_input_that_overflows_the_statistics_is_undone(norm):
+def test_finite_input_that_overflows_the_statistics_is_undone(norm, caplog):
     """A huge but finite batch overflows E[y^2] (running_var -> inf) while the normalized
     output and the loss stay finite: the buffer check catches it."""
     torch.manual_seed(0)
@@ -125,8 +125,10 @@ def test_finite_input_that_overflows_the_statistics_is_undone(norm):
         d2norm.prepare_model(probe)
         loss = sum(probe(huge).values())
     assert torch.isfinite(loss) and not all(torch.isfinite(b).all() for b in probe.buffers())
-    done, guard, _ = _train(model, [huge, torch.randn(2, 3, 6, 6)])
+    with caplog.at_level("WARNING", logger="d2norm"):
+        done, guard, _ = _train(model, [huge, torch.randn(2, 3, 6, 6)])
     assert done == [False, True] and guard.skipped == 1
+    assert "non-finite normalization statistics" in caplog.text
     for k, v in model.state_dict().items():
         if k.endswith("running_var"):
             assert torch.isfinite(v).all() and not torch.equal(v, before[k]), k

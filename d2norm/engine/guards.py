@@ -99,6 +99,7 @@ class NonFiniteGuard:
         self.consecutive = 0
         self._store = {}  # (module id, name) -> reusable copy
         self._saved = None
+        self._local_bad = (False, False)  # (loss, statistics) of the last decision, this process
         self.has_mabn = any(isinstance(m, MovingAverageBatchNorm2d) for m in self.model.modules())
 
     # ------------------------------------------------------------------ save / restore
@@ -177,21 +178,27 @@ class NonFiniteGuard:
 
     def step_is_bad(self, losses, error, device):
         """True if this step must be skipped, on every process alike (all-reduced flag); one
-        host synchronization."""
+        host synchronization. Remembers which local check failed, for :meth:`record`."""
+        self._local_bad = (False, False)
         if error is not None or losses is None:
-            ok = torch.zeros((), dtype=torch.bool, device=device)
+            local = torch.ones(2, device=device)
         else:
-            ok = torch.isfinite(losses.detach()).all()
+            loss_ok = torch.isfinite(losses.detach()).all()
             state_ok = self.state_finite() if self._saved is not None else None
-            if state_ok is not None:
-                ok = ok & state_ok.to(ok.device)
+            state_ok = loss_ok.new_ones(()) if state_ok is None else state_ok.to(loss_ok.device)
+            local = torch.stack([loss_ok, state_ok]).logical_not().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl" and device.type != "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
-            flag = (~ok).to(device=device, dtype=torch.float32).reshape(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item() > 0)
-        return not bool(ok)
+            local = local.to(device)
+            any_bad = local.max().reshape(1)
+            dist.all_reduce(any_bad, op=dist.ReduceOp.MAX)
+            loss_bad, state_bad, bad = torch.cat([local, any_bad]).tolist()
+        else:
+            loss_bad, state_bad = local.tolist()
+            bad = max(loss_bad, state_bad)
+        self._local_bad = (loss_bad > 0, state_bad > 0)
+        return bad > 0
 
     def record(self, bad, iteration, loss_dict, error):
         if not bad:
@@ -206,9 +213,10 @@ class NonFiniteGuard:
         else:
             values = {k: float(v.detach()) for k, v in loss_dict.items()}
             bad_terms = {k: v for k, v in values.items() if not math.isfinite(v)}
-            if bad_terms:
-                why = f"non-finite losses {bad_terms}"
-            elif self._saved is not None and not bool(self.state_finite()):
+            loss_bad, state_bad = self._local_bad
+            if bad_terms or loss_bad:
+                why = f"non-finite losses {bad_terms or values}"
+            elif state_bad:
                 why = "non-finite normalization statistics (buffers)"
             else:
                 why = "another process had a non-finite step"
