@@ -330,9 +330,20 @@ def main(argv=None):
         size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
         print(f"{L.machine_line(device)}; {args.images or 1} image(s) of {size[0]}x{size[1]}; "
               f"{L.load_note()}")
+        machine = f"{L.machine_line(device)}; {args.images or 1} image(s) of {size[0]}x{size[1]}"
         res = measure_guard_overhead(norms, device, args.images or 1, size, args.reps or 5,
                                      args.warmup, args.recipe_rois)
         print(guard_table(res))
+        if not args.no_write:
+            body = ("## The trainer's step: non-finite guard against detectron2's step\n\n"
+                    f"`python benchmarks/model.py {' '.join(argv or sys.argv[1:])}` ({machine}; "
+                    f"{L.load_note()}). Median ms per training step of the same model, optimizer and "
+                    "batch: detectron2's `SimpleTrainer.run_step` and d2norm's "
+                    "`guarded_run_step` (what `d2norm.engine.Trainer` runs), interleaved; "
+                    "\"guard alone\" times the guard's save and decision by themselves.\n\n"
+                    + guard_table(res))
+            L.update_section(args.output, "guard", body, {"guard": res, "device": str(device)})
+            print(f"wrote {args.output}")
         return res
     size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
     n_img = args.images or (1 if args.quick else 2)
