@@ -11,7 +11,7 @@ install_compiled_ops_standin()
 
 from .compat import compiled_ops_available  # noqa: E402
 from .config import add_d2norm_config  # noqa: E402
-from .modeling import build_model, prepare_model  # noqa: E402
+from .modeling import build_model, convert_frozen_norms, prepare_model  # noqa: E402
 from .norms import D2NORM_NORMS, build_norm  # noqa: E402
 
 patch_get_norm()
@@ -21,6 +21,7 @@ __all__ = [
     "add_d2norm_config",
     "build_model",
     "prepare_model",
+    "convert_frozen_norms",
     "build_norm",
     "patch_get_norm",
     "compiled_ops_available",

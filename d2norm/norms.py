@@ -3,8 +3,9 @@
 :func:`get_norm` is detectron2's ``get_norm`` extended with d2norm's names;
 :func:`d2norm.patches.patch_get_norm` makes every detectron2 call site use it. Names d2norm
 defines are built by :func:`build_norm`; every other value goes to detectron2's own
-``get_norm`` (:data:`detectron2_get_norm`) unchanged. An unknown name raises a ``ValueError``
-listing the valid ones.
+``get_norm`` (:data:`detectron2_get_norm`) unchanged. An unknown name raises
+:class:`UnknownNormError` (a ``KeyError``, as in detectron2, and a ``ValueError``) listing the
+valid ones; errors raised while building a layer propagate unchanged.
 
 Options of the built layers (GN groups, CBN window, MABN buffer, ...) come from
 ``cfg.D2NORM``; :func:`norm_options_from_config` makes them active while a model is built.
@@ -16,22 +17,32 @@ from torch import nn
 
 __all__ = [
     "D2NORM_NORMS",
-    "DETECTRON2_NORMS",
+    "UnknownNormError",
     "build_norm",
-    "get_norm",
     "detectron2_get_norm",
+    "detectron2_norm_names",
+    "get_norm",
+    "is_norm_layer",
+    "norm_layer_types",
     "is_patched",
     "norm_options_from_config",
     "current_norm_options",
 ]
 
+
+def _default_options():
+    """The option defaults, read from ``add_d2norm_config`` (their one source): every
+    ``cfg.D2NORM`` sub-node except ``DATA``, as ``{method: {key: value}}``."""
+    from detectron2.config import CfgNode
+
+    from .config import add_d2norm_config
+
+    node = add_d2norm_config(CfgNode()).D2NORM
+    return {k: dict(v) for k, v in node.items() if isinstance(v, CfgNode) and k != "DATA"}
+
+
 # Options used when no config is active (the defaults of add_d2norm_config).
-_DEFAULT_OPTIONS = {
-    "GN": {"NUM_GROUPS": 32, "EPS": 1e-5},
-    "WS": {"EPS": 1e-5, "CONVENTION": "sqrt_var"},
-    "CBN": {"BUFFER_SIZE": 3, "BURNIN_ITERS": 0, "EPS": 1e-5, "MOMENTUM": 0.1},
-    "MABN": {"BUFFER_SIZE": 16, "WARMUP_ITERS": 100, "MOMENTUM": 0.98, "EPS": 1e-5},
-}
+_DEFAULT_OPTIONS = _default_options()
 _options = copy.deepcopy(_DEFAULT_OPTIONS)
 
 
@@ -72,20 +83,28 @@ def _sync_bn(c):
     return SyncBatchNorm2d(c)
 
 
+def _group_norm(cls, c, **kwargs):
+    groups = _options["GN"]["NUM_GROUPS"]
+    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < c < groups:
+        # fewer channels than groups: no such GN exists. detectron2's RetinaNetHead builds one to
+        # read the layer type (v0.6: get_norm(norm, 1)); a layer that refuses to run serves that,
+        # and d2norm.prepare_model names it if it is ever part of a model.
+        return cls.type_probe(groups, c, **kwargs)
+    return cls(groups, c, **kwargs)
+
+
 def _gn(c):
     from .layers.group_norm import GroupNorm
 
-    o = _options["GN"]
-    return GroupNorm(o["NUM_GROUPS"], c, eps=o["EPS"])
+    return _group_norm(GroupNorm, c, eps=_options["GN"]["EPS"])
 
 
 def _gn_ws(c):
     from .layers.group_norm import GroupNormWS
 
-    o, ws = _options["GN"], _options["WS"]
-    return GroupNormWS(
-        o["NUM_GROUPS"], c, eps=o["EPS"], ws_eps=ws["EPS"], ws_convention=ws["CONVENTION"]
-    )
+    ws = _options["WS"]
+    return _group_norm(GroupNormWS, c, eps=_options["GN"]["EPS"], ws_eps=ws["EPS"],
+                       ws_convention=ws["CONVENTION"])
 
 
 def _bn_ws(c):
@@ -128,17 +147,52 @@ D2NORM_NORMS = {
     "CBN": _cbn,
     "MABN": _mabn,
 }
-#: Names passed through to detectron2's own get_norm (those of v0.6; newer versions add more).
-DETECTRON2_NORMS = ("BN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+#: Names detectron2's get_norm has had (v0.6 has all but "LN"); see detectron2_norm_names().
+_DETECTRON2_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N",
+                          "LN")
+_detectron2_names = None
+
+
+def detectron2_norm_names():
+    """The names the installed detectron2's own ``get_norm`` accepts (probed once, on demand)."""
+    global _detectron2_names
+    if _detectron2_names is None:
+        original = _original_get_norm
+        if original is None:
+            import detectron2.layers.batch_norm as bn_module
+
+            original = getattr(bn_module.get_norm, "__wrapped_original__", bn_module.get_norm)
+        names = []
+        for name in _DETECTRON2_CANDIDATES:
+            try:
+                original(name, 32)
+            except KeyError:
+                continue
+            except Exception:  # known but not buildable here (e.g. needs a process group)
+                pass
+            names.append(name)
+        _detectron2_names = tuple(names)
+    return _detectron2_names
 
 
 def _valid_names():
-    return sorted(set(D2NORM_NORMS) | set(DETECTRON2_NORMS) | {""})
+    return sorted(set(D2NORM_NORMS) | set(detectron2_norm_names()) | {""})
 
 
 def build_norm(norm, out_channels):
-    """Build the norm layer named ``norm`` for ``out_channels`` channels (a d2norm name)."""
-    return D2NORM_NORMS[norm](out_channels)
+    """Build the norm layer named ``norm`` for ``out_channels`` channels (a d2norm name).
+
+    A layer whose conv needs a weight transform (GN+WS, BN+WS: Weight Standardization; MABN:
+    weight centralization) refuses to train until ``prepare_preceding_conv`` has run on it
+    (:func:`d2norm.prepare_model` does that), so a model built without the preparation pass
+    (e.g. by ``detectron2.modeling.build_model``) stops at its first training step instead of
+    silently training without the transform. (CBN refuses unbound training by itself.)"""
+    from .layers.conv_link import require_prepared_conv
+
+    layer = D2NORM_NORMS[norm](out_channels)
+    if callable(getattr(layer, "conv_transform", None)):
+        require_prepared_conv(layer)
+    return layer
 
 
 def _resolve_detectron2_get_norm():
@@ -159,23 +213,38 @@ detectron2_get_norm = _resolve_detectron2_get_norm()
 _original_get_norm = detectron2_get_norm
 
 
+class UnknownNormError(KeyError, ValueError):
+    """An unknown normalization name. A ``KeyError`` (what detectron2's ``get_norm`` raises) and a
+    ``ValueError``; its text is the plain message."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
 def _unknown_norm_error(norm):
-    return ValueError(
+    return UnknownNormError(
         f"Unknown normalization {norm!r} (MODEL.RESNETS.NORM / MODEL.FPN.NORM / "
-        f"MODEL.ROI_BOX_HEAD.NORM / MODEL.ROI_MASK_HEAD.NORM). Valid names: "
+        f"MODEL.ROI_BOX_HEAD.NORM / MODEL.ROI_MASK_HEAD.NORM / MODEL.RETINANET.NORM). Valid names: "
         f"{', '.join(repr(n) for n in _valid_names())}. Fix: use one of them, or pass a callable "
         "that takes the channel count and returns an nn.Module."
     )
 
 
 def get_norm(norm, out_channels):
-    """detectron2's ``get_norm`` extended with d2norm's names (see module docstring)."""
+    """detectron2's ``get_norm`` extended with d2norm's names (see module docstring).
+
+    Errors raised while building a layer (including by a user's callable) propagate unchanged;
+    only a string that names no norm raises :class:`UnknownNormError`."""
     if isinstance(norm, str) and norm in D2NORM_NORMS:
         return build_norm(norm, out_channels)
+    if not isinstance(norm, str):
+        return _original_get_norm(norm, out_channels)
     try:
         return _original_get_norm(norm, out_channels)
-    except KeyError:
-        raise _unknown_norm_error(norm) from None
+    except KeyError as e:
+        if e.args == (norm,):  # detectron2's name lookup, not an error inside a layer
+            raise _unknown_norm_error(norm) from None
+        raise
 
 
 get_norm._d2norm_patched = True
@@ -183,7 +252,21 @@ get_norm.__wrapped_original__ = detectron2_get_norm
 
 
 def norm_layer_types():
-    """Module types that count as normalization layers (for tests and model preparation)."""
-    from detectron2.layers import FrozenBatchNorm2d
+    """The one rule for what a normalization layer is: torch's BN / SyncBN / InstanceNorm
+    (``_NormBase``), GN, LN, LRN; detectron2's ``FrozenBatchNorm2d``, ``CycleBatchNormList`` and
+    ``LayerNorm`` (where the installed version has it); every d2norm norm
+    (:data:`d2norm.layers.NORM_TYPES`) and per-level list (``CycleNormList``)."""
+    import detectron2.layers.batch_norm as d2bn
 
-    return (nn.modules.batchnorm._NormBase, nn.GroupNorm, FrozenBatchNorm2d)
+    from .layers import NORM_TYPES, CycleNormList
+
+    d2_types = tuple(t for t in (getattr(d2bn, n, None) for n in
+                                 ("FrozenBatchNorm2d", "CycleBatchNormList", "LayerNorm"))
+                     if isinstance(t, type))
+    return (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+            CycleNormList) + d2_types + NORM_TYPES
+
+
+def is_norm_layer(module):
+    """Whether ``module`` is a normalization layer (see :func:`norm_layer_types`)."""
+    return isinstance(module, norm_layer_types())

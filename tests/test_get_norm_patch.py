@@ -147,3 +147,68 @@ def test_frozen_stages_use_the_eval_map_of_cbn_and_mabn(name):
     layer.eval()
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(frozen_batch_norm_of(layer)(x), layer(x))
+
+
+def test_keyerror_inside_a_callable_propagates_unchanged():
+    """A KeyError raised while a user's callable builds its layer is that callable's error, not an
+    unknown normalization name."""
+    from detectron2.layers import get_norm
+
+    def my_norm(c):
+        return {"GN": nn.GroupNorm}["gn"](4, c)  # the user's own bug
+
+    with pytest.raises(KeyError) as e:
+        get_norm(my_norm, 8)
+    assert e.value.args == ("gn",) and "Unknown normalization" not in str(e.value)
+
+
+def test_unknown_name_is_a_keyerror_as_in_detectron2():
+    from detectron2.layers import get_norm
+
+    with pytest.raises(KeyError, match="Unknown normalization 'GroupNorm'"):
+        get_norm("GroupNorm", 64)
+
+
+def test_valid_names_are_those_the_installed_detectron2_accepts():
+    """'LN' is listed only where detectron2's own get_norm builds it (main does, v0.6 does not)."""
+    from detectron2.layers import get_norm
+
+    try:
+        norms._original_get_norm("LN", 8)
+        has_ln = True
+    except KeyError:
+        has_ln = False
+    if has_ln:
+        assert get_norm("LN", 8) is not None
+    else:
+        with pytest.raises(ValueError) as e:
+            get_norm("LN", 8)
+        assert "'LN'" not in str(e.value).split("Valid names:")[1]
+
+
+def test_option_defaults_are_those_of_add_d2norm_config():
+    """One source for the defaults: what a norm built without a config uses is what
+    add_d2norm_config puts in a config (every option of every method)."""
+    from detectron2.config import get_cfg
+
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    node = {k: dict(v) for k, v in cfg.D2NORM.items() if k != "DATA"}
+    assert norms.current_norm_options() == node
+    gn, ws = d2norm.build_norm("GN+WS", 64), cfg.D2NORM.WS
+    assert (gn.num_groups, gn.eps) == (cfg.D2NORM.GN.NUM_GROUPS, cfg.D2NORM.GN.EPS)
+    assert (gn.ws_eps, gn.ws_convention) == (ws.EPS, ws.CONVENTION)
+    mabn = d2norm.build_norm("MABN", 8)
+    mabn_cfg = cfg.D2NORM.MABN
+    assert (mabn.buffer_size, mabn.warmup_iters) == (mabn_cfg.BUFFER_SIZE, mabn_cfg.WARMUP_ITERS)
+
+
+@pytest.mark.parametrize("name", ["GN+WS", "BN+WS", "MABN"])
+def test_layers_built_by_name_refuse_to_train_before_their_conv_is_prepared(name):
+    from detectron2.layers import get_norm
+
+    conv, norm = nn.Conv2d(3, 32, 3, bias=False), get_norm(name, 32)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=r"never prepared.*d2norm\.build_model.*prepare_preceding_conv"):
+        norm(conv(x))
+    norm.prepare_preceding_conv(conv)
+    norm(conv(x))

@@ -1,6 +1,7 @@
 """``Trainer``: detectron2's ``DefaultTrainer`` with d2norm's model building and method state.
 
 - ``build_model``: d2norm's norm names and the model-preparation pass (:mod:`d2norm.modeling`).
+- ``build_optimizer``: detectron2's, with ``SOLVER.WEIGHT_DECAY_NORM`` for every norm (:mod:`d2norm.optim`).
 - Checkpoints (atomic, :mod:`d2norm.checkpoint`) also hold the RNG states and the data-stream
   seed, and the training data resumes where it stopped, so ``--resume`` continues a run exactly
   (on CPU: identical losses). CBN history and MABN buffers are module buffers, hence in the
@@ -22,6 +23,7 @@ from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
 from ..checkpoint import D2NormCheckpointer
 from ..data.resumable_loader import DeferredTrainLoader
 from ..modeling import build_model
+from ..optim import build_optimizer
 from ..patches import ddp_for_cpu_models
 from .data import build_evaluator, build_resumable_train_loader
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
@@ -93,6 +95,11 @@ class Trainer(DefaultTrainer):
         model = build_model(cfg)
         logging.getLogger(__name__).info("Model:\n%s", model)
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        # every d2norm norm's gamma/beta get SOLVER.WEIGHT_DECAY_NORM, like BN and GN (optim.py)
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):

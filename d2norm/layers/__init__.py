@@ -1,5 +1,6 @@
 """Normalization layers. One module per method; each docstring states its equations."""
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
+from .cycle_norm_list import CycleNormList
 from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
 from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
@@ -7,8 +8,21 @@ from .sync_batch_norm import SyncBatchNorm2d
 __all__ = [
     "BatchNormWS",
     "CrossIterationBatchNorm2d",
+    "CycleNormList",
     "GroupNorm",
     "GroupNormWS",
     "MovingAverageBatchNorm2d",
+    "NORM_TYPES",
     "SyncBatchNorm2d",
 ]
+
+#: d2norm's normalization layer classes (a new norm adds its class here: the optimizer's
+#: WEIGHT_DECAY_NORM rule and the preparation pass read this tuple).
+NORM_TYPES = (
+    BatchNormWS,
+    CrossIterationBatchNorm2d,
+    GroupNorm,
+    GroupNormWS,
+    MovingAverageBatchNorm2d,
+    SyncBatchNorm2d,
+)

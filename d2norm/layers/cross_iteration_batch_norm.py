@@ -201,11 +201,14 @@ class CrossIterationBatchNorm2d(nn.Module):
         """Hook for d2norm's model-preparation pass: ``conv`` is the conv whose ``.norm`` this is."""
         self.bind(conv)
 
-    def bind(self, conv):
+    def bind(self, conv, shared=False):
         """Link this layer to the ``nn.Conv2d`` whose output it normalizes (idempotent).
 
         Keeps only a weak reference (in detectron2 the norm is a child of the conv), registers a
-        forward pre-hook on the conv that hands its input over, and allocates the history."""
+        forward pre-hook on the conv that hands its input over, and allocates the history.
+        ``shared=True``: other CBN layers bound with ``shared=True`` may normalize the same conv
+        (per-call copies, e.g. one per FPN level in RetinaNet's head); each call of the conv
+        must be followed by exactly one of them."""
         current = self._conv_ref()
         if current is conv:
             return self
@@ -229,15 +232,31 @@ class CrossIterationBatchNorm2d(nn.Module):
                              f"out_channels={conv.out_channels}.")
         owner = conv.__dict__.get(_OWNER_KEY)
         other = owner() if owner is not None else None
-        if other is not None and other is not self:
+        if other is not None and other is not self and not (shared and getattr(other, "_shared_bind", False)):
             raise RuntimeError(f"{self._layer_name()}: {conv!r} is already bound to another "
                                "CrossIterationBatchNorm2d.")
         conv.__dict__[_OWNER_KEY] = _ModuleRef(self)
         if not any(h is _stash_conv_input for h in conv._forward_pre_hooks.values()):
             conv.register_forward_pre_hook(_stash_conv_input)
         self._conv_ref = _ModuleRef(conv)
+        self._shared_bind = bool(shared)
         self._ensure_history(conv.weight)
         return self
+
+    def unbind(self):
+        """Undo :meth:`bind`: remove the conv's input hand-over (e.g. when this layer is replaced
+        by a frozen one). Returns the conv that was bound, or None."""
+        conv = self._conv_ref()
+        self._conv_ref = _ModuleRef()
+        if conv is None:
+            return None
+        owner = conv.__dict__.get(_OWNER_KEY)
+        if owner is not None and owner() in (self, None):
+            conv.__dict__.pop(_OWNER_KEY, None)
+            conv.__dict__.pop(_STASH_KEY, None)
+            for key in [k for k, h in conv._forward_pre_hooks.items() if h is _stash_conv_input]:
+                del conv._forward_pre_hooks[key]
+        return conv
 
     def _layer_name(self):
         name = getattr(self, "_d2norm_name", None)

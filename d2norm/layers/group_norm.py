@@ -6,9 +6,10 @@ over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and
 """
 from torch import nn
 
-from .weight_transforms import WeightStandardization, apply_weight_transform
+from .conv_link import mark_conv_prepared
+from .weight_transforms import WeightStandardization, apply_weight_transform, check_ws_options
 
-__all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups"]
+__all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups", "check_ws_options"]
 
 
 def check_num_groups(num_groups, num_channels):
@@ -32,22 +33,30 @@ class GroupNorm(nn.GroupNorm):
         check_num_groups(num_groups, num_channels)
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
 
+    @classmethod
+    def type_probe(cls, num_groups, num_channels, **kwargs):
+        """A layer of this class for fewer channels than groups, which refuses to run.
 
-_WS_CONVENTIONS = ("sqrt_var", "std_plus_eps")
+        detectron2 v0.6's ``RetinaNetHead`` calls ``get_norm(norm, 1)`` only to read the layer's
+        type (main calls ``get_norm(norm, 32)``); a GN of ``num_groups`` groups cannot exist for
+        so few channels. The returned layer has one group per channel, raises when called, and
+        carries ``unusable`` (the reason), which ``d2norm.prepare_model`` reports with the
+        module's path if such a layer ends up in a model."""
+        check_num_groups(num_groups, num_groups)  # a valid count (positive integer) or a clear error
+        if num_channels >= num_groups:
+            raise ValueError(f"type_probe is for fewer channels than groups, got {num_channels} "
+                             f"channels and {num_groups} groups")
+        layer = cls(num_channels, num_channels, **kwargs)
+        layer.unusable = (
+            f"GroupNorm: D2NORM.GN.NUM_GROUPS={num_groups} groups cannot split the {num_channels} "
+            f"channel(s) of this layer. Fix: choose D2NORM.GN.NUM_GROUPS dividing every normalized "
+            f"channel count (e.g. 32, 16 or 8 for widths that are multiples of 32).")
+        layer.register_forward_pre_hook(_refuse_unusable)
+        return layer
 
 
-def check_ws_options(ws_eps, ws_convention):
-    if ws_convention not in _WS_CONVENTIONS:
-        raise ValueError(
-            f"D2NORM.WS.CONVENTION must be one of {_WS_CONVENTIONS}, got {ws_convention!r}. "
-            'Fix: set D2NORM.WS.CONVENTION "sqrt_var" (the paper\'s equation, default) or '
-            '"std_plus_eps" (weights trained with mmcv ConvWS2d / the original WS code).'
-        )
-    if not (isinstance(ws_eps, (int, float)) and ws_eps >= 0):
-        raise ValueError(
-            f"D2NORM.WS.EPS must be a number >= 0, got {ws_eps!r}. Fix: set D2NORM.WS.EPS "
-            "(default 1e-5)."
-        )
+def _refuse_unusable(module, args):
+    raise RuntimeError(module.unusable)
 
 
 class _StandardizesPrecedingConv:
@@ -55,11 +64,17 @@ class _StandardizesPrecedingConv:
 
     ws_eps = 1e-5
     ws_convention = "sqrt_var"
+    conv_requirement = "Weight Standardization of the conv before it"
+
+    def conv_transform(self):
+        """The parametrization this norm puts on the weight of the conv that feeds it."""
+        return WeightStandardization(eps=self.ws_eps, convention=self.ws_convention)
 
     def prepare_preceding_conv(self, conv):
-        apply_weight_transform(
-            conv, WeightStandardization(eps=self.ws_eps, convention=self.ws_convention)
-        )
+        """Weight-standardize ``conv`` (the conv whose output this norm normalizes); idempotent."""
+        apply_weight_transform(conv, self.conv_transform())
+        mark_conv_prepared(self)
+        return conv
 
 
 class GroupNormWS(_StandardizesPrecedingConv, GroupNorm):
@@ -89,12 +104,23 @@ class GroupNormWS(_StandardizesPrecedingConv, GroupNorm):
         self.ws_convention = ws_convention
 
 
-class BatchNormWS(_StandardizesPrecedingConv, nn.BatchNorm2d):
-    """BatchNorm2d whose preceding conv is weight-standardized (``NORM: "BN+WS"``); WS as in
-    :class:`GroupNormWS`."""
+class BatchNormWS(_StandardizesPrecedingConv, nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (4-D input) whose preceding conv is weight-standardized (``NORM: "BN+WS"``); WS
+    as in :class:`GroupNormWS`, BN as ``nn.BatchNorm2d``.
+
+    It derives from torch's ``_BatchNorm``, not from ``nn.BatchNorm2d``, on purpose: detectron2's
+    ``FrozenBatchNorm2d.convert_frozen_batchnorm`` (run by ``MODEL.BACKBONE.FREEZE_AT`` while the
+    model is built, before d2norm's preparation pass) would turn a ``BatchNorm2d`` into a
+    ``FrozenBatchNorm2d`` and the conv before it would lose its Weight Standardization. Left to
+    d2norm, a frozen BN+WS becomes a ``FrozenBatchNorm2d`` after a conv that keeps WS
+    (:func:`d2norm.convert_frozen_norms`)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, ws_eps=1e-5, ws_convention="sqrt_var"):
         check_ws_options(ws_eps, ws_convention)
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.ws_eps = ws_eps
         self.ws_convention = ws_convention
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")

@@ -56,6 +56,7 @@ The conv before each MABN must use centralized weights (``W - mean(W)`` per outp
 import torch
 from torch import nn
 
+from .conv_link import mark_conv_prepared
 from .weight_transforms import WeightCentralization, apply_weight_transform
 
 __all__ = ["MovingAverageBatchNorm2d", "set_grad_scale"]
@@ -200,9 +201,17 @@ class MovingAverageBatchNorm2d(nn.Module):
             f"warmup_iters={self.warmup_iters}, momentum={self.momentum}, eps={self.eps}"
         )
 
+    conv_requirement = "weight centralization of the conv before it"
+
+    def conv_transform(self):
+        """The parametrization this norm puts on the weight of the conv that feeds it."""
+        return WeightCentralization()
+
     def prepare_preceding_conv(self, conv: nn.Module) -> nn.Module:
         """Weight-centralize ``conv`` (the conv whose output this norm normalizes); idempotent."""
-        return apply_weight_transform(conv, WeightCentralization())
+        apply_weight_transform(conv, self.conv_transform())
+        mark_conv_prepared(self)
+        return conv
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept the official MABN2d layout: running_var (1, C, 1, 1), iters (1,).

@@ -43,44 +43,68 @@ def all_reduce_sum(tensor):
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
-    """Synchronized BatchNorm2d (``NORM: "SyncBN"``); see the module docstring."""
+    """Synchronized BatchNorm2d (``NORM: "SyncBN"``); see the module docstring.
+
+    Like ``nn.SyncBatchNorm`` (what detectron2's "SyncBN" builds) it accepts any input with a
+    channel dim, ``(N, C, *)``; statistics are over every dim but C. The running statistics are
+    updated without reading the all-reduced count on the host (no device synchronization per
+    layer): the update is weighted by ``[n > 1]`` for the global count n, as torch's BN cannot
+    update from a single value. ``momentum=None`` is torch's cumulative average
+    (factor 1/num_batches_tracked)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"SyncBatchNorm2d expects an (N, C, *) input, got shape {tuple(input.shape)}")
 
     def forward(self, x):
-        if x.dim() != 4:
-            raise ValueError(f"SyncBatchNorm2d expects a 4D (N,C,H,W) input, got shape {tuple(x.shape)}")
+        self._check_input_dim(x)
         if not self.training:
             return super().forward(x)
         world = distributed_world_size()
         if world == 1:
             if x.numel() == 0:
                 # nn.BatchNorm2d fails on an empty batch; keep the graph, leave the stats alone.
-                return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) * 0
+                return _affine(x, self.weight, self.bias)
             return super().forward(x)
 
         C = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, C] + [1] * (x.dim() - 2)
         xf = x.float()
         count = torch.full((1,), float(x.numel() // C), device=x.device, dtype=torch.float32)
-        if x.numel() > 0:
-            local_sum = xf.sum(dim=(0, 2, 3))
-            local_sqsum = (xf * xf).sum(dim=(0, 2, 3))
-        else:
-            # zero contribution, still connected to x so backward reaches every rank's input
-            local_sum = xf.sum(dim=(0, 2, 3)) + 0.0
-            local_sqsum = local_sum
+        # an empty batch sums to zero, still connected to x so backward reaches every rank's input
+        local_sum = xf.sum(dim=dims)
+        local_sqsum = (xf * xf).sum(dim=dims)
         stats = all_reduce_sum(torch.cat([local_sum, local_sqsum, count]))
         total = stats[-1].clamp(min=1.0)
         mean = stats[:C] / total
         var = (stats[C : 2 * C] / total - mean * mean).clamp(min=0.0)
 
-        if self.track_running_stats and stats[-1].item() > 1:
+        if self.track_running_stats:
             with torch.no_grad():
                 n = stats[-1]
-                unbiased = var.detach() * n / (n - 1)
-                m = self.momentum if self.momentum is not None else 0.1
-                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-                self.num_batches_tracked += 1
+                valid = (n > 1).to(n.dtype)  # 0 or 1, on the device: no host sync
+                self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
+                if self.momentum is None:  # cumulative average, as torch's BN
+                    m = valid / self.num_batches_tracked.clamp(min=1).to(n.dtype)
+                else:
+                    m = valid * self.momentum
+                unbiased = var.detach() * n / (n - 1).clamp(min=1.0)
+                self.running_mean.add_((mean.detach() - self.running_mean) * m)
+                self.running_var.add_((unbiased - self.running_var) * m)
         inv_std = torch.rsqrt(var + self.eps)
-        scale = self.weight.float() * inv_std
-        shift = self.bias.float() - mean * scale
-        return (xf * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+        scale = inv_std if self.weight is None else self.weight.float() * inv_std
+        shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
+        return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
+def _affine(x, weight, bias):
+    """``x * weight + bias * 0`` per channel (dim 1): an output connected to the affine
+    parameters (for an empty batch); the identity when the layer has none."""
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    out = x
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape) * 0
+    return out

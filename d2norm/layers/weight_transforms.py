@@ -34,9 +34,28 @@ __all__ = [
     "apply_weight_transform",
     "bake_weight_transforms",
     "get_weight_transform",
+    "check_ws_options",
+    "WS_CONVENTIONS",
 ]
 
-_WS_CONVENTIONS = ("sqrt_var", "std_plus_eps")
+#: Weight Standardization conventions (config key ``D2NORM.WS.CONVENTION``).
+WS_CONVENTIONS = ("sqrt_var", "std_plus_eps")
+
+
+def check_ws_options(eps, convention):
+    """Validate Weight Standardization options; the error names the config key and the fix."""
+    if convention not in WS_CONVENTIONS:
+        raise ValueError(
+            f"Unknown Weight Standardization convention {convention!r}: D2NORM.WS.CONVENTION must be "
+            f"one of {WS_CONVENTIONS}. "
+            'Fix: set D2NORM.WS.CONVENTION "sqrt_var" (the paper\'s equation, default) or '
+            '"std_plus_eps" (weights trained with mmcv ConvWS2d / the original WS code).'
+        )
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(
+            f"D2NORM.WS.EPS must be a number >= 0, got {eps!r}. Fix: set D2NORM.WS.EPS "
+            "(default 1e-5)."
+        )
 
 
 def _reduce_dims(w: torch.Tensor) -> Tuple[int, ...]:
@@ -69,7 +88,7 @@ def standardize_weight(
     if convention == "std_plus_eps":
         std, mean = torch.std_mean(w, dim=dims, correction=1, keepdim=True)
         return (w - mean) / (std + eps)
-    raise ValueError(f"unknown WS convention {convention!r}; expected one of {_WS_CONVENTIONS}")
+    raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")
 
 
 class WeightCentralization(nn.Module):
@@ -87,12 +106,7 @@ class WeightStandardization(nn.Module):
 
     def __init__(self, eps: float = 1e-5, convention: str = "sqrt_var"):
         super().__init__()
-        if convention not in _WS_CONVENTIONS:
-            raise ValueError(
-                f"unknown WS convention {convention!r}; expected one of {_WS_CONVENTIONS}"
-            )
-        if not eps >= 0:
-            raise ValueError(f"WS eps must be >= 0, got {eps}")
+        check_ws_options(eps, convention)
         self.eps = float(eps)
         self.convention = convention
 
