@@ -24,6 +24,7 @@ from torch import nn
 
 from .layers.weight_transforms import bake_weight_transforms, get_weight_transform
 from .modeling import _load_plain_weight_into_parametrized
+from .patches import import_tracing_adapter  # noqa: F401  (re-exported)
 
 __all__ = [
     "fold_weight_standardization",
@@ -289,34 +290,3 @@ def load_folded_model(cfg, path):
             f"{path!r} does not fit the folded model of this config (missing: {missing[:5]}, "
             f"unexpected: {unexpected[:5]}). Fix: use the config the weights were folded with.")
     return model
-
-
-def import_tracing_adapter():
-    """detectron2's ``TracingAdapter`` (``detectron2/export/flatten.py``).
-
-    detectron2 v0.6's ``detectron2.export`` package imports caffe2 at import time, which torch 2
-    no longer ships; the adapter itself needs nothing of it. If the package import fails, the
-    ``flatten`` module is loaded on its own (the package's ``__init__`` is skipped)."""
-    try:
-        from detectron2.export import TracingAdapter
-
-        return TracingAdapter
-    except ImportError:
-        pass
-    import importlib
-    import sys
-    import types
-
-    import detectron2
-
-    if "detectron2.export" in sys.modules and not hasattr(sys.modules["detectron2.export"], "__path__"):
-        del sys.modules["detectron2.export"]
-    if "detectron2.export" not in sys.modules:
-        pkg = types.ModuleType("detectron2.export")
-        pkg.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
-        pkg.__doc__ = "d2norm: detectron2.export without its caffe2-dependent __init__"
-        sys.modules["detectron2.export"] = pkg
-    adapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
-    if getattr(sys.modules["detectron2.export"], "TracingAdapter", None) is None:
-        sys.modules["detectron2.export"].TracingAdapter = adapter
-    return adapter

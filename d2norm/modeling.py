@@ -43,7 +43,8 @@ from torch.nn.utils import parametrize
 
 from .layers.conv_link import ModuleRef, TensorRef, is_conv_prepared, remove_hook
 from .layers.norm_sites import prepare_norm_sites
-from .norms import norm_options_from_config, patch_get_norm
+from .norms import norm_options_from_config
+from .patches import patch_get_norm
 
 __all__ = ["build_model", "prepare_model", "convert_frozen_norms", "find_feeding_conv",
            "frozen_batch_norm_of", "remap_parametrized_keys"]
