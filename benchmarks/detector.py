@@ -49,6 +49,15 @@ RECIPES = {
         ["D2NORM.MABN.BUFFER_SIZE", "2", "D2NORM.MABN.WARMUP_ITERS", "0", "MODEL.BACKBONE.FREEZE_AT", "2"],
     ),
 }
+# BRN (past its ramp: r, d clipped at the full bounds), FRN + TLU and EvoNorm-S0 in BN's layout
+RECIPES.update({
+    name: ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml",
+           [k for site in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+            for k in (f"MODEL.{site}.NORM", name)]
+           + ["D2NORM.BRN.RAMP_START_ITER", "0", "D2NORM.BRN.R_MAX_END_ITER", "0",
+              "D2NORM.BRN.D_MAX_END_ITER", "0"])
+    for name in ("BRN", "FRN", "EvoNorm-S0")
+})
 # BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
 # the least a CBN iteration can cost (training only; a BN model at inference)
 CBN_FLOOR = "CBN floor"

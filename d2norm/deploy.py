@@ -12,7 +12,7 @@ Transforms that fold eval-mode norm layers into the preceding conv belong here t
 visit the same (conv, conv.norm) pairs as :func:`iter_conv_norm_pairs`.
 
 * :func:`fold`: bake the weight transforms, then fold every eval-mode BN, SyncBN, BN+WS, BN*,
-  FrozenStatsBN, CBN and MABN into the conv before it (:func:`eval_affine` gives a norm's
+  FrozenStatsBN, CBN, MABN and BRN into the conv before it (:func:`eval_affine` gives a norm's
   per-channel ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
@@ -107,8 +107,10 @@ def _foldable_types():
 
 def is_foldable(norm):
     """Whether ``norm`` is a per-channel affine map in eval mode (see :func:`eval_affine`)."""
+    from .layers.batch_renorm import BatchRenorm2d
+
     frozen, cbn, mabn = _foldable_types()
-    if isinstance(norm, (frozen, cbn, mabn)):
+    if isinstance(norm, (frozen, cbn, mabn, BatchRenorm2d)):
         return True
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
 
@@ -120,7 +122,8 @@ def eval_affine(norm):
     * BN / SyncBN / BN+WS / FrozenStatsBN (any ``_BatchNorm`` with running stats), BN*
       (``FrozenBatchNorm2d``), CBN: ``scale = γ/√(running_var + ε)``,
       ``shift = β − running_mean·scale``;
-    * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``.
+    * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``;
+    * BRN (running σ, ε included): ``scale = γ/running_std``, ``shift = β − running_mean·scale``.
 
     Raises ``TypeError`` for norms without such a form (GN, LN: per-sample statistics) and
     ``ValueError`` for a BN that normalizes with batch statistics in eval
@@ -134,6 +137,11 @@ def eval_affine(norm):
             return torch.full((norm.num_features,), fill, dtype=f64, device=norm.running_var.device)
         return t.detach().to(f64)
 
+    from .layers.batch_renorm import BatchRenorm2d
+
+    if isinstance(norm, BatchRenorm2d):
+        scale = norm.weight.detach().to(f64) / norm.running_std.detach().to(f64)
+        return scale, norm.bias.detach().to(f64) - norm.running_mean.detach().to(f64) * scale
     if isinstance(norm, mabn):
         scale = f64_or(norm.weight, 1.0) * torch.rsqrt(norm.running_var.detach().to(f64) + norm.eps)
         return scale, f64_or(norm.bias, 0.0)
@@ -234,7 +242,7 @@ def fold(model):
     1. Weight Standardization / weight centralization are baked into the conv weights
        (:func:`fold_weight_standardization`).
     2. For each detectron2 ``Conv2d`` with a ``norm`` (:func:`iter_conv_norm_pairs`) that is
-       BN, SyncBN, BN+WS, BN* (FrozenBN), CBN or MABN: ``(s, t) = eval_affine(norm)``,
+       BN, SyncBN, BN+WS, BN* (FrozenBN), CBN, MABN or BRN: ``(s, t) = eval_affine(norm)``,
        :func:`fold_affine_into_conv`, ``conv.norm = None`` (CBN's conv hook is removed).
     3. GN (also the GN of GN+WS) and any other norm stay as they are.
 

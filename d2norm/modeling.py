@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layers.conv_link import ModuleRef, TensorRef, is_conv_prepared, remove_hook
+from .layers.norm_sites import prepare_norm_sites
 from .norms import norm_options_from_config
 from .patches import patch_get_norm
 
@@ -198,6 +199,7 @@ def prepare_model(model):
         _register_plain_weight_hook(conv)
         if not structural:
             _install_link_check(norm, path, conv, conv_path)
+    prepare_norm_sites(model)  # BRN / FRN / EvoNorm-S0: activations per call site, frozen BRN
     return model
 
 

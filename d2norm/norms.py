@@ -142,6 +142,36 @@ def _mabn(c):
     )
 
 
+def _brn(c):
+    from .layers.batch_renorm import BatchRenorm2d
+
+    o = _options["BRN"]
+    return BatchRenorm2d(
+        c, r_max=o["R_MAX"], d_max=o["D_MAX"], ramp_start=o["RAMP_START_ITER"],
+        r_max_end=o["R_MAX_END_ITER"], d_max_end=o["D_MAX_END_ITER"], momentum=o["MOMENTUM"], eps=o["EPS"],
+    )
+
+
+def _frn(c):
+    from .layers.filter_response_norm import FilterResponseNorm2d
+
+    o = _options["FRN"]
+    return FilterResponseNorm2d(
+        c, eps=o["EPS"], learnable_eps=o["LEARNABLE_EPS"], learned_eps_init=o["LEARNED_EPS_INIT"],
+        replace_relu=o["REPLACE_RELU"],
+    )
+
+
+def _evonorm_s0(c):
+    from .layers.evonorm import EvoNormS0
+
+    o = _options["EVONORM"]
+    groups, kwargs = o["NUM_GROUPS"], dict(eps=o["EPS"], replace_relu=o["REPLACE_RELU"])
+    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < c < groups:
+        return EvoNormS0.type_probe(groups, c, **kwargs)  # RetinaNetHead's get_norm(norm, 1) probe
+    return EvoNormS0(c, num_groups=groups, **kwargs)
+
+
 #: Names d2norm builds (they take precedence over detectron2's meaning of the same name).
 D2NORM_NORMS = {
     "BN*": _frozen_bn,
@@ -153,6 +183,9 @@ D2NORM_NORMS = {
     "BN+WS": _bn_ws,
     "CBN": _cbn,
     "MABN": _mabn,
+    "BRN": _brn,
+    "FRN": _frn,
+    "EvoNorm-S0": _evonorm_s0,
 }
 #: Names detectron2's get_norm has had (v0.6 has all but "LN"); see detectron2_norm_names().
 _DETECTRON2_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N",
