@@ -10,7 +10,7 @@ import torch
 import d2norm
 from d2norm.checkpoint import CheckpointError, D2NormCheckpointer
 
-from conftest import synthetic_cfg
+from helpers import synthetic_cfg
 
 
 def _model(norm, **overrides):

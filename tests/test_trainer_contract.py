@@ -17,7 +17,7 @@ from detectron2.utils.events import EventStorage
 from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
 from d2norm.layers import MovingAverageBatchNorm2d
 
-from conftest import synthetic_cfg
+from helpers import synthetic_cfg
 
 
 class _ToyMABN(nn.Module):
