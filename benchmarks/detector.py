@@ -10,6 +10,8 @@ import copy
 import datetime
 import functools
 import os
+import statistics
+import time
 
 import torch
 
@@ -20,6 +22,7 @@ from benchmarks.common import (
     machine_line,
     median_ms,
     peak_bytes,
+    sync,
     time_interleaved,
 )
 from d2norm.deploy import fold
@@ -46,6 +49,15 @@ RECIPES = {
         ["D2NORM.MABN.BUFFER_SIZE", "2", "D2NORM.MABN.WARMUP_ITERS", "0", "MODEL.BACKBONE.FREEZE_AT", "2"],
     ),
 }
+# BRN (past its ramp: r, d clipped at the full bounds), FRN + TLU and EvoNorm-S0 in BN's layout
+RECIPES.update({
+    name: ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml",
+           [k for site in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+            for k in (f"MODEL.{site}.NORM", name)]
+           + ["D2NORM.BRN.RAMP_START_ITER", "0", "D2NORM.BRN.R_MAX_END_ITER", "0",
+              "D2NORM.BRN.D_MAX_END_ITER", "0"])
+    for name in ("BRN", "FRN", "EvoNorm-S0")
+})
 # BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
 # the least a CBN iteration can cost (training only; a BN model at inference)
 CBN_FLOOR = "CBN floor"
@@ -362,3 +374,67 @@ def markdown_section(
             "per-sample statistics and stays (its row measures noise only).",
         ]
     return lines
+
+
+# ------------------------------------------------------------------------- the trainer's guard
+GUARD_NORMS = ("BN", "CBN", "MABN")
+
+
+def measure_guard_overhead(norms, device, inputs, reps=5, warmup=2, recipe_rois=False):
+    """The cost of d2norm's training step (``d2norm.engine.guards.guarded_run_step`` with its
+    ``NonFiniteGuard``, what ``d2norm.engine.Trainer`` runs) against detectron2's
+    ``SimpleTrainer.run_step``, on the same model, optimizer and batch, interleaved.
+
+    Returns ``{norm: {"d2": ms, "guarded": ms, "guard": ms}}`` (medians): one detectron2 step,
+    one guarded step, and the guard alone (save + the non-finite decision, its one host sync
+    included) timed in isolation, which is the cleaner number where step times are noisy."""
+    import itertools
+
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
+
+    out = {}
+    for norm in norms:
+        model, optimizer, _ = build(norm, device, inputs, recipe_rois)
+        trainer = SimpleTrainer(model, itertools.repeat(inputs), optimizer)
+        guard = NonFiniteGuard(model)
+        times = {"d2": [], "guarded": [], "guard": []}
+        with EventStorage(0) as storage:
+            for i in range(warmup + reps):
+                storage.iter = trainer.iter = i
+                for kind in ("d2", "guarded") if i % 2 else ("guarded", "d2"):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    if kind == "d2":
+                        trainer.run_step()
+                    elif not guarded_run_step(trainer, guard):
+                        raise FloatingPointError(f"{norm}: the guard skipped a step")
+                    sync(device)
+                    if i >= warmup:
+                        times[kind].append(time.perf_counter() - t0)
+                loss = sum(p.sum() for p in list(model.parameters())[:1])
+                sync(device)
+                t0 = time.perf_counter()
+                guard.snapshot()
+                guard.step_is_bad(loss.detach(), None, loss.device)
+                sync(device)
+                if i >= warmup:
+                    times["guard"].append(time.perf_counter() - t0)
+        out[norm] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        del model, optimizer, trainer, guard
+    return out
+
+
+def guard_table(res):
+    lines = [
+        "| norm | detectron2 step ms | d2norm step (guard on) ms | ratio | guard alone ms | guard / step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for norm, r in res.items():
+        lines.append(
+            f"| {norm} | {r['d2']:.0f} | {r['guarded']:.0f} | {r['guarded'] / r['d2']:.3f}x | "
+            f"{r['guard']:.1f} | {100 * r['guard'] / r['d2']:.2f}% |"
+        )
+    return "\n".join(lines)

@@ -60,7 +60,10 @@ from benchmarks.common import (
     update_section,
 )
 from d2norm.layers import (
+    BatchRenorm2d,
     CrossIterationBatchNorm2d,
+    EvoNormS0,
+    FilterResponseNorm2d,
     GroupNorm,
     GroupNormWS,
     MovingAverageBatchNorm2d,
@@ -96,6 +99,9 @@ MABN_BUFFER = 8
 MABN_WARMUP = 100
 
 NORM_VARIANTS = ["BN (torch)", "FrozenBN", "SyncBN (1 proc)", "GN", "MABN", "MABN official-style"]
+# Batch Renormalization (past its ramp: r, d clipped at the full bounds), FRN + TLU, EvoNorm-S0
+NEW_NORM_VARIANTS = ["BRN", "FRN", "EvoNorm-S0"]
+NORM_VARIANTS += NEW_NORM_VARIANTS
 CBN_FLOOR = "conv+BN+dnu/dW (CBN floor)"
 PAIR_VARIANTS = ["conv+BN (torch)", "conv+GN", "conv+GN+WS", "conv+CBN", CBN_FLOOR,
                  "conv+CBN autograd.grad ref", "conv+MABN (centralized conv)"]
@@ -117,6 +123,14 @@ def build_norm_variant(name, c):
         return mabn_steady(MovingAverageBatchNorm2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
     if name == "MABN official-style":
         return mabn_steady(OfficialStyleMABN2d(c, buffer_size=MABN_BUFFER, warmup_iters=MABN_WARMUP))
+    if name == "BRN":
+        brn = BatchRenorm2d(c)
+        brn.iters.fill_(brn.r_max_end)  # past the ramp (same work at every step)
+        return brn
+    if name == "FRN":
+        return FilterResponseNorm2d(c)
+    if name == "EvoNorm-S0":
+        return EvoNormS0(c, num_groups=32)
     raise KeyError(name)
 
 

@@ -36,8 +36,8 @@ Writes (replaces) the "Model" section of ``--output`` and redraws ``--plot``. Th
 """
 
 import argparse
+import sys
 import time
-
 
 from benchmarks import detector
 from benchmarks.common import (
@@ -84,6 +84,12 @@ def parse_args(argv=None):
         action="store_true",
         help="the recipes' RoI counts (512 per image in training, 1000 test proposals) instead of 128 / 250",
     )
+    ap.add_argument(
+        "--guard",
+        action="store_true",
+        help="only measure the trainer's step with its non-finite guard against detectron2's "
+        "SimpleTrainer step (--norms defaults to BN CBN MABN)",
+    )
     ap.add_argument("--output", default=DOCS_MD)
     ap.add_argument("--plot", default=DOCS_PNG)
     ap.add_argument("--no-write", action="store_true")
@@ -100,9 +106,36 @@ def command_line(args, size, n_img):
     return cmd + (" --recipe-rois" if args.recipe_rois else "")
 
 
+def guard_main(args, device, argv):
+    norms = [n for n in args.norms if n in detector.RECIPES]
+    if args.norms == detector.NORMS:
+        norms = list(detector.GUARD_NORMS)
+    size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
+    n_img = args.images or 1
+    machine = f"{machine_line(device)}; {n_img} image(s) of {size[0]}x{size[1]}"
+    print(f"{machine}; {load_note()}")
+    inputs = detector.make_inputs(n_img, size, device)
+    res = detector.measure_guard_overhead(norms, device, inputs, args.reps or 5, args.warmup, args.recipe_rois)
+    print(detector.guard_table(res))
+    if not args.no_write:
+        body = (
+            "## The trainer's step: non-finite guard against detectron2's step\n\n"
+            f"`python benchmarks/model.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+            f"({machine}; {load_note()}). Median ms per training step of the same model, optimizer "
+            "and batch: detectron2's `SimpleTrainer.run_step` and d2norm's `guarded_run_step` (what "
+            "`d2norm.engine.Trainer` runs), interleaved; \"guard alone\" times the guard's save and "
+            "decision by themselves.\n\n" + detector.guard_table(res)
+        )
+        update_section(args.output, "guard", body, {"guard": res, "device": str(device)})
+        print(f"wrote {args.output}")
+    return res
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = setup_device(args)
+    if args.guard:
+        return guard_main(args, device, argv)
     size = tuple(args.size or ((128, 160) if args.quick else (256, 320)))
     n_img = args.images or (1 if args.quick else 2)
     reps = args.reps or (2 if args.quick else 3)

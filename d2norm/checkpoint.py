@@ -1,30 +1,47 @@
-"""Checkpointing: atomic writes, parametrized-conv key matching, and clear errors.
+"""Checkpointing: atomic writes, loading through detectron2's checkpointer with d2norm's rules.
 
 - ``save`` writes ``<name>.pth`` to a temporary file in the same folder, flushes and fsyncs it,
   and renames it into place; ``last_checkpoint`` is replaced the same way. A crash during a save
-  leaves the previous checkpoint and tag intact.
+  leaves the previous checkpoint and tag intact (:func:`atomic_write_bytes`,
+  :func:`atomic_torch_save`: the project's one implementation of an atomic write).
 - Loading accepts weights saved from plain convs (``X.weight``) into weight-standardized /
   centralized convs (``X.parametrizations.weight.original``) and the reverse, including
   Detectron/detectron2 ``.pkl`` files matched by detectron2's name heuristics.
-- A missing or unreadable file raises an error that names the file and the fix.
+- Norm method state (MABN's official layout, CBN / MABN history of another buffer size) is
+  converted before fvcore compares shapes (:func:`d2norm.weights.adapt_method_state`).
+- A missing or unreadable file raises an error that names the file and the fix; the
+  checkpointer stays usable after a failed load. A ``?matching_heuristics=True`` suffix on the
+  path (detectron2's syntax after v0.6) matches names heuristically on every detectron2 version.
 - Pretrained files: torchvision-style ResNet state dicts are renamed to detectron2 names, and a
   file that matches nothing, or whose backbone tensors have wrong shapes or are missing, raises
   an error naming the file and the keys (:mod:`d2norm.weights`; ``strict_backbone``).
+
+File formats, key matching and the errors live in :mod:`d2norm.weights`; this module loads.
 """
 import os
 import tempfile
+from urllib.parse import parse_qs, urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from .modeling import _PARAM_SUFFIX, remap_parametrized_keys
+from .modeling import remap_parametrized_keys
+from .weights import (
+    CheckpointError,
+    adapt_method_state,
+    check_loaded_weights,
+    normalize_loaded_checkpoint,
+    plain_weight_key,
+)
 
-__all__ = ["D2NormCheckpointer", "CheckpointError", "atomic_torch_save"]
-
-
-class CheckpointError(RuntimeError):
-    pass
+__all__ = [
+    "D2NormCheckpointer",
+    "CheckpointError",
+    "load_pretrained_backbone",
+    "atomic_write_bytes",
+    "atomic_torch_save",
+]
 
 
 def atomic_write_bytes(path, writer):
@@ -60,8 +77,20 @@ def _first_line(e, limit=200):
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _plain_name(key):
-    return key[: -len(_PARAM_SUFFIX)] + "weight" if key.endswith(_PARAM_SUFFIX) else key
+def split_query(path):
+    """``(file, {"matching_heuristics": bool})`` of a weights path with an optional
+    ``?matching_heuristics=True`` suffix (detectron2's syntax, read here on every version)."""
+    parsed = urlparse(path)
+    if not parsed.query or parsed.scheme not in ("", "file"):
+        return path, {}
+    queries = parse_qs(parsed.query)
+    value = queries.pop("matching_heuristics", ["False"])
+    if queries or value not in (["True"], ["False"]):
+        raise CheckpointError(
+            f"Unsupported query in weights path {path!r}: only '?matching_heuristics=True' (match "
+            "the file's names to the model's by detectron2's heuristics) is understood. Fix: "
+            "remove the query, or use exactly that suffix.")
+    return parsed._replace(query="").geturl(), {"matching_heuristics": value == ["True"]}
 
 
 class D2NormCheckpointer(DetectionCheckpointer):
@@ -92,17 +121,26 @@ class D2NormCheckpointer(DetectionCheckpointer):
         atomic_write_bytes(path, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path, checkpointables=None):
-        if path and "://" not in path and not os.path.isfile(path):
-            raise CheckpointError(
-                f"Weights file not found: {path!r} (MODEL.WEIGHTS or --resume's last_checkpoint). "
-                "Fix: point MODEL.WEIGHTS at an existing .pth/.pkl file, or set MODEL.WEIGHTS \"\" "
-                "to train from scratch."
-            )
-        return super().load(path, checkpointables=checkpointables)
+        options = {}
+        if path and "://" not in path:
+            path, options = split_query(path)
+            if not os.path.isfile(path):
+                raise CheckpointError(
+                    f"Weights file not found: {path!r} (MODEL.WEIGHTS or --resume's "
+                    "last_checkpoint). Fix: point MODEL.WEIGHTS at an existing .pth/.pkl file, or "
+                    "set MODEL.WEIGHTS \"\" to train from scratch."
+                )
+        self._load_options = options
+        try:
+            return super().load(path, checkpointables=checkpointables)
+        finally:
+            self._load_options = {}
+            # detectron2 after v0.6 keeps the parsed path of the load in progress and asserts
+            # it is unset at the next load; a failed load must not leave it set.
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
 
     def _load_file(self, f):
-        from .weights import normalize_loaded_checkpoint
-
         self._loading_path = f
         try:
             loaded = super()._load_file(f)
@@ -113,6 +151,8 @@ class D2NormCheckpointer(DetectionCheckpointer):
                 "valid file; with --resume, delete it and set 'last_checkpoint' in the output "
                 "directory to the previous checkpoint."
             ) from None
+        if getattr(self, "_load_options", {}).get("matching_heuristics"):
+            loaded["matching_heuristics"] = True
         return normalize_loaded_checkpoint(loaded, f)
 
     def _load_model(self, checkpoint):
@@ -120,7 +160,7 @@ class D2NormCheckpointer(DetectionCheckpointer):
         if checkpoint.get("matching_heuristics", False):
             # Match names against the model's plain names (X.weight for parametrized convs).
             self._convert_ndarray_to_tensor(checkpoint["model"])
-            plain_model_sd = {_plain_name(k): v for k, v in model_sd.items()}
+            plain_model_sd = {plain_weight_key(k): v for k, v in model_sd.items()}
             checkpoint["model"] = align_and_update_state_dicts(
                 plain_model_sd,
                 checkpoint["model"],
@@ -128,13 +168,24 @@ class D2NormCheckpointer(DetectionCheckpointer):
             )
             checkpoint["matching_heuristics"] = False
         checkpoint["model"] = remap_parametrized_keys(checkpoint["model"], model_sd.keys())
+        self._convert_ndarray_to_tensor(checkpoint["model"])
+        # before fvcore drops every key whose shape differs from the model's
+        adapted = adapt_method_state(self.model, checkpoint["model"])
         file_shapes = {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint["model"].items()}
         incompatible = super()._load_model(checkpoint)
         if incompatible is not None:
-            from .weights import check_loaded_weights
-
             self.last_load_report = check_loaded_weights(
                 self.model, getattr(self, "_loading_path", "<checkpoint>"), file_shapes,
-                incompatible, strict_backbone=self.strict_backbone,
+                incompatible, strict_backbone=self.strict_backbone, adapted=adapted,
             )
         return incompatible
+
+
+def load_pretrained_backbone(model, path, strict_backbone=True):
+    """Load a pretrained file (any format of :mod:`d2norm.weights`) into ``model`` by name,
+    applying the checks; returns the :class:`~d2norm.weights.LoadReport`. Same as what
+    ``MODEL.WEIGHTS`` does through :class:`D2NormCheckpointer`, without a trainer."""
+    checkpointer = D2NormCheckpointer(model, save_to_disk=False)
+    checkpointer.strict_backbone = strict_backbone
+    checkpointer.load(path, checkpointables=[])
+    return checkpointer.last_load_report

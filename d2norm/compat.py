@@ -5,20 +5,20 @@ rotated boxes, the fast COCO evaluator, ...). Mask R-CNN / Faster R-CNN training
 evaluation with pycocotools need none of these ops, so a detectron2 built without its extension
 (e.g. the ``pb1-detectron2`` sdist) is usable once that import succeeds.
 
-:func:`install_compiled_ops_standin` registers a module named ``detectron2._C`` **only when the
-real one is absent** (``importlib.util.find_spec`` finds nothing). Informational functions
+:func:`make_compiled_ops_standin` makes a module to stand in for ``detectron2._C``;
+:func:`d2norm.patches.install_compiled_ops_standin` registers it **only when detectron2 cannot
+be imported without it** (detectron2 v0.6 without its extension; later detectron2 versions
+import without ``_C`` and fall back to pure-Python code themselves). Informational functions
 (``get_compiler_version``, ``get_cuda_version``, ``has_cuda``) answer that nothing is compiled;
 any other attribute is a function that raises :class:`CompiledOpUnavailableError`, naming the
 op and the fix, when it is called. With a real ``detectron2._C`` nothing is touched.
 """
 import importlib.machinery
-import importlib.util
-import sys
 import types
 
 __all__ = [
     "CompiledOpUnavailableError",
-    "install_compiled_ops_standin",
+    "make_compiled_ops_standin",
     "compiled_ops_available",
     "STANDIN_MARKER",
 ]
@@ -52,7 +52,8 @@ class _StandinModule(types.ModuleType):
         return _unavailable(name)
 
 
-def _make_standin():
+def make_compiled_ops_standin():
+    """A new stand-in module object (registering it is :mod:`d2norm.patches`' job)."""
     mod = _StandinModule(
         "detectron2._C",
         "d2norm stand-in for detectron2's compiled ops (absent in this install): "
@@ -64,26 +65,6 @@ def _make_standin():
     mod.get_cuda_version = lambda: "none (detectron2 extension not built; d2norm stand-in)"
     mod.has_cuda = lambda: False
     return mod
-
-
-def install_compiled_ops_standin():
-    """Register the stand-in if ``detectron2`` is importable but ``detectron2._C`` is absent.
-
-    Idempotent. Returns True iff the stand-in is (now) the registered ``detectron2._C``.
-    """
-    existing = sys.modules.get("detectron2._C")
-    if existing is not None:
-        return bool(getattr(existing, STANDIN_MARKER, False))
-    try:
-        import detectron2
-    except ImportError:
-        return False
-    if importlib.util.find_spec("detectron2._C") is not None:
-        return False  # the real extension exists: never shadow it
-    mod = _make_standin()
-    sys.modules["detectron2._C"] = mod
-    detectron2._C = mod
-    return True
 
 
 def compiled_ops_available():

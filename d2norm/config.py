@@ -39,6 +39,31 @@ def add_d2norm_config(cfg):
     _C.D2NORM.MABN.WARMUP_ITERS = 100
     _C.D2NORM.MABN.MOMENTUM = 0.98
     _C.D2NORM.MABN.EPS = 1e-5
+    # Batch Renormalization ("BRN"): r clipped to [1/r_max(t), r_max(t)], d to [-d_max(t), d_max(t)];
+    # r_max ramps linearly 1 -> R_MAX and d_max 0 -> D_MAX from RAMP_START_ITER to R_MAX_END_ITER /
+    # D_MAX_END_ITER (the paper's schedule: 5000 -> 40000 / 25000 steps). MOMENTUM is the update
+    # rate of the running mean / std (the paper's fast update, 0.01).
+    _C.D2NORM.BRN = CN()
+    _C.D2NORM.BRN.R_MAX = 3.0
+    _C.D2NORM.BRN.D_MAX = 5.0
+    _C.D2NORM.BRN.RAMP_START_ITER = 5000
+    _C.D2NORM.BRN.R_MAX_END_ITER = 40000
+    _C.D2NORM.BRN.D_MAX_END_ITER = 25000
+    _C.D2NORM.BRN.MOMENTUM = 0.01
+    _C.D2NORM.BRN.EPS = 1e-5
+    # Filter Response Normalization + TLU ("FRN"): eps = EPS (+ |learned eps| with LEARNABLE_EPS,
+    # initialized to LEARNED_EPS_INIT). REPLACE_RELU: the TLU replaces the ReLU of the box / mask
+    # head convs (see d2norm/layers/norm_sites.py for every call site).
+    _C.D2NORM.FRN = CN()
+    _C.D2NORM.FRN.EPS = 1e-6
+    _C.D2NORM.FRN.LEARNABLE_EPS = False
+    _C.D2NORM.FRN.LEARNED_EPS_INIT = 1e-4
+    _C.D2NORM.FRN.REPLACE_RELU = True
+    # EvoNorm-S0 ("EvoNorm-S0"): group std over NUM_GROUPS groups; REPLACE_RELU as for FRN.
+    _C.D2NORM.EVONORM = CN()
+    _C.D2NORM.EVONORM.NUM_GROUPS = 32
+    _C.D2NORM.EVONORM.EPS = 1e-5
+    _C.D2NORM.EVONORM.REPLACE_RELU = True
     # Embedded synthetic dataset ("d2norm_shapes_{train,val}").
     _C.D2NORM.DATA = CN()
     _C.D2NORM.DATA.ROOT = ""  # "" -> $D2NORM_DATA or ~/.cache/d2norm/datasets

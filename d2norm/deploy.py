@@ -12,7 +12,7 @@ Transforms that fold eval-mode norm layers into the preceding conv belong here t
 visit the same (conv, conv.norm) pairs as :func:`iter_conv_norm_pairs`.
 
 * :func:`fold`: bake the weight transforms, then fold every eval-mode BN, SyncBN, BN+WS, BN*,
-  FrozenStatsBN, CBN and MABN into the conv before it (:func:`eval_affine` gives a norm's
+  FrozenStatsBN, CBN, MABN and BRN into the conv before it (:func:`eval_affine` gives a norm's
   per-channel ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
@@ -24,6 +24,7 @@ from torch import nn
 
 from .layers.weight_transforms import bake_weight_transforms, get_weight_transform
 from .modeling import _load_plain_weight_into_parametrized
+from .patches import import_tracing_adapter  # noqa: F401  (re-exported)
 
 __all__ = [
     "fold_weight_standardization",
@@ -106,8 +107,10 @@ def _foldable_types():
 
 def is_foldable(norm):
     """Whether ``norm`` is a per-channel affine map in eval mode (see :func:`eval_affine`)."""
+    from .layers.batch_renorm import BatchRenorm2d
+
     frozen, cbn, mabn = _foldable_types()
-    if isinstance(norm, (frozen, cbn, mabn)):
+    if isinstance(norm, (frozen, cbn, mabn, BatchRenorm2d)):
         return True
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
 
@@ -119,7 +122,8 @@ def eval_affine(norm):
     * BN / SyncBN / BN+WS / FrozenStatsBN (any ``_BatchNorm`` with running stats), BN*
       (``FrozenBatchNorm2d``), CBN: ``scale = γ/√(running_var + ε)``,
       ``shift = β − running_mean·scale``;
-    * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``.
+    * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``;
+    * BRN (running σ, ε included): ``scale = γ/running_std``, ``shift = β − running_mean·scale``.
 
     Raises ``TypeError`` for norms without such a form (GN, LN: per-sample statistics) and
     ``ValueError`` for a BN that normalizes with batch statistics in eval
@@ -133,6 +137,11 @@ def eval_affine(norm):
             return torch.full((norm.num_features,), fill, dtype=f64, device=norm.running_var.device)
         return t.detach().to(f64)
 
+    from .layers.batch_renorm import BatchRenorm2d
+
+    if isinstance(norm, BatchRenorm2d):
+        scale = norm.weight.detach().to(f64) / norm.running_std.detach().to(f64)
+        return scale, norm.bias.detach().to(f64) - norm.running_mean.detach().to(f64) * scale
     if isinstance(norm, mabn):
         scale = f64_or(norm.weight, 1.0) * torch.rsqrt(norm.running_var.detach().to(f64) + norm.eps)
         return scale, f64_or(norm.bias, 0.0)
@@ -233,7 +242,7 @@ def fold(model):
     1. Weight Standardization / weight centralization are baked into the conv weights
        (:func:`fold_weight_standardization`).
     2. For each detectron2 ``Conv2d`` with a ``norm`` (:func:`iter_conv_norm_pairs`) that is
-       BN, SyncBN, BN+WS, BN* (FrozenBN), CBN or MABN: ``(s, t) = eval_affine(norm)``,
+       BN, SyncBN, BN+WS, BN* (FrozenBN), CBN, MABN or BRN: ``(s, t) = eval_affine(norm)``,
        :func:`fold_affine_into_conv`, ``conv.norm = None`` (CBN's conv hook is removed).
     3. GN (also the GN of GN+WS) and any other norm stay as they are.
 
@@ -281,34 +290,3 @@ def load_folded_model(cfg, path):
             f"{path!r} does not fit the folded model of this config (missing: {missing[:5]}, "
             f"unexpected: {unexpected[:5]}). Fix: use the config the weights were folded with.")
     return model
-
-
-def import_tracing_adapter():
-    """detectron2's ``TracingAdapter`` (``detectron2/export/flatten.py``).
-
-    detectron2 v0.6's ``detectron2.export`` package imports caffe2 at import time, which torch 2
-    no longer ships; the adapter itself needs nothing of it. If the package import fails, the
-    ``flatten`` module is loaded on its own (the package's ``__init__`` is skipped)."""
-    try:
-        from detectron2.export import TracingAdapter
-
-        return TracingAdapter
-    except ImportError:
-        pass
-    import importlib
-    import sys
-    import types
-
-    import detectron2
-
-    if "detectron2.export" in sys.modules and not hasattr(sys.modules["detectron2.export"], "__path__"):
-        del sys.modules["detectron2.export"]
-    if "detectron2.export" not in sys.modules:
-        pkg = types.ModuleType("detectron2.export")
-        pkg.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
-        pkg.__doc__ = "d2norm: detectron2.export without its caffe2-dependent __init__"
-        sys.modules["detectron2.export"] = pkg
-    adapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
-    if getattr(sys.modules["detectron2.export"], "TracingAdapter", None) is None:
-        sys.modules["detectron2.export"].TracingAdapter = adapter
-    return adapter

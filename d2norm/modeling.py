@@ -42,7 +42,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layers.conv_link import ModuleRef, TensorRef, is_conv_prepared, remove_hook
-from .norms import norm_options_from_config, patch_get_norm
+from .layers.norm_sites import prepare_norm_sites
+from .norms import norm_options_from_config
+from .patches import patch_get_norm
 
 __all__ = ["build_model", "prepare_model", "convert_frozen_norms", "find_feeding_conv",
            "frozen_batch_norm_of", "remap_parametrized_keys"]
@@ -197,6 +199,7 @@ def prepare_model(model):
         _register_plain_weight_hook(conv)
         if not structural:
             _install_link_check(norm, path, conv, conv_path)
+    prepare_norm_sites(model)  # BRN / FRN / EvoNorm-S0: activations per call site, frozen BRN
     return model
 
 

@@ -1,18 +1,17 @@
-"""Norm names for detectron2's ``get_norm``: the one place where detectron2 is patched.
+"""Norm names for detectron2's ``get_norm``.
 
-``patch_get_norm()`` replaces the ``get_norm`` reference in every loaded ``detectron2.*`` module
-(the definition in ``detectron2.layers.batch_norm`` and each call site that imported it by name:
-ResNet, FPN, box/mask heads, RetinaNet, ...). It is idempotent. Names d2norm defines are built by
-:func:`build_norm`; every other value goes to detectron2's own ``get_norm`` unchanged. An
-unknown name raises :class:`UnknownNormError` (a ``KeyError``, as in detectron2, and a
-``ValueError``) listing the valid ones; errors raised while building a layer propagate unchanged.
+:func:`get_norm` is detectron2's ``get_norm`` extended with d2norm's names;
+:func:`d2norm.patches.patch_get_norm` makes every detectron2 call site use it. Names d2norm
+defines are built by :func:`build_norm`; every other value goes to detectron2's own
+``get_norm`` (:data:`detectron2_get_norm`) unchanged. An unknown name raises
+:class:`UnknownNormError` (a ``KeyError``, as in detectron2, and a ``ValueError``) listing the
+valid ones; errors raised while building a layer propagate unchanged.
 
 Options of the built layers (GN groups, CBN window, MABN buffer, ...) come from
 ``cfg.D2NORM``; :func:`norm_options_from_config` makes them active while a model is built.
 """
 import contextlib
 import copy
-import sys
 
 from torch import nn
 
@@ -20,11 +19,11 @@ __all__ = [
     "D2NORM_NORMS",
     "UnknownNormError",
     "build_norm",
+    "detectron2_get_norm",
     "detectron2_norm_names",
     "get_norm",
     "is_norm_layer",
     "norm_layer_types",
-    "patch_get_norm",
     "is_patched",
     "norm_options_from_config",
     "current_norm_options",
@@ -144,6 +143,36 @@ def _mabn(c):
     )
 
 
+def _brn(c):
+    from .layers.batch_renorm import BatchRenorm2d
+
+    o = _options["BRN"]
+    return BatchRenorm2d(
+        c, r_max=o["R_MAX"], d_max=o["D_MAX"], ramp_start=o["RAMP_START_ITER"],
+        r_max_end=o["R_MAX_END_ITER"], d_max_end=o["D_MAX_END_ITER"], momentum=o["MOMENTUM"], eps=o["EPS"],
+    )
+
+
+def _frn(c):
+    from .layers.filter_response_norm import FilterResponseNorm2d
+
+    o = _options["FRN"]
+    return FilterResponseNorm2d(
+        c, eps=o["EPS"], learnable_eps=o["LEARNABLE_EPS"], learned_eps_init=o["LEARNED_EPS_INIT"],
+        replace_relu=o["REPLACE_RELU"],
+    )
+
+
+def _evonorm_s0(c):
+    from .layers.evonorm import EvoNormS0
+
+    o = _options["EVONORM"]
+    groups, kwargs = o["NUM_GROUPS"], dict(eps=o["EPS"], replace_relu=o["REPLACE_RELU"])
+    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < c < groups:
+        return EvoNormS0.type_probe(groups, c, **kwargs)  # RetinaNetHead's get_norm(norm, 1) probe
+    return EvoNormS0(c, num_groups=groups, **kwargs)
+
+
 #: Names d2norm builds (they take precedence over detectron2's meaning of the same name).
 D2NORM_NORMS = {
     "BN*": _frozen_bn,
@@ -155,6 +184,9 @@ D2NORM_NORMS = {
     "BN+WS": _bn_ws,
     "CBN": _cbn,
     "MABN": _mabn,
+    "BRN": _brn,
+    "FRN": _frn,
+    "EvoNorm-S0": _evonorm_s0,
 }
 #: Names detectron2's get_norm has had (v0.6 has all but "LN"); see detectron2_norm_names().
 _DETECTRON2_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N",
@@ -204,7 +236,22 @@ def build_norm(norm, out_channels):
     return layer
 
 
-_original_get_norm = None
+def _resolve_detectron2_get_norm():
+    import detectron2.layers.batch_norm as bn_module
+
+    fn = bn_module.get_norm
+    if is_patched(fn):  # another copy of this module rebound it already
+        fn = getattr(fn, "__wrapped_original__", fn)
+    return fn
+
+
+def is_patched(fn):
+    return getattr(fn, "_d2norm_patched", False)
+
+
+#: detectron2's own ``get_norm`` (what :func:`get_norm` falls back to for other names).
+detectron2_get_norm = _resolve_detectron2_get_norm()
+_original_get_norm = detectron2_get_norm
 
 
 class UnknownNormError(KeyError, ValueError):
@@ -242,48 +289,7 @@ def get_norm(norm, out_channels):
 
 
 get_norm._d2norm_patched = True
-
-
-def is_patched(fn):
-    return getattr(fn, "_d2norm_patched", False)
-
-
-def patch_get_norm():
-    """Point every loaded ``detectron2.*`` module's ``get_norm`` at :func:`get_norm`.
-
-    Imports ``detectron2.modeling`` first so that all model call sites are loaded. Idempotent:
-    returns the list of modules patched by this call (empty the second time).
-    """
-    global _original_get_norm
-    import detectron2.layers.batch_norm as bn_module
-    import detectron2.modeling  # noqa: F401  (loads every call site)
-
-    if _original_get_norm is None:
-        original = bn_module.get_norm
-        if is_patched(original):  # another copy of this module patched it already
-            original = getattr(original, "__wrapped_original__", original)
-        _original_get_norm = original
-        get_norm.__wrapped_original__ = original
-
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("detectron2") or module is None:
-            continue
-        current = module.__dict__.get("get_norm")
-        if current is _original_get_norm:
-            module.get_norm = get_norm
-            patched.append(name)
-    return patched
-
-
-def unpatch_get_norm():
-    """Restore detectron2's own ``get_norm`` everywhere (mainly for tests)."""
-    if _original_get_norm is None:
-        return
-    for name, module in list(sys.modules.items()):
-        if name.startswith("detectron2") and module is not None:
-            if module.__dict__.get("get_norm") is get_norm:
-                module.get_norm = _original_get_norm
+get_norm.__wrapped_original__ = detectron2_get_norm
 
 
 def norm_layer_types():

@@ -23,8 +23,20 @@
 In all cases a weight-standardized / centralized conv receives the file's ``X.weight`` as its
 raw weight ``X.parametrizations.weight.original``.
 
-**What is refused** (:func:`check_loaded_weights`, raising
-:class:`~d2norm.checkpoint.CheckpointError` with the file, the keys and the fix):
+**Method state is converted before shapes are compared** (:func:`adapt_method_state`, run by the
+checkpointer before fvcore drops shape-mismatched keys):
+
+* norm tensors stored as ``(1, C, 1, 1)`` (the official MABN layout: ``running_var``, and
+  ``iters`` as ``(1,)``) are reshaped to the model's ``(C,)`` / ``()``, for a MABN layer and for
+  the ``FrozenBatchNorm2d`` that replaces it in frozen stages;
+* history that does not fit the model restarts, with a warning that says so: MABN ring buffers
+  (``buffer_x2``, ``buffer_gz``) of another ``BUFFER_SIZE`` (the layer counts from 0 again, so it
+  uses batch statistics until its ring is full; ``running_var`` and γ, β are loaded), CBN
+  history (``hist_*``) of another ``BUFFER_SIZE`` or conv shape (the window restarts; the
+  iteration count, hence burn-in, is kept).
+
+**What is refused** (:func:`check_loaded_weights`, raising :class:`CheckpointError` with the
+file, the keys and the fix):
 
 1. a non-empty file of which no tensor is loaded into the model (wrong format or model);
 2. a tensor matched by name to a parameter/buffer of the backbone's bottom-up network
@@ -45,11 +57,14 @@ import logging
 import re
 from collections import namedtuple
 
-from .checkpoint import CheckpointError
+import torch
+
 from .modeling import _PARAM_SUFFIX
 
 __all__ = [
-    "load_pretrained_backbone",
+    "CheckpointError",
+    "plain_weight_key",
+    "adapt_method_state",
     "convert_torchvision_resnet",
     "is_torchvision_resnet",
     "normalize_loaded_checkpoint",
@@ -59,9 +74,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Result of a load: model keys filled from the file, bottom-up keys among them, and the file's
-#: keys the model did not use.
-LoadReport = namedtuple("LoadReport", ["path", "loaded", "backbone_loaded", "unused"])
+
+class CheckpointError(RuntimeError):
+    """A weights or checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+#: Result of a load: model keys filled from the file, bottom-up keys among them, the file's keys
+#: the model did not use, and what :func:`adapt_method_state` converted or restarted.
+LoadReport = namedtuple("LoadReport", ["path", "loaded", "backbone_loaded", "unused", "adapted"],
+                        defaults=((),))
 
 _TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
 _TV_BN = re.compile(r"^bn(\d+)\.(.+)$")
@@ -163,8 +184,88 @@ def _bottom_up(model):
     return None, None
 
 
-def _plain(key):
+def plain_weight_key(key):
+    """``X.parametrizations.weight.original`` -> ``X.weight``; other keys unchanged."""
     return key[: -len(_PARAM_SUFFIX)] + "weight" if key.endswith(_PARAM_SUFFIX) else key
+
+
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_MABN_RINGS = ("buffer_x2", "buffer_gz")
+_CBN_HISTORY = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
+
+
+def _squeezed(shape):
+    return [d for d in shape if d != 1]
+
+
+def _norm_types():
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+
+    return (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, FrozenBatchNorm2d,
+            CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
+
+
+def adapt_method_state(model, state_dict):
+    """Convert the norm state in ``state_dict`` to ``model``'s layout, in place, before shapes
+    are compared (see the module docstring). Returns one message per converted layer."""
+    from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+
+    notes = []
+    norm_types = _norm_types()
+    for name, module in model.named_modules():
+        if not isinstance(module, norm_types):
+            continue
+        prefix = f"{name}." if name else ""
+        mine = dict(module.named_buffers(recurse=False))
+        mine.update(module.named_parameters(recurse=False))
+        reshaped = []
+        for leaf in _NORM_TENSORS + ("iters",):
+            key, target = prefix + leaf, mine.get(leaf)
+            value = state_dict.get(key)
+            if (isinstance(value, torch.Tensor) and target is not None and value.shape != target.shape
+                    and _squeezed(value.shape) == _squeezed(target.shape)):
+                state_dict[key] = value.reshape(target.shape)
+                reshaped.append(f"{leaf} {tuple(value.shape)} -> {tuple(target.shape)}")
+        if reshaped:
+            notes.append(f"{prefix[:-1]}: reshaped {', '.join(reshaped)}")
+        if isinstance(module, MovingAverageBatchNorm2d):
+            misfit = _misfits(state_dict, prefix, mine, _MABN_RINGS)
+            if misfit:
+                for leaf in _MABN_RINGS:
+                    state_dict.pop(prefix + leaf, None)
+                state_dict[prefix + "iters"] = torch.zeros_like(module.iters)
+                notes.append(
+                    f"{prefix[:-1]}: MABN ring buffers of the file ({misfit}) do not fit "
+                    f"D2NORM.MABN.BUFFER_SIZE={module.buffer_size}; its moving averages restart "
+                    "(iteration count 0: batch statistics until the ring is full), running_var "
+                    "and the affine parameters are loaded")
+        elif isinstance(module, CrossIterationBatchNorm2d):
+            misfit = _misfits(state_dict, prefix, mine, _CBN_HISTORY)
+            if misfit:
+                for leaf in _CBN_HISTORY:
+                    state_dict.pop(prefix + leaf, None)
+                for leaf in ("hist_count", "hist_pos"):
+                    state_dict[prefix + leaf] = torch.zeros_like(mine[leaf])
+                notes.append(
+                    f"{prefix[:-1]}: CBN history of the file ({misfit}) does not fit this layer "
+                    f"(D2NORM.CBN.BUFFER_SIZE={module.buffer_size} and its conv); the window "
+                    "restarts (the iteration count, hence burn-in, is kept)")
+    for note in notes:
+        logger.warning("%s", note)
+    return notes
+
+
+def _misfits(state_dict, prefix, mine, leaves):
+    """``"name: file shape vs layer shape"`` for the history buffers of another shape."""
+    out = []
+    for leaf in leaves:
+        value, target = state_dict.get(prefix + leaf), mine.get(leaf)
+        if isinstance(value, torch.Tensor) and target is not None and target.numel() > 0 \
+                and value.shape != target.shape:
+            out.append(f"{leaf} {tuple(value.shape)} vs {tuple(target.shape)}")
+    return "; ".join(out)
 
 
 def _short_list(keys, limit=12):
@@ -173,12 +274,13 @@ def _short_list(keys, limit=12):
     return ", ".join(keys[:limit]) + more
 
 
-def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone=True):
+def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone=True, adapted=()):
     """Apply the rules of the module docstring after ``model`` was loaded from ``path``.
 
     ``file_shapes``: ``{key: shape}`` of the state dict handed to ``load_state_dict`` (after
     renaming/matching); ``incompatible``: fvcore's result (missing_keys, unexpected_keys,
-    incorrect_shapes). Raises :class:`CheckpointError`; returns a :class:`LoadReport`.
+    incorrect_shapes); ``adapted``: the messages of :func:`adapt_method_state`. Raises
+    :class:`CheckpointError`; returns a :class:`LoadReport`.
     """
     file_shapes = _strip_prefix(dict(file_shapes), "module.")
     model_sd = model.state_dict()
@@ -201,7 +303,7 @@ def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone
 
     prefix, bottom_up = _bottom_up(model)
     backbone_loaded = sorted(k for k in loaded if prefix is not None and k.startswith(prefix))
-    report = LoadReport(path, sorted(loaded), backbone_loaded, unused)
+    report = LoadReport(path, sorted(loaded), backbone_loaded, unused, tuple(adapted))
     if not strict_backbone or prefix is None:
         return report
 
@@ -211,7 +313,7 @@ def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone
         for k, shape_file, shape_model in getattr(incompatible, "incorrect_shapes", [])
         if k.startswith(prefix)
     ]
-    plain_bottom = {_plain(k): k for k in model_sd if k.startswith(prefix)}
+    plain_bottom = {plain_weight_key(k): k for k in model_sd if k.startswith(prefix)}
     for k in unused:  # name matching dropped them (detectron2 only logs a warning)
         if k.startswith(prefix):
             continue
@@ -235,7 +337,7 @@ def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone
     if backbone_loaded:
         params = {prefix + n for n, _ in bottom_up.named_parameters()}
         missing = sorted(
-            _plain(k) for k in incompatible.missing_keys
+            plain_weight_key(k) for k in incompatible.missing_keys
             if k in params and not any(e in k for e in _EXEMPT_MISSING)
         )
         if missing:
@@ -248,15 +350,3 @@ def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone
                 "random init."
             )
     return report
-
-
-def load_pretrained_backbone(model, path, strict_backbone=True):
-    """Load a pretrained file (any format of the module docstring) into ``model`` by name,
-    applying the checks; returns the :class:`LoadReport`. Same as what ``MODEL.WEIGHTS`` does
-    through :class:`~d2norm.checkpoint.D2NormCheckpointer`, without a trainer."""
-    from .checkpoint import D2NormCheckpointer
-
-    checkpointer = D2NormCheckpointer(model, save_to_disk=False)
-    checkpointer.strict_backbone = strict_backbone
-    checkpointer.load(path, checkpointables=[])
-    return checkpointer.last_load_report

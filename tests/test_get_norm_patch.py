@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import d2norm
-from d2norm import norms
+from d2norm import norms, patches
 from d2norm.layers import GroupNorm, GroupNormWS, SyncBatchNorm2d
 
 from helpers import synthetic_cfg
@@ -59,7 +59,7 @@ def test_every_call_site_gets_the_named_norm(name):
 
 
 def test_patch_is_idempotent_and_covers_all_loaded_modules():
-    norms.unpatch_get_norm()  # back to detectron2's own get_norm, so the next call patches
+    patches.unpatch_get_norm()  # back to detectron2's own get_norm, so the next call patches
     try:
         first = d2norm.patch_get_norm()
     finally:

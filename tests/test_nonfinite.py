@@ -85,8 +85,35 @@ def test_bad_batch_is_a_no_op(norm, bad_value):
         assert norms[0].iteration == 6 and norms[0].hist_count.item() == 2  # host mirror restored too
 
 
+def test_guard_saves_one_cbn_history_slot_not_the_history():
+    """What the guard copies per step: every buffer whole, except a CBN history, of which only
+    the slot the next forward overwrites ((k-1) times less than the history)."""
+    from d2norm.layers import CrossIterationBatchNorm2d
+
+    torch.manual_seed(0)
+    model = _Toy("CBN")
+    _train(model, _batches(3))  # a full history
+    guard = NonFiniteGuard(model)
+    saved = guard.snapshot()
+    copied = sum(store.numel() for *_, store in saved.entries)
+    history = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
+    expected = 0
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is None:
+                continue
+            if isinstance(m, CrossIterationBatchNorm2d) and name in history:
+                assert b.shape[0] == m.buffer_size - 1 == 2
+                expected += b[0].numel()
+            else:
+                expected += b.numel()
+    assert copied == expected
+    history_numel = sum(b.numel() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in history)
+    assert copied < 0.6 * sum(b.numel() for b in model.buffers()) and history_numel > 0
+
+
 @pytest.mark.parametrize("norm", ["SyncBN", "CBN", "MABN"])
-def test_finite_input_that_overflows_the_statistics_is_undone(norm):
+def test_finite_input_that_overflows_the_statistics_is_undone(norm, caplog):
     """A huge but finite batch overflows E[y^2] (running_var -> inf) while the normalized
     output and the loss stay finite: the buffer check catches it."""
     torch.manual_seed(0)
@@ -98,8 +125,10 @@ def test_finite_input_that_overflows_the_statistics_is_undone(norm):
         d2norm.prepare_model(probe)
         loss = sum(probe(huge).values())
     assert torch.isfinite(loss) and not all(torch.isfinite(b).all() for b in probe.buffers())
-    done, guard, _ = _train(model, [huge, torch.randn(2, 3, 6, 6)])
+    with caplog.at_level("WARNING", logger="d2norm"):
+        done, guard, _ = _train(model, [huge, torch.randn(2, 3, 6, 6)])
     assert done == [False, True] and guard.skipped == 1
+    assert "non-finite normalization statistics" in caplog.text
     for k, v in model.state_dict().items():
         if k.endswith("running_var"):
             assert torch.isfinite(v).all() and not torch.equal(v, before[k]), k
@@ -157,7 +186,10 @@ def test_trainer_skips_nan_image_and_continues(tmp_path, data_root, norm):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     inj = _Injector(iter(trainer._trainer._data_loader_iter), trainer.model, nan_at=2, empty_at=1)
-    trainer._trainer._data_loader_iter = inj
+    if "_data_loader_iter_obj" in vars(trainer._trainer):  # detectron2 after v0.6: a property
+        trainer._trainer._data_loader_iter_obj = inj
+    else:
+        trainer._trainer._data_loader_iter = inj
     trainer.train()
     assert inj.after is not None
     for k, v in inj.before.items():  # nothing at all changed during the NaN step

@@ -20,8 +20,9 @@ from torch import nn
 from recipe_models import (RECIPES, STAGES, built_model, call_sites, header, load, rel,
                            structure_key, structure_only_init)
 
-from d2norm.layers import (CrossIterationBatchNorm2d, FrozenStatisticsBatchNorm2d, GroupNorm,
-                           GroupNormWS, MovingAverageBatchNorm2d, SyncBatchNorm2d)
+from d2norm.layers import (BatchRenorm2d, CrossIterationBatchNorm2d, EvoNormS0, FilterResponseNorm2d,
+                           FrozenStatisticsBatchNorm2d, GroupNorm, GroupNormWS, MovingAverageBatchNorm2d,
+                           SyncBatchNorm2d)
 from d2norm.layers.weight_transforms import (
     WeightCentralization,
     WeightStandardization,
@@ -33,20 +34,22 @@ _COCO_NAME = re.compile(
     r"X_101_32x4d)_FPN_(?P<sched>\d+x|20_23_24e)"
     r"(?:_(?P<norm>syncbn|gn_ws|gn_contrib|gn|cbn|mabn|bn|frozenstatsbn))?\.yaml$"
 )
-_SYNTH_NAME = re.compile(r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN)\.yaml$")
+_SYNTH_NAME = re.compile(
+    r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm)\.yaml$")
 _NORM_OF_SUFFIX = {None: "FrozenBN", "syncbn": "SyncBN", "gn": "GN", "gn_contrib": "GN",
                    "gn_ws": "GN+WS", "cbn": "CBN", "mabn": "MABN", "bn": "BN",
                    "frozenstatsbn": "FrozenStatsBN",
                    "BN": "BN", "CBN": "CBN", "GN": "GN", "GN_WS": "GN+WS", "MABN": "MABN",
-                   "SyncBN": "SyncBN"}
+                   "SyncBN": "SyncBN", "BRN": "BRN", "FRN": "FRN", "EvoNorm": "EvoNorm-S0"}
 _BACKBONE = {"R_18": (18, 1, 64), "R_50": (50, 1, 64), "R_101": (101, 1, 64),
              "X_101_32x8d": (101, 32, 8), "X_50_32x4d": (50, 32, 4), "X_101_32x4d": (101, 32, 4)}
 _EPOCH_SCHEDULES = {"20_23_24e": 2}  # 24 epochs: the iterations of a 2x schedule
 _NORM_TYPE = {"": None, "BN": nn.BatchNorm2d, "SyncBN": SyncBatchNorm2d, "GN": GroupNorm,
               "GN+WS": GroupNormWS, "CBN": CrossIterationBatchNorm2d,
-              "MABN": MovingAverageBatchNorm2d, "FrozenStatsBN": FrozenStatisticsBatchNorm2d}
+              "MABN": MovingAverageBatchNorm2d, "FrozenStatsBN": FrozenStatisticsBatchNorm2d,
+              "BRN": BatchRenorm2d, "FRN": FilterResponseNorm2d, "EvoNorm-S0": EvoNormS0}
 # norms that detectron2's freeze (and d2norm's preparation pass) turn into FrozenBN
-_FROZEN_TO_FROZENBN = ("FrozenBN", "BN", "SyncBN", "CBN", "MABN", "FrozenStatsBN")
+_FROZEN_TO_FROZENBN = ("FrozenBN", "BN", "SyncBN", "CBN", "MABN", "FrozenStatsBN", "BRN")
 # families with one published setting, which their grid recipes keep: (norm, schedule)
 _ONE_SETTING = {("CBN", "1x"), ("MABN", "2x"), ("GN+WS", "1x"), ("SyncBN", "1x"), ("GN", "1x")}
 # the MABN paper's SyncBN fine-tuning baseline trains everything (official FREEZE_CONV_BODY_AT -1)

@@ -19,7 +19,8 @@ from d2norm.checkpoint import CheckpointError, D2NormCheckpointer
 from d2norm.deploy import fold_weight_standardization, has_weight_transforms
 from d2norm.layers import GroupNormWS
 from d2norm.layers.weight_transforms import WeightStandardization, get_weight_transform
-from d2norm.weights import convert_torchvision_resnet, load_pretrained_backbone
+from d2norm.checkpoint import load_pretrained_backbone
+from d2norm.weights import convert_torchvision_resnet
 
 
 def _build(norm, **overrides):

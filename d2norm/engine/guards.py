@@ -6,21 +6,32 @@ SyncBN running mean and variance, the CBN history ring buffers and counters, the
 buffers, ``iters`` and ``running_var``. One batch with NaN/Inf pixels (or one diverging step)
 would leave non-finite running statistics behind for good, and detectron2's trainer would then
 stop with a ``FloatingPointError``. :func:`guarded_run_step` runs a step as detectron2's
-``SimpleTrainer`` / ``AMPTrainer`` do, except that:
+``SimpleTrainer`` / ``AMPTrainer`` do (``zero_grad_before_forward``, the AMP ``precision``,
+``log_grad_scaler``, ``after_backward`` hooks, ``async_write_metrics``, where the installed
+detectron2 has them), except that:
 
-1. :class:`NonFiniteGuard` snapshots every module buffer (and the plain int/float/bool
-   attributes of modules that own buffers, e.g. CBN's host-side counters) before the forward;
+1. :class:`NonFiniteGuard` saves, before the forward, what a forward can change: every module
+   buffer except a CBN history, of which only the ring slot the forward will overwrite is saved
+   (plus the buffer objects themselves, in case a layer re-allocates one), and the plain
+   int/float/bool attributes of modules that own buffers (e.g. CBN's host-side counters);
 2. the step is *bad* if the forward raises ``FloatingPointError`` (detectron2 raises it when
-   predicted proposals are not finite), the total loss is not finite, or a floating-point
-   buffer became non-finite during the forward (a huge but finite input can overflow a
-   variance while the normalized output, hence the loss, stays finite);
+   predicted proposals are not finite), the total loss is not finite, or a floating-point value
+   the forward wrote became non-finite (a huge but finite input can overflow a variance while
+   the normalized output, hence the loss, stays finite). Loss and statistics are reduced on the
+   device and read with **one** host synchronization per step (detectron2's metric writing
+   synchronizes every step anyway);
 3. with several processes the "bad" flag is all-reduced, so every process skips the same step
    (a process skipping its backward alone would leave the others waiting in DDP's gradient
    all-reduce);
-4. a bad step restores the snapshot, zeroes the gradients and skips backward and the optimizer
-   step; it is logged (warning) and counted in the event storage as ``skipped_nonfinite_steps``.
-   After ``max_consecutive`` bad steps in a row training stops with a ``FloatingPointError``
-   that says what to change.
+4. a bad step restores the saved state, zeroes the gradients and skips backward and the
+   optimizer step; it is logged (warning) and counted in the event storage as
+   ``skipped_nonfinite_steps``. After ``max_consecutive`` bad steps in a row training stops with
+   a ``FloatingPointError`` that says what to change.
+
+Under AMP, MABN's backward ring buffer is kept free of the loss scale: before the forward the
+step hands the scaler's current scale to every MABN layer
+(:func:`d2norm.layers.moving_average_batch_norm.set_grad_scale`), which stores unscaled, finite
+values only; an overflowing step is then skipped by the scaler as usual.
 
 Limitation: with SyncBN, a ``FloatingPointError`` raised on some processes but not others in
 the middle of the forward leaves the others in a SyncBN all-reduce until the process-group
@@ -35,11 +46,15 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..layers.cross_iteration_batch_norm import CrossIterationBatchNorm2d
+from ..layers.moving_average_batch_norm import MovingAverageBatchNorm2d, set_grad_scale
+
 __all__ = ["NonFiniteGuard", "guarded_run_step", "check_datasets"]
 
 logger = logging.getLogger("d2norm")
 
 _PLAIN = (int, float, bool)
+_CBN_RINGS = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
 
 
 def _unwrap(model):
@@ -47,8 +62,32 @@ def _unwrap(model):
         model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def _all_finite(tensors):
+    """A device bool: every value of ``tensors`` is finite (None for no tensors); no host sync."""
+    if not tensors:
+        return None
+    if len({t.device for t in tensors}) > 1:
+        tensors = [t.cpu() for t in tensors]
+    # the max |value| of each tensor: inf / nan iff the tensor holds one
+    return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
+
+
+def _copy_all(dst, src):
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+class _Saved:
+    """What one step may change: [(module, name, buffer object, region, copy)], attributes."""
+
+    __slots__ = ("entries", "attrs")
+
+    def __init__(self):
+        self.entries, self.attrs = [], []
+
+
 class NonFiniteGuard:
-    """Snapshot / restore of the training-time state of a model's modules (buffers).
+    """Save / check / restore of what a training forward changes in a model's modules.
 
     ``max_consecutive``: number of bad steps in a row after which training stops (0: never).
     """
@@ -58,67 +97,108 @@ class NonFiniteGuard:
         self.max_consecutive = int(max_consecutive)
         self.skipped = 0  # bad steps so far
         self.consecutive = 0
-        self._store = {}  # (module id, name) -> reusable snapshot tensor
+        self._store = {}  # (module id, name) -> reusable copy
+        self._saved = None
+        self._local_bad = (False, False)  # (loss, statistics) of the last decision, this process
+        self.has_mabn = any(isinstance(m, MovingAverageBatchNorm2d) for m in self.model.modules())
 
-    # ------------------------------------------------------------------ snapshot / restore
+    # ------------------------------------------------------------------ save / restore
+    def _region(self, module, name, buf):
+        """The part of ``buf`` the next forward may write."""
+        if isinstance(module, CrossIterationBatchNorm2d) and name in _CBN_RINGS and buf.dim() > 1:
+            pos = module._pos  # host mirror of hist_pos: the slot the next record writes
+            if 0 <= pos < buf.shape[0]:
+                return buf[pos]
+        return buf
+
     def snapshot(self):
-        """The current state: [(module, {buffer: copy}, {attribute: value})]."""
-        snap = []
+        """Save the state the next training forward may change (see the module docstring)."""
+        saved = _Saved()
+        dst, src = [], []
         for module in self.model.modules():
-            buffers = {n: b for n, b in module._buffers.items() if b is not None}
+            buffers = [(n, b) for n, b in module._buffers.items() if b is not None]
             if not buffers:
                 continue
-            saved = {}
-            for name, buf in buffers.items():
+            for name, buf in buffers:
+                region = self._region(module, name, buf)
                 key = (id(module), name)
                 store = self._store.get(key)
-                if (store is None or store.shape != buf.shape or store.dtype != buf.dtype
-                        or store.device != buf.device):
-                    store = self._store[key] = torch.empty_like(buf)
-                store.copy_(buf)
-                saved[name] = store
-            attrs = {k: v for k, v in vars(module).items() if type(v) in _PLAIN}
-            snap.append((module, saved, attrs))
-        return snap
-
-    @staticmethod
-    def restore(snap):
-        """Put back the state captured by :meth:`snapshot`."""
+                if (store is None or store.shape != region.shape or store.dtype != region.dtype
+                        or store.device != region.device):
+                    store = self._store[key] = torch.empty_like(region)
+                dst.append(store)
+                src.append(region)
+                saved.entries.append((module, name, buf, region, store))
+            saved.attrs.append((module, {k: v for k, v in vars(module).items() if type(v) in _PLAIN}))
         with torch.no_grad():
-            for module, saved, attrs in snap:
-                for name, value in saved.items():
-                    current = module._buffers.get(name)
-                    if (current is not None and current.shape == value.shape
-                            and current.dtype == value.dtype and current.device == value.device):
-                        current.copy_(value)
-                    else:  # the layer re-allocated it (e.g. a CBN history) during the forward
-                        module._buffers[name] = value.clone()
-                for name, value in attrs.items():
-                    setattr(module, name, value)
+            _copy_all(dst, src)
+        self._saved = saved
+        return saved
+
+    def restore(self, saved=None):
+        """Put back the state saved by :meth:`snapshot`."""
+        saved = saved or self._saved
+        dst, src = [], []
+        with torch.no_grad():
+            for module, name, buf, region, store in saved.entries:
+                if module._buffers.get(name) is not buf:  # the layer re-allocated it
+                    module._buffers[name] = buf
+                dst.append(region)
+                src.append(store)
+            _copy_all(dst, src)
+        for module, attrs in saved.attrs:
+            for name, value in attrs.items():
+                setattr(module, name, value)
 
     # ------------------------------------------------------------------ the decision
+    def _written(self, saved):
+        """The floating-point tensors the forward may have written (after it ran)."""
+        out = []
+        for module, name, buf, region, _ in saved.entries:
+            current = module._buffers.get(name)
+            t = region if current is buf else current
+            if t is not None and t.is_floating_point() and t.numel() > 0:
+                out.append(t)
+        return out
+
+    def state_finite(self, saved=None):
+        """A device bool (None if there is nothing to check): whether every value the last
+        forward may have written is finite (after :meth:`snapshot`; else every buffer)."""
+        saved = saved or self._saved
+        if saved is not None:
+            tensors = self._written(saved)
+        else:
+            tensors = [b for b in self.model.buffers() if b.is_floating_point() and b.numel() > 0]
+        return _all_finite(tensors)
+
     def buffers_finite(self):
         """Whether every floating-point buffer of the model is finite (one host sync)."""
-        checks = [torch.isfinite(b).all() for b in self.model.buffers()
-                  if b.is_floating_point() and b.numel() > 0]
-        if not checks:
-            return True
-        devices = {c.device for c in checks}
-        if len(devices) > 1:
-            checks = [c.cpu() for c in checks]
-        return bool(torch.stack(checks).all())
+        ok = _all_finite([b for b in self.model.buffers() if b.is_floating_point() and b.numel() > 0])
+        return True if ok is None else bool(ok)
 
     def step_is_bad(self, losses, error, device):
-        """True if this step must be skipped, on every process alike (all-reduced flag)."""
-        bad = (error is not None or losses is None
-               or not bool(torch.isfinite(losses.detach()).all()) or not self.buffers_finite())
+        """True if this step must be skipped, on every process alike (all-reduced flag); one
+        host synchronization. Remembers which local check failed, for :meth:`record`."""
+        self._local_bad = (False, False)
+        if error is not None or losses is None:
+            local = torch.ones(2, device=device)
+        else:
+            loss_ok = torch.isfinite(losses.detach()).all()
+            state_ok = self.state_finite() if self._saved is not None else None
+            state_ok = loss_ok.new_ones(()) if state_ok is None else state_ok.to(loss_ok.device)
+            local = torch.stack([loss_ok, state_ok]).logical_not().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl" and device.type != "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
-            flag = torch.tensor([1.0 if bad else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad = bool(flag.item() > 0)
-        return bad
+            local = local.to(device)
+            any_bad = local.max().reshape(1)
+            dist.all_reduce(any_bad, op=dist.ReduceOp.MAX)
+            loss_bad, state_bad, bad = torch.cat([local, any_bad]).tolist()
+        else:
+            loss_bad, state_bad = local.tolist()
+            bad = max(loss_bad, state_bad)
+        self._local_bad = (loss_bad > 0, state_bad > 0)
+        return bad > 0
 
     def record(self, bad, iteration, loss_dict, error):
         if not bad:
@@ -133,9 +213,10 @@ class NonFiniteGuard:
         else:
             values = {k: float(v.detach()) for k, v in loss_dict.items()}
             bad_terms = {k: v for k, v in values.items() if not math.isfinite(v)}
-            if bad_terms:
-                why = f"non-finite losses {bad_terms}"
-            elif not self.buffers_finite():
+            loss_bad, state_bad = self._local_bad
+            if bad_terms or loss_bad:
+                why = f"non-finite losses {bad_terms or values}"
+            elif state_bad:
                 why = "non-finite normalization statistics (buffers)"
             else:
                 why = "another process had a non-finite step"
@@ -157,49 +238,73 @@ def _first_param_device(model):
     return torch.device("cpu")
 
 
-def guarded_run_step(trainer, guard):
+def _autocast(trainer, device):
+    dtype = getattr(trainer, "precision", torch.float16)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def guarded_run_step(trainer, guard, after_backward=None):
     """One training step of detectron2's ``SimpleTrainer`` / ``AMPTrainer`` ``trainer`` that
-    skips (and undoes) a non-finite step; see the module docstring."""
-    from detectron2.engine import AMPTrainer
+    skips (and undoes) a non-finite step; see the module docstring. ``after_backward``: called
+    after the backward (default: ``trainer.after_backward`` where detectron2 has it). Returns
+    whether the step was taken."""
     from detectron2.utils.events import get_event_storage
 
     assert trainer.model.training, "[guarded_run_step] model was changed to eval mode!"
-    amp = isinstance(trainer, AMPTrainer)
+    scaler = getattr(trainer, "grad_scaler", None)
+    amp = scaler is not None
+    device = _first_param_device(trainer.model)
     start = time.perf_counter()
     data = next(trainer._data_loader_iter)
     data_time = time.perf_counter() - start
 
-    snap = guard.snapshot()
+    zero_first = getattr(trainer, "zero_grad_before_forward", False)
+    if zero_first:
+        trainer.optimizer.zero_grad()
+    if amp and guard.has_mabn:
+        # MABN keeps its backward ring buffer in unscaled units
+        set_grad_scale(guard.model, scaler.scale(torch.ones((), device=device)))
+    guard.snapshot()
     loss_dict = losses = error = None
     try:
-        with torch.autocast("cuda") if amp else contextlib.nullcontext():
+        with _autocast(trainer, device) if amp else contextlib.nullcontext():
             loss_dict = trainer.model(data)
-        if isinstance(loss_dict, torch.Tensor):
-            losses, loss_dict = loss_dict, {"total_loss": loss_dict}
-        else:
-            losses = sum(loss_dict.values())
+            if isinstance(loss_dict, torch.Tensor):
+                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
     except FloatingPointError as e:  # detectron2: "Predicted boxes or scores contain Inf/NaN"
         error = e
-    device = losses.device if isinstance(losses, torch.Tensor) else _first_param_device(trainer.model)
+    if isinstance(losses, torch.Tensor):
+        device = losses.device
     bad = guard.step_is_bad(losses, error, device)
     storage = get_event_storage()
     if bad:
-        guard.restore(snap)
+        guard.restore()
         trainer.optimizer.zero_grad()
         storage.put_scalar("skipped_nonfinite_steps", guard.skipped + 1, smoothing_hint=False)
         guard.record(True, storage.iter, loss_dict, error)
         return False
     guard.record(False, storage.iter, loss_dict, None)
 
-    trainer.optimizer.zero_grad()
+    if not zero_first:
+        trainer.optimizer.zero_grad()
     if amp:
-        trainer.grad_scaler.scale(losses).backward()
+        scaler.scale(losses).backward()
+        if getattr(trainer, "log_grad_scaler", False):
+            storage.put_scalar("[metric]grad_scaler", scaler.get_scale())
     else:
         losses.backward()
-    trainer._write_metrics(loss_dict, data_time)
+    after_backward = after_backward or getattr(trainer, "after_backward", None)
+    if after_backward is not None:
+        after_backward()
+    if getattr(trainer, "async_write_metrics", False):
+        trainer.concurrent_executor.submit(trainer._write_metrics, loss_dict, data_time, iter=trainer.iter)
+    else:
+        trainer._write_metrics(loss_dict, data_time)
     if amp:
-        trainer.grad_scaler.step(trainer.optimizer)
-        trainer.grad_scaler.update()
+        scaler.step(trainer.optimizer)
+        scaler.update()
     else:
         trainer.optimizer.step()
     return True

@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from ..checkpoint import D2NormCheckpointer
 from ..config import add_d2norm_config
 from ..data.synthetic_shapes import register_datasets
+from ..patches import local_process_group
 from .trainer import Trainer
 
 __all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device"]
@@ -143,12 +144,9 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank,
                             timeout=timeout)
     try:
-        for i in range(world_size // num_per_machine):
-            group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
-            if i == machine_rank:
-                comm._LOCAL_PROCESS_GROUP = group
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
-        comm.synchronize()
-        main_func(*args)
+        with local_process_group(num_per_machine, machine_rank):  # d2norm.patches
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
+            comm.synchronize()
+            main_func(*args)
     finally:
         dist.destroy_process_group()

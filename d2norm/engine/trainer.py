@@ -11,7 +11,6 @@
 - A step with a non-finite loss is skipped and undone, norm statistics included
   (:mod:`d2norm.engine.guards`).
 """
-import contextlib
 import logging
 import os
 import random
@@ -19,18 +18,15 @@ import weakref
 
 import numpy as np
 import torch
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.data import DatasetMapper
-from detectron2.engine import DefaultTrainer, HookBase
-from detectron2.evaluation import COCOEvaluator
-from detectron2.utils import comm
+from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
 
 from ..checkpoint import D2NormCheckpointer
-from ..compat import compiled_ops_available
-from ..data.resumable_loader import DeferredTrainLoader, ResumableTrainingSampler
+from ..data.resumable_loader import DeferredTrainLoader
 from ..modeling import build_model
 from ..optim import build_optimizer
+from ..patches import ddp_for_cpu_models
 from .cbn_regime import warn_cbn_regime
+from .data import build_evaluator, build_resumable_train_loader
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
 
 __all__ = ["Trainer", "RNGState", "NormMilestoneHook"]
@@ -88,35 +84,12 @@ class NormMilestoneHook(HookBase):
             self.trainer.storage.put_scalar("cbn_burnin_ended_iter", it, smoothing_hint=False)
 
 
-@contextlib.contextmanager
-def _ddp_for_cpu_models():
-    """While DefaultTrainer.__init__ runs, wrap CPU models in DDP without ``device_ids``.
-
-    detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which torch rejects
-    for a CPU module (multi-process CPU training with gloo, see ``launch_cpu``). Only CPU models
-    are affected; ``broadcast_buffers=False`` (per-process norm statistics) is kept."""
-    from detectron2.engine import defaults
-
-    original = defaults.create_ddp_model
-
-    def create_ddp_model(model, **kwargs):
-        if comm.get_world_size() > 1 and all(p.device.type == "cpu" for p in model.parameters()):
-            kwargs.setdefault("device_ids", None)
-        return original(model, **kwargs)
-
-    defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        defaults.create_ddp_model = original
-
-
 class Trainer(DefaultTrainer):
     """DefaultTrainer for d2norm models (see module docstring)."""
 
     def __init__(self, cfg):
         warn_cbn_regime(cfg)  # one warning where CBN is known to stall training (cbn_regime.py)
-        with _ddp_for_cpu_models():
+        with ddp_for_cpu_models():  # d2norm.patches: CPU models in multi-process runs
             super().__init__(cfg)
 
     @classmethod
@@ -132,26 +105,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """detectron2's training loader for ``cfg`` (``DATALOADER.SAMPLER_TRAIN``, keypoint
+        filtering, ...), resumable: see :func:`d2norm.engine.data.build_resumable_train_loader`."""
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
-        batch_per_rank = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-
-        def build(start_iter, seed):
-            sampler = ResumableTrainingSampler(
-                len(dataset), seed, skip=start_iter * batch_per_rank,
-                rank=comm.get_rank(), world_size=comm.get_world_size(),
-            )
-            return build_detection_train_loader(
-                cfg, mapper=DatasetMapper(cfg, True), dataset=dataset, sampler=sampler
-            )
-
-        return DeferredTrainLoader(build, seed)
+        return build_resumable_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -160,12 +117,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(
-            dataset_name, tasks=tasks, output_dir=output_folder,
-            use_fast_impl=compiled_ops_available(),
-        )
+        """The evaluator for the dataset's ``evaluator_type``, as detectron2's
+        ``tools/train_net.py`` picks it (:func:`d2norm.engine.data.build_evaluator`)."""
+        return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
         # Replace the default checkpointer before the hooks that use it are created.
@@ -192,8 +146,15 @@ class Trainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
+        if "_trainer" not in state_dict:
+            # A checkpoint written without the optimizer state (e.g. by detectron2 v0.6's own
+            # DefaultTrainer): resume the iteration and hooks; the optimizer starts fresh.
+            logger.warning("The checkpoint has no optimizer state ('_trainer'): resuming the "
+                           "iteration count and hooks with a fresh optimizer state.")
+            TrainerBase.load_state_dict(self, state_dict)
+            return
         super().load_state_dict(state_dict)
-        if not self._BASE_SAVES_OPTIMIZER and "_trainer" in state_dict:
+        if not self._BASE_SAVES_OPTIMIZER:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     def run_step(self):
@@ -201,7 +162,15 @@ class Trainer(DefaultTrainer):
         self._trainer.iter = self.iter
         if getattr(self, "_nonfinite_guard", None) is None:
             self._nonfinite_guard = NonFiniteGuard(self._trainer.model)
-        guarded_run_step(self._trainer, self._nonfinite_guard)
+        guarded_run_step(self._trainer, self._nonfinite_guard, after_backward=self.after_backward)
+
+    def after_backward(self):
+        """Run the ``after_backward`` of every hook that has one (detectron2 after v0.6 defines
+        it on every hook; its ``DefaultTrainer`` calls only the inner trainer's, which has none)."""
+        for h in self._hooks:
+            fn = getattr(h, "after_backward", None)
+            if fn is not None:
+                fn()
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

@@ -1,6 +1,9 @@
 """Normalization layers. One module per method; each docstring states its equations."""
+from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList
+from .evonorm import EvoNormS0
+from .filter_response_norm import FilterResponseNorm2d
 from .frozen_statistics_batch_norm import FrozenStatisticsBatchNorm2d
 from .group_norm import BatchNormWS, GroupNorm, GroupNormWS
 from .moving_average_batch_norm import MovingAverageBatchNorm2d
@@ -8,8 +11,11 @@ from .sync_batch_norm import SyncBatchNorm2d
 
 __all__ = [
     "BatchNormWS",
+    "BatchRenorm2d",
     "CrossIterationBatchNorm2d",
     "CycleNormList",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
     "FrozenStatisticsBatchNorm2d",
     "GroupNorm",
     "GroupNormWS",
@@ -22,7 +28,10 @@ __all__ = [
 #: WEIGHT_DECAY_NORM rule and the preparation pass read this tuple).
 NORM_TYPES = (
     BatchNormWS,
+    BatchRenorm2d,
     CrossIterationBatchNorm2d,
+    EvoNormS0,
+    FilterResponseNorm2d,
     GroupNorm,
     GroupNormWS,
     MovingAverageBatchNorm2d,

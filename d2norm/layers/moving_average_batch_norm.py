@@ -43,6 +43,13 @@ detectron2 every norm runs once per step). Under AMP (autocast) the statistics, 
 parameter gradients stay in the module's dtype (float32) and reductions accumulate in float32;
 the output and the input gradient have the input's dtype.
 
+Under a gradient scaler (``torch.amp.GradScaler``) the backward receives ``S * dL/dy``. Before
+the forward, :func:`set_grad_scale` gives each layer the current scale ``S`` (d2norm's trainer
+does this every AMP step); the backward then stores ``psi / S`` (unscaled) and uses
+``S * mean(buffer_gz)``, so a change of scale never mixes scales inside the ring. A ``psi`` that
+overflowed (inf/NaN, which makes the scaler skip the step) is never stored: that channel keeps its
+previous entry, so one overflow does not poison later steps.
+
 The conv before each MABN must use centralized weights (``W - mean(W)`` per output channel);
 :meth:`MovingAverageBatchNorm2d.prepare_preceding_conv` installs that parametrization.
 """
@@ -52,7 +59,7 @@ from torch import nn
 from .conv_link import mark_conv_prepared
 from .weight_transforms import WeightCentralization, apply_weight_transform
 
-__all__ = ["MovingAverageBatchNorm2d"]
+__all__ = ["MovingAverageBatchNorm2d", "set_grad_scale"]
 
 _RENORM_MIN_ITERS = 1000
 _R_MIN, _R_MAX = 1.0 / 5.0, 5.0
@@ -110,8 +117,15 @@ class _MABNFunction(torch.autograd.Function):
         #   dx = (g - z psi_bar) inv_std = dy (gamma r inv_std) - x (psi_bar inv_std^2).
         sum_dy_z, sum_dy = _channel_dot(grad_out, x, st["zeros"], st["ones"], inv_std, need_b)
         psi = torch.mul(gr, sum_dy_z).mul_(st["inv_num"])
-        buffer_gz.index_copy_(0, st["idx"], psi.unsqueeze(0))
-        psi_bar = torch.where(st["use_sma"], buffer_gz.mean(dim=0), psi)
+        # The ring holds unscaled, finite values: a loss scale S (AMP) is divided out, and a
+        # channel whose psi overflowed keeps its previous entry (the scaler skips that step).
+        scale = st["grad_scale"]
+        psi_u = psi if scale is None else psi / scale
+        idx = st["idx"]
+        buffer_gz.index_copy_(0, idx, torch.where(torch.isfinite(psi_u), psi_u.unsqueeze(0),
+                                                  buffer_gz.index_select(0, idx)))
+        psi_mean = buffer_gz.mean(dim=0)
+        psi_bar = torch.where(st["use_sma"], psi_mean if scale is None else psi_mean * scale, psi)
 
         grad_x = grad_w = None
         if need_x:
@@ -177,6 +191,9 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.register_buffer("buffer_x2", torch.zeros(buffer_size, num_features))
         self.register_buffer("buffer_gz", torch.zeros(buffer_size, num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        #: The loss scale of the coming backward (a tensor or float; None: unscaled). Set by
+        #: :func:`set_grad_scale`; not state.
+        self.grad_scale = None
 
     def extra_repr(self):
         return (
@@ -249,6 +266,7 @@ class MovingAverageBatchNorm2d(nn.Module):
                 "var": var, "inv_std": inv_var.sqrt(), "inv_var": inv_var, "r": r,
                 "zeros": zeros, "ones": ones, "idx": idx, "use_sma": use_sma,
                 "buffer_gz": self.buffer_gz, "eps": self.eps, "inv_num": 1.0 / num,
+                "grad_scale": self.grad_scale,
             }
         return _MABNFunction.apply(x, self.weight, self.bias, st)
 
@@ -262,3 +280,17 @@ class MovingAverageBatchNorm2d(nn.Module):
                       torch.ones(self.num_features, dtype=dtype, device=device))
             self.__dict__["_const_cache"] = cached
         return cached[1], cached[2]
+
+
+def set_grad_scale(model, scale):
+    """Tell every MABN layer of ``model`` the loss scale of the coming backward.
+
+    ``scale``: the gradient scaler's current scale as a tensor (``scaler.scale(torch.ones(()))``,
+    no host synchronization) or a float; None for an unscaled backward. Returns the number of
+    layers set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MovingAverageBatchNorm2d):
+            m.grad_scale = scale
+            n += 1
+    return n

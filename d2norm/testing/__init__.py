@@ -7,4 +7,6 @@ comparisons) and ``benchmarks/`` (the official codes' formulations, timed side b
   autograd statistic gradients and stored weights, as the official code computes it.
 * :mod:`d2norm.testing.mabn_reference`: ``MABNReference`` (step-by-step float64 MABN) and
   ``OfficialStyleMABN2d`` (the official code's Python-branching formulation).
+* :mod:`d2norm.testing.renorm_frn_evonorm_reference`: BRN (Algorithm 1 with the paper's
+  backward formulas), FRN + TLU and EvoNorm-S0, float64, written from the papers.
 """
