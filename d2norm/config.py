@@ -30,6 +30,9 @@ def add_d2norm_config(cfg):
     _C.D2NORM.CBN.BURNIN_ITERS = 0
     _C.D2NORM.CBN.EPS = 1e-5
     _C.D2NORM.CBN.MOMENTUM = 0.1
+    # False: the paper's / official gradient (the compensated past statistics are constants);
+    # True: also differentiate them w.r.t. the current conv weight (see docs/cbn_diagnosis.md).
+    _C.D2NORM.CBN.GRAD_THROUGH_COMPENSATION = False
     # Moving-Average BN: BUFFER_SIZE = simulated batch / real batch per device.
     _C.D2NORM.MABN = CN()
     _C.D2NORM.MABN.BUFFER_SIZE = 16

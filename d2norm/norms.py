@@ -125,7 +125,8 @@ def _cbn(c):
 
     o = _options["CBN"]
     return CrossIterationBatchNorm2d(
-        c, buffer_size=o["BUFFER_SIZE"], burnin=o["BURNIN_ITERS"], eps=o["EPS"], momentum=o["MOMENTUM"]
+        c, buffer_size=o["BUFFER_SIZE"], burnin=o["BURNIN_ITERS"], eps=o["EPS"], momentum=o["MOMENTUM"],
+        grad_through_compensation=o["GRAD_THROUGH_COMPENSATION"],
     )
 
 

@@ -35,13 +35,15 @@ class Pair(nn.Module):
         return self.cbn(self.conv(x))
 
 
-def _make(conv_kw, buffer_size=3, burnin=0, cin=4, cout=6):
+def _make(conv_kw, buffer_size=3, burnin=0, cin=4, cout=6, grad_through_compensation=False):
     conv = _conv(cin, cout, **conv_kw)
-    pair = Pair(conv, CrossIterationBatchNorm2d(cout, buffer_size, burnin).to(D))
+    pair = Pair(conv, CrossIterationBatchNorm2d(
+        cout, buffer_size, burnin, grad_through_compensation=grad_through_compensation).to(D))
     with torch.no_grad():  # non-trivial gamma/beta
         pair.cbn.weight.uniform_(0.5, 1.5)
         pair.cbn.bias.uniform_(-0.5, 0.5)
-    ref = ReferenceConvCBN(copy.deepcopy(conv), buffer_size, burnin)
+    ref = ReferenceConvCBN(copy.deepcopy(conv), buffer_size, burnin,
+                           grad_through_compensation=grad_through_compensation)
     with torch.no_grad():
         ref.weight.copy_(pair.cbn.weight)
         ref.bias.copy_(pair.cbn.bias)
@@ -116,12 +118,41 @@ CASES = {  # conv, buffer_size, burnin[, lr]
 }
 
 
+@pytest.mark.parametrize("grad_through_compensation", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case):
+def test_matches_float64_reference(case, grad_through_compensation):
     conv_kw, k, burnin, *lr = CASES[case]
-    pair, ref = _make(conv_kw, k, burnin)
+    pair, ref = _make(conv_kw, k, burnin, grad_through_compensation=grad_through_compensation)
     _compare(pair, ref, _inputs(6, (2, 4, 9, 9)), lr=lr[0] if lr else None)
     assert pair.cbn.iteration == 6 == ref.iteration
+
+
+def _radial_and_total_weight_grad(grad_through_compensation, seed=0):
+    """<W_c, dL/dW_c> and |W_c| |dL/dW_c| of a conv + CBN at the third iteration of a full window
+    (k=3), the weights unchanged since the stored iterations (new inputs each iteration)."""
+    pair, _ = _make(dict(k=3, padding=1), 3, 0, grad_through_compensation=grad_through_compensation)
+    pair.cbn.eps = 1e-14  # eps breaks scale invariance by O(eps / sigma^2)
+    xs = _inputs(3, (2, 4, 8, 8), seed=seed)
+    gen = torch.Generator().manual_seed(7)
+    for i, x in enumerate(xs):
+        out = pair(x)
+        g = torch.randn(out.shape, generator=gen, dtype=D) + 0.5  # a persistent bias-like signal
+        pair.conv.weight.grad = None
+        (out * g).sum().backward()
+    w, gw = pair.conv.weight.detach(), pair.conv.weight.grad
+    return (w * gw).sum((1, 2, 3)), gw.flatten(1).norm(dim=1) * w.flatten(1).norm(dim=1)
+
+
+def test_gradient_through_compensation_restores_scale_invariance():
+    """At W_t = W_{t-r}, scaling W_c scales y_c and, to first order, every compensated entry of
+    channel c (mu_r(W) = <pbar_r, W> is linear; nu_r(W) = <dnu_r/dW, W> - nu_r has derivative
+    <dnu_r/dW, W> = 2 nu_r along W), so the window-normalized output is scale invariant and
+    <W_c, dL/dW_c> = 0, as for BN. The paper's gradient (compensated entries constant in W_t) is
+    not: it carries (1 - 1/n) (gamma dL/dgamma + gamma mu/sigma dL/dbeta) along W_c."""
+    radial, scale = _radial_and_total_weight_grad(True)
+    assert (radial.abs() < 1e-9 * scale).all(), (radial / scale).abs().max()
+    radial_paper, scale_paper = _radial_and_total_weight_grad(False)
+    assert (radial_paper.abs() > 1e-2 * scale_paper).any(), (radial_paper / scale_paper).abs().max()
 
 
 def test_compensation_is_first_order_taylor():
@@ -319,6 +350,7 @@ def test_eval_is_affine_map_of_running_stats():
         (dict(burnin=2.5), "D2NORM.CBN.BURNIN_ITERS"),
         (dict(eps=0), "D2NORM.CBN.EPS"),
         (dict(momentum=1.5), "D2NORM.CBN.MOMENTUM"),
+        (dict(grad_through_compensation=1), "D2NORM.CBN.GRAD_THROUGH_COMPENSATION"),
     ],
 )
 def test_bad_config(kwargs, key):
@@ -474,3 +506,46 @@ def test_sqmean_weight_gradient_matches_autograd(conv_kw):
     got = sqmean_weight_gradient(x, y.detach(), conv.weight.detach(), conv.stride,
                                  _conv_padding(conv), conv.dilation, conv.groups)
     _assert_close(got, expect, "dnu/dW", 1e-12)
+
+
+def test_history_in_a_full_mask_rcnn_matches_autograd(data_root):
+    """In the synthetic Mask R-CNN (CBN in backbone, FPN, box and mask heads; RoI batches of
+    varying size), each layer's recorded pbar, dnu/dW and nu equal autograd's dmu/dW, dnu/dW and
+    E[y^2] of its own conv on the input that conv really received (float64 recomputation)."""
+    from helpers import synthetic_cfg
+    from detectron2.data import build_detection_train_loader
+    from detectron2.utils.events import EventStorage
+
+    from d2norm import build_model
+
+    cfg = synthetic_cfg("CBN", **{"D2NORM.DATA.ROOT": data_root, "D2NORM.CBN.BUFFER_SIZE": 3})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    inputs = {}
+
+    def keep_input(conv, args):
+        inputs[conv] = args[0].detach().clone()
+
+    convs = [m for m in model.modules() if isinstance(getattr(m, "norm", None), CrossIterationBatchNorm2d)]
+    assert len(convs) > 30
+    for conv in convs:
+        conv.register_forward_pre_hook(keep_input)
+    with EventStorage(0):
+        model(next(iter(build_detection_train_loader(cfg))))
+    heads = 0
+    for conv in convs:
+        cbn = conv.norm
+        assert cbn._count == 1, cbn._d2norm_name
+        x = inputs[conv].to(D)
+        w = conv.weight.detach().to(D).requires_grad_(True)
+        y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        mu, nu = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+        dmu = torch.autograd.grad(mu.sum(), w, retain_graph=True)[0].flatten(1)
+        dnu = torch.autograd.grad(nu.sum(), w)[0].flatten(1)
+        pbar = cbn.hist_grad_mean[0].to(D).repeat_interleave(w.shape[0] // conv.groups, 0)
+        for got, want, what in ((pbar, dmu, "pbar"), (cbn.hist_grad_sqmean[0].to(D), dnu, "dnu/dW"),
+                                (cbn.hist_sqmean[0].to(D), nu.detach(), "nu")):
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-4, f"{cbn._d2norm_name} {what}: relative error {err:.1e}"
+        heads += cbn._d2norm_name.startswith("roi_heads")
+    assert heads == 6  # 4 box-head convs, 2 mask-head convs

@@ -216,7 +216,10 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     out = tmp_path / "deploy"
     opts = ["MODEL.WEIGHTS", weights, "D2NORM.DATA.ROOT", data_root,
             "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
-            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96"]
+            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+            # this model: CBN everywhere with the default window (the recipe: BN heads, window 4)
+            "MODEL.ROI_BOX_HEAD.NORM", "CBN", "MODEL.ROI_MASK_HEAD.NORM", "CBN",
+            "D2NORM.CBN.BUFFER_SIZE", "3"]
     report = _load_tool().main(["--config-file", os.path.join(REPO, "configs", "synthetic",
                                 "mask_rcnn_R_18_FPN_CBN.yaml"), "--output", str(out),
                                 "--num-images", "2", "--rounds", "1", *opts])

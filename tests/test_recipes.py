@@ -198,6 +198,8 @@ def test_recipe_config_matches_its_name(path):
     elif cbn_paper:
         assert M.RESNETS.NORM == "FrozenStatsBN"
         assert heads == ((norm,) * 3 if norm != "FrozenStatsBN" else ("", "", ""))
+    elif norm == "CBN" and not exp["coco"]:  # CBN where it trains from scratch (docs/cbn_diagnosis.md)
+        assert M.RESNETS.NORM == "CBN" and heads == ("CBN", "BN", "BN")
     else:
         assert M.RESNETS.NORM == norm and heads == (norm,) * 3
     if exp["coco"] and norm != "FrozenBN":  # the published 4conv1fc head

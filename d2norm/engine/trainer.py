@@ -25,6 +25,7 @@ from ..data.resumable_loader import DeferredTrainLoader
 from ..modeling import build_model
 from ..optim import build_optimizer
 from ..patches import ddp_for_cpu_models
+from .cbn_regime import warn_cbn_regime
 from .data import build_evaluator, build_resumable_train_loader
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
 
@@ -87,6 +88,7 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer for d2norm models (see module docstring)."""
 
     def __init__(self, cfg):
+        warn_cbn_regime(cfg)  # one warning where CBN is known to stall training (cbn_regime.py)
         with ddp_for_cpu_models():  # d2norm.patches: CPU models in multi-process runs
             super().__init__(cfg)
 

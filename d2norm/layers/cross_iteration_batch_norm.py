@@ -91,6 +91,8 @@ class CrossIterationBatchNorm2d(nn.Module):
         burnin: the first ``burnin`` training iterations are plain BN (``D2NORM.CBN.BURNIN_ITERS``).
             History is recorded during the last k-1 of them, so the window is full when burn-in ends.
         eps, momentum: as in ``nn.BatchNorm2d`` (running stats EMA: r = (1-momentum) r + momentum s).
+        grad_through_compensation: differentiate the compensated past statistics w.r.t. the
+            current conv weight (``D2NORM.CBN.GRAD_THROUGH_COMPENSATION``; see "Gradient" below).
 
     Behaviour and choices:
 
@@ -109,9 +111,18 @@ class CrossIterationBatchNorm2d(nn.Module):
       running_var <- sigma2bar * nM/(nM-1) (n window entries, M values per channel in the current
       batch; for n = 1 torch BN's unbiased update). Eval: ``F.batch_norm`` with the running
       stats, an affine map; eval needs no bound conv.
-    * Only mu_t and nu_t carry gradient; the stored statistics and their weight gradients and
-      the W_t they are evaluated at are constants. Only the bound conv's weight is
-      compensated (as in the paper). A parametrized conv weight is read as ``conv.weight``.
+    * Gradient (``grad_through_compensation=False``, the paper's and the official code's): only
+      mu_t and nu_t carry gradient; the stored statistics, their weight gradients and the W_t
+      they are evaluated at are constants. That gradient is not the gradient of the forward:
+      the window statistics follow W_t through the compensation, so the output is (to first
+      order) invariant to scaling / shifting y_c by W_c, but the gradient still moves W_c along
+      those directions, by (1 - 1/n) of BN-without-normalization's amount; e.g.
+      <W_c, dL/dW_c> = (1 - 1/n) (gamma_c dL/dgamma_c + gamma_c mu_c / sigma_c dL/dbeta_c),
+      where BN has 0. ``grad_through_compensation=True`` also differentiates the compensated
+      entries w.r.t. W_t (dmu_r/dW_c = pbar_r, dnu_r/dW_c = dnu_r/dW, through the clamp and the
+      window mean; ``_compensation_weight_grad``), the exact gradient of the forward; the stored
+      statistics stay constants. Only the bound conv's weight is compensated (as in the paper).
+      A parametrized conv weight is read as ``conv.weight``.
     * State: every piece (iteration count, ring buffers, valid count, write position) is a
       persistent buffer, so a state_dict round trip mid-window continues exactly. The history is
       allocated by ``bind`` from ``conv.weight``'s shape (float32, float64 if the weight is);
@@ -128,7 +139,8 @@ class CrossIterationBatchNorm2d(nn.Module):
       included, overwrite the others' at every forward.
     """
 
-    def __init__(self, num_features, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1):
+    def __init__(self, num_features, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1,
+                 grad_through_compensation=False):
         super().__init__()
         _check_int(num_features, "num_features", "the conv's out_channels", 1,
                    "Pass the number of output channels of the preceding conv.")
@@ -151,6 +163,12 @@ class CrossIterationBatchNorm2d(nn.Module):
         self.burnin = burnin
         self.eps = float(eps)
         self.momentum = float(momentum)
+        if not isinstance(grad_through_compensation, bool):
+            raise ValueError("CrossIterationBatchNorm2d: grad_through_compensation (config key "
+                             "D2NORM.CBN.GRAD_THROUGH_COMPENSATION) must be True or False, got "
+                             f"{grad_through_compensation!r}. Set "
+                             "D2NORM.CBN.GRAD_THROUGH_COMPENSATION to True or False.")
+        self.grad_through_compensation = grad_through_compensation
 
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
@@ -185,7 +203,8 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     def extra_repr(self):
         return (f"{self.num_features}, buffer_size={self.buffer_size}, burnin={self.burnin}, "
-                f"eps={self.eps}, momentum={self.momentum}")
+                f"eps={self.eps}, momentum={self.momentum}, "
+                f"grad_through_compensation={self.grad_through_compensation}")
 
     def reset_running_stats(self):
         self.running_mean.zero_()
@@ -356,6 +375,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
         m_count = y.shape[0] * y.shape[2] * y.shape[3]
         h = self._count if t >= self.burnin else 0  # plain BN (h = 0) in burn-in / empty history
+        comp = None
         n = h + 1
         if n * m_count <= 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
@@ -366,7 +386,12 @@ class CrossIterationBatchNorm2d(nn.Module):
                 mu_bar, var_bar = mu_t, var_t
             else:
                 mu_p, nu_p = self._compensated_history(conv.weight.detach().to(sdt), h, sdt)
-                var_p = (nu_p - mu_p * mu_p).clamp_min(0)  # the paper's max(nu, mu^2)
+                var_p = nu_p - mu_p * mu_p
+                if self.grad_through_compensation:
+                    # d/dW of the stored entries (the history slots are overwritten below)
+                    comp = (self.hist_grad_mean[:h].to(sdt, copy=True),
+                            self.hist_grad_sqmean[:h].to(sdt, copy=True), mu_p, var_p >= 0)
+                var_p = var_p.clamp_min(0)  # the paper's max(nu, mu^2)
                 mu_bar = (mu_t + mu_p.sum(0)) / n
                 # = mean_i max(nu_i, mu_i^2) - mubar^2, free of cancellation
                 var_bar = (var_t + var_p.sum(0) + (mu_t - mu_bar) ** 2
@@ -375,7 +400,8 @@ class CrossIterationBatchNorm2d(nn.Module):
             self.running_mean.mul_(1 - self.momentum).add_(mu_bar, alpha=self.momentum)
             self.running_var.mul_(1 - self.momentum).add_(
                 var_bar, alpha=self.momentum * total / (total - 1))
-        out = _WindowBatchNorm.apply(y, self.weight, self.bias, mu_bar, var_bar, n, self.eps)
+        out = _WindowBatchNorm.apply(y, self.weight, self.bias, mu_bar, var_bar, n, self.eps,
+                                     conv.weight if comp is not None else None, comp)
         if record:
             with torch.no_grad():
                 self._record(x, y, conv, mu_t, var_t, sdt)
@@ -423,10 +449,12 @@ class _WindowBatchNorm(torch.autograd.Function):
     Both terms come from ATen's fused batch-norm kernels. n = 1 is plain BN."""
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, mu_bar, var_bar, n, eps):
+    def forward(ctx, y, gamma, beta, mu_bar, var_bar, n, eps, conv_weight=None, comp=None):
         invstd = torch.rsqrt(var_bar + eps)
         ctx.save_for_backward(y, gamma, mu_bar, invstd)
         ctx.n, ctx.eps = n, eps
+        ctx.comp = comp
+        ctx.weight_meta = None if conv_weight is None else (conv_weight.shape, conv_weight.dtype)
         return F.batch_norm(y, mu_bar, var_bar, gamma.to(mu_bar.dtype), beta.to(mu_bar.dtype),
                             False, 0.0, eps).to(y.dtype)
 
@@ -436,6 +464,9 @@ class _WindowBatchNorm(torch.autograd.Function):
         y, gamma, mu_bar, invstd = ctx.saved_tensors
         n = ctx.n
         mask = list(ctx.needs_input_grad[:3])
+        want_w = ctx.comp is not None and ctx.needs_input_grad[7]
+        if want_w:
+            mask[1] = mask[2] = True  # sum(g * yhat) and sum(g) feed the compensation gradient
         gamma_s = gamma.to(mu_bar.dtype)
         fmt = (torch.channels_last if not y.is_contiguous() and y.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format)
@@ -445,11 +476,36 @@ class _WindowBatchNorm(torch.autograd.Function):
         if gy is not None and n > 1:
             coef = (gamma_s * invstd).to(gy.dtype).view(1, -1, 1, 1)
             gy = gy.mul_(1.0 / n).addcmul_(grad_out, coef, value=1.0 - 1.0 / n)
+        gw = None
+        if want_w:
+            gw = _compensation_weight_grad(ctx.comp, gamma_s, mu_bar, invstd, ggamma, gbeta, n)
+            shape, dtype = ctx.weight_meta
+            gw = gw.reshape(shape).to(dtype)
         if ggamma is not None:
-            ggamma = ggamma.to(gamma.dtype)
+            ggamma = ggamma.to(gamma.dtype) if ctx.needs_input_grad[1] else None
         if gbeta is not None:
-            gbeta = gbeta.to(gamma.dtype)
-        return gy, ggamma, gbeta, None, None, None, None
+            gbeta = gbeta.to(gamma.dtype) if ctx.needs_input_grad[2] else None
+        return gy, ggamma, gbeta, None, None, None, None, gw, None
+
+
+def _compensation_weight_grad(comp, gamma, mu_bar, invstd, sum_g_yhat, sum_g, n):
+    """dL/dW_t through the compensated entries mu_r(W_t) = <pbar_r, W_t>, nu_r(W_t) = <dnu_r/dW, W_t> - nu_r.
+
+    With dL/dmubar = -gamma invstd sum(g), dL/dsigma2bar = -gamma invstd^2 sum(g yhat) / 2 and
+    sigma2bar = mean_i max(nu_i, mu_i^2) - mubar^2: dL/dmu_r = (dL/dmubar - 2 mubar dL/dsigma2bar)/n
+    (+ 2 mu_r dL/dsigma2bar / n where the clamp is active), dL/dnu_r = dL/dsigma2bar / n (0 where
+    it is active); dL/dW_c = sum_r dL/dmu_r[c] pbar_r + dL/dnu_r[c] dnu_r/dW_c."""
+    pbar, g_nu, mu_p, unclamped = comp  # (h, G, K), (h, C, K), (h, C), (h, C)
+    d_mu_bar = -gamma * invstd * sum_g
+    d_var_bar = -0.5 * gamma * invstd * invstd * sum_g_yhat
+    d_nu = torch.where(unclamped, d_var_bar / n, torch.zeros_like(mu_p))
+    d_mu = (d_mu_bar - 2.0 * mu_bar * d_var_bar) / n + torch.where(
+        unclamped, torch.zeros_like(mu_p), 2.0 * mu_p * d_var_bar / n)
+    h, groups, k = pbar.shape
+    c_out = mu_p.shape[1]
+    gw = torch.einsum("hc,hck->ck", d_nu, g_nu)
+    gw += torch.einsum("hgj,hgk->gjk", d_mu.view(h, groups, c_out // groups), pbar).reshape(c_out, k)
+    return gw
 
 
 def sqmean_weight_gradient(x, y, weight, stride, padding, dilation, groups):

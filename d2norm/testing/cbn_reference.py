@@ -18,7 +18,8 @@ __all__ = ["ReferenceConvCBN"]
 class ReferenceConvCBN(nn.Module):
     """conv (no bias) + CBN; ``forward(x)`` runs both. ``conv.weight`` may be parametrized."""
 
-    def __init__(self, conv, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1):
+    def __init__(self, conv, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1,
+                 grad_through_compensation=False):
         super().__init__()
         assert conv.bias is None
         c = conv.out_channels
@@ -29,6 +30,9 @@ class ReferenceConvCBN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(c, dtype=w.dtype, device=w.device))
         self.register_buffer("running_mean", torch.zeros(c, dtype=w.dtype, device=w.device))
         self.register_buffer("running_var", torch.ones(c, dtype=w.dtype, device=w.device))
+        # False (the paper / official code): W_t in the compensation is a constant; True: the
+        # compensated entries are differentiated w.r.t. W_t as well
+        self.grad_through_compensation = grad_through_compensation
         self.iteration = 0
         self.history = []  # newest first: (mu, nu, dmu/dW, dnu/dW, W)
 
@@ -50,7 +54,7 @@ class ReferenceConvCBN(nn.Module):
             dmu = torch.autograd.grad(mu, w, ones, retain_graph=True)[0]
             dnu = torch.autograd.grad(nu, w, ones, retain_graph=True)[0]
         if t >= self.burnin and self.history:
-            w_t = w.detach()
+            w_t = w if self.grad_through_compensation else w.detach()
             mus, nus = [mu], [nu]
             for mu_o, nu_o, dmu_o, dnu_o, w_o in self.history:
                 dw = w_t - w_o
