@@ -15,6 +15,7 @@ autograd bookkeeping. The variant "conv+BN+dnu/dW (CBN floor)" is that floor: co
 gradient and nothing else. "ref / floor" is the most any CBN implementation can gain over the
 autograd.grad formulation on that shape; "ours / floor" is how far this implementation is from it.
 """
+
 import argparse
 import functools
 
@@ -33,14 +34,20 @@ from d2norm.layers.cross_iteration_batch_norm import CrossIterationBatchNorm2d, 
 from d2norm.testing.cbn_reference import ReferenceConvCBN
 
 SHAPES = {  # name: (input N, C, H, W), conv kwargs
-    "3x3 256->256 @ 2x256x64x64": ((2, 256, 64, 64), dict(in_channels=256, out_channels=256,
-                                                           kernel_size=3, padding=1)),
-    "1x1 1024->256 @ 2x1024x25x38": ((2, 1024, 25, 38), dict(in_channels=1024, out_channels=256,
-                                                             kernel_size=1)),
+    "3x3 256->256 @ 2x256x64x64": (
+        (2, 256, 64, 64),
+        dict(in_channels=256, out_channels=256, kernel_size=3, padding=1),
+    ),
+    "1x1 1024->256 @ 2x1024x25x38": (
+        (2, 1024, 25, 38),
+        dict(in_channels=1024, out_channels=256, kernel_size=1),
+    ),
 }
 QUICK_SHAPES = {
-    "3x3 256->256 @ 2x256x32x32": ((2, 256, 32, 32), dict(in_channels=256, out_channels=256,
-                                                           kernel_size=3, padding=1)),
+    "3x3 256->256 @ 2x256x32x32": (
+        (2, 256, 32, 32),
+        dict(in_channels=256, out_channels=256, kernel_size=3, padding=1),
+    ),
     "1x1 1024->256 @ 2x1024x25x38": SHAPES["1x1 1024->256 @ 2x1024x25x38"],
 }
 
@@ -86,8 +93,7 @@ def autograd_stat_grads(conv, x):
 
 def history_bytes(variant, model):
     if variant == "conv+CBN (ours)":
-        return sum(b.numel() * b.element_size()
-                   for n, b in model[1].named_buffers() if n.startswith("hist_"))
+        return sum(b.numel() * b.element_size() for n, b in model[1].named_buffers() if n.startswith("hist_"))
     if variant == "autograd.grad ref":
         return sum(t.numel() * t.element_size() for entry in model.history for t in entry)
     return 0
@@ -107,8 +113,10 @@ def main():
     warmup = max(args.warmup or (2 if args.quick else 3), args.buffer_size)  # fill the windows
     shapes = QUICK_SHAPES if args.quick else SHAPES
     variants = ["conv+BN", FLOOR, "conv+CBN (ours)", "autograd.grad ref"]
-    print(f"{machine_line(device)}; fp32, buffer_size k={args.buffer_size}, warm-up {warmup}, "
-          f"median of {reps} reps")
+    print(
+        f"{machine_line(device)}; fp32, buffer_size k={args.buffer_size}, warm-up {warmup}, "
+        f"median of {reps} reps"
+    )
 
     for name, (in_shape, conv_kw) in shapes.items():
         gen = torch.Generator().manual_seed(0)
@@ -127,8 +135,16 @@ def main():
         stat_fns = {  # statistic gradients alone; the autograd one includes its conv forward
             "analytic": functools.partial(analytic_stat_grads, conv, xd, yd),
             "autograd.grad": functools.partial(autograd_stat_grads, conv, xd),
-            "conv fwd": functools.partial(torch.nn.functional.conv2d, xd, conv.weight, None, conv.stride,
-                                          conv.padding, conv.dilation, conv.groups),
+            "conv fwd": functools.partial(
+                torch.nn.functional.conv2d,
+                xd,
+                conv.weight,
+                None,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+            ),
         }
         for f in stat_fns.values():
             f()
@@ -138,29 +154,38 @@ def main():
         best = {v: min(ts) * 1e3 for v, ts in times.items()}
         bn = med["conv+BN"]
         print(f"\n{name}  (fwd+bwd of the conv+norm pair)")
-        print(f"  {'variant':<20} {'median ms':>10} {'(min ms)':>9} {'vs conv+BN':>11} "
-              f"{'stat overhead ms':>17}")
+        print(
+            f"  {'variant':<20} {'median ms':>10} {'(min ms)':>9} {'vs conv+BN':>11} {'stat overhead ms':>17}"
+        )
         for v in variants:
             print(f"  {v:<20} {med[v]:>10.2f} {best[v]:>9.2f} {med[v] / bn:>10.2f}x {med[v] - bn:>17.2f}")
         ours, ref = med["conv+CBN (ours)"], med["autograd.grad ref"]
         ovh_ours, ovh_ref = ours - bn, ref - bn
         floor = med[FLOOR]
         print(f"  RATIO pair time, autograd.grad ref / ours: {ref / ours:.2f}x")
-        print(f"  RATIO pair time, ours / floor ({FLOOR}): {ours / floor:.2f}x; autograd.grad ref / "
-              f"floor: {ref / floor:.2f}x (the most any exact CBN can gain over the reference here)")
-        print(f"  a pair {3:d}x faster than the reference would take {ref / 3:.2f} ms: "
-              f"{ref / 3 / bn:.2f}x of conv+BN alone ({bn:.2f} ms)")
+        print(
+            f"  RATIO pair time, ours / floor ({FLOOR}): {ours / floor:.2f}x; autograd.grad ref / "
+            f"floor: {ref / floor:.2f}x (the most any exact CBN can gain over the reference here)"
+        )
+        print(
+            f"  a pair {3:d}x faster than the reference would take {ref / 3:.2f} ms: "
+            f"{ref / 3 / bn:.2f}x of conv+BN alone ({bn:.2f} ms)"
+        )
         if ovh_ours > 0:
             print(f"  RATIO statistic-gradient overhead over conv+BN, ref / ours: {ovh_ref / ovh_ours:.2f}x")
         st_ref = med["autograd.grad"] - med["conv fwd"]
-        print(f"  statistic gradients alone: analytic {med['analytic']:.2f} ms, autograd.grad "
-              f"{st_ref:.2f} ms (+{med['conv fwd']:.2f} ms for the graph's conv forward)")
+        print(
+            f"  statistic gradients alone: analytic {med['analytic']:.2f} ms, autograd.grad "
+            f"{st_ref:.2f} ms (+{med['conv fwd']:.2f} ms for the graph's conv forward)"
+        )
         print(f"  RATIO statistic gradients alone, autograd.grad / analytic: {st_ref / med['analytic']:.2f}x")
         w_bytes = models["conv+BN"][0].weight.numel() * 4
         for v in ("conv+CBN (ours)", "autograd.grad ref"):
             hb = history_bytes(v, models[v])
-            print(f"  history memory {v:<18}: {hb:>11,d} B = {hb / w_bytes:.3f} x |W| "
-                  f"(|W| = {w_bytes:,d} B fp32)")
+            print(
+                f"  history memory {v:<18}: {hb:>11,d} B = {hb / w_bytes:.3f} x |W| "
+                f"(|W| = {w_bytes:,d} B fp32)"
+            )
 
 
 if __name__ == "__main__":

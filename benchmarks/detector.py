@@ -37,7 +37,10 @@ RECIPES = {
         ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", "MODEL.ROI_BOX_HEAD.NORM", "BN"]
         + ["MODEL.ROI_MASK_HEAD.NORM", "BN"],
     ),
-    "SyncBN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml", ["MODEL.RESNETS.NORM", "SyncBN"]),
+    "SyncBN": (
+        "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml",
+        ["MODEL.RESNETS.NORM", "SyncBN"],
+    ),
     "GN": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.yaml", ["MODEL.RESNETS.NORM", "GN"]),
     "GN+WS": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn_ws.yaml", []),
     "CBN": (
@@ -50,14 +53,27 @@ RECIPES = {
     ),
 }
 # BRN (past its ramp: r, d clipped at the full bounds), FRN + TLU and EvoNorm-S0 in BN's layout
-RECIPES.update({
-    name: ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml",
-           [k for site in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
-            for k in (f"MODEL.{site}.NORM", name)]
-           + ["D2NORM.BRN.RAMP_START_ITER", "0", "D2NORM.BRN.R_MAX_END_ITER", "0",
-              "D2NORM.BRN.D_MAX_END_ITER", "0"])
-    for name in ("BRN", "FRN", "EvoNorm-S0")
-})
+RECIPES.update(
+    {
+        name: (
+            "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml",
+            [
+                k
+                for site in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+                for k in (f"MODEL.{site}.NORM", name)
+            ]
+            + [
+                "D2NORM.BRN.RAMP_START_ITER",
+                "0",
+                "D2NORM.BRN.R_MAX_END_ITER",
+                "0",
+                "D2NORM.BRN.D_MAX_END_ITER",
+                "0",
+            ],
+        )
+        for name in ("BRN", "FRN", "EvoNorm-S0")
+    }
+)
 # BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
 # the least a CBN iteration can cost (training only; a BN model at inference)
 CBN_FLOOR = "CBN floor"
@@ -86,9 +102,9 @@ SAME_DETECTIONS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_
 
 
 def build_cfg(norm, device, recipe_rois=False):
-    from detectron2.config import get_cfg
-
     from d2norm import add_d2norm_config
+
+    from detectron2.config import get_cfg
 
     recipe, opts = RECIPES[norm]
     cfg = get_cfg()
@@ -138,9 +154,9 @@ def calibrate_frozen_bn(model, inputs):
 
 
 def build(norm, device, inputs, recipe_rois=False):
-    from detectron2.solver import build_optimizer
-
     from d2norm import build_model
+
+    from detectron2.solver import build_optimizer
 
     cfg = build_cfg(norm, device, recipe_rois)
     torch.manual_seed(0)
@@ -390,10 +406,10 @@ def measure_guard_overhead(norms, device, inputs, reps=5, warmup=2, recipe_rois=
     included) timed in isolation, which is the cleaner number where step times are noisy."""
     import itertools
 
+    from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
+
     from detectron2.engine import SimpleTrainer
     from detectron2.utils.events import EventStorage
-
-    from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
 
     out = {}
     for norm in norms:

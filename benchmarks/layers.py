@@ -35,6 +35,7 @@ Memory, measured in a separate, untimed step per variant:
 The script writes (replaces) the "Layers" section of ``--output`` (Markdown) and redraws the
 bar chart ``--plot`` from all sections (``benchmarks/model.py`` writes the "Model" section).
 """
+
 import argparse
 import datetime
 import functools
@@ -51,8 +52,8 @@ from benchmarks.common import (
     BatchNormWithNuGradient,
     draw_chart,
     load_note,
-    machine_line,
     mabn_steady,
+    machine_line,
     median_ms,
     peak_bytes,
     setup_device,
@@ -84,15 +85,20 @@ QUICK_NORM_SHAPES = {
 # name: (conv input shape, conv kwargs); the conv output is the feature map above
 PAIR_SHAPES = {
     "3x3 256->256 @ 2x256x200x304 (FPN P2 output conv)": (
-        (2, 256, 200, 304), dict(in_channels=256, out_channels=256, kernel_size=3, padding=1)),
+        (2, 256, 200, 304),
+        dict(in_channels=256, out_channels=256, kernel_size=3, padding=1),
+    ),
     "1x1 512->2048 @ 2x512x25x38 (res5 conv3)": (
-        (2, 512, 25, 38), dict(in_channels=512, out_channels=2048, kernel_size=1)),
+        (2, 512, 25, 38),
+        dict(in_channels=512, out_channels=2048, kernel_size=1),
+    ),
 }
 QUICK_PAIR_SHAPES = {
     "3x3 256->256 @ 2x256x50x76": (
-        (2, 256, 50, 76), dict(in_channels=256, out_channels=256, kernel_size=3, padding=1)),
-    "1x1 512->2048 @ 2x512x7x10": (
-        (2, 512, 7, 10), dict(in_channels=512, out_channels=2048, kernel_size=1)),
+        (2, 256, 50, 76),
+        dict(in_channels=256, out_channels=256, kernel_size=3, padding=1),
+    ),
+    "1x1 512->2048 @ 2x512x7x10": ((2, 512, 7, 10), dict(in_channels=512, out_channels=2048, kernel_size=1)),
 }
 CBN_K = 3
 MABN_BUFFER = 8
@@ -103,8 +109,15 @@ NORM_VARIANTS = ["BN (torch)", "FrozenBN", "SyncBN (1 proc)", "GN", "MABN", "MAB
 NEW_NORM_VARIANTS = ["BRN", "FRN", "EvoNorm-S0"]
 NORM_VARIANTS += NEW_NORM_VARIANTS
 CBN_FLOOR = "conv+BN+dnu/dW (CBN floor)"
-PAIR_VARIANTS = ["conv+BN (torch)", "conv+GN", "conv+GN+WS", "conv+CBN", CBN_FLOOR,
-                 "conv+CBN autograd.grad ref", "conv+MABN (centralized conv)"]
+PAIR_VARIANTS = [
+    "conv+BN (torch)",
+    "conv+GN",
+    "conv+GN+WS",
+    "conv+CBN",
+    CBN_FLOOR,
+    "conv+CBN autograd.grad ref",
+    "conv+MABN (centralized conv)",
+]
 
 
 # ----------------------------------------------------------------------------- building
@@ -233,9 +246,14 @@ def bench_group(variants, builders, x_shape, device, reps, warmup):
         for _ in range(3):  # grads cleared outside the profiled region: it frees nothing older
             clear_grads(m, x)
             peaks.append(peak_bytes(fwd_bwd, device))
-        res[v] = dict(ms=median_ms(times[v]), min_ms=min(times[v]) * 1e3,
-                      peak=statistics.median(peaks), saved=saved_bytes(m, x, g),
-                      state=state_bytes(v, m), block=block)
+        res[v] = dict(
+            ms=median_ms(times[v]),
+            min_ms=min(times[v]) * 1e3,
+            peak=statistics.median(peaks),
+            saved=saved_bytes(m, x, g),
+            state=state_bytes(v, m),
+            block=block,
+        )
     ref = res[variants[0]]
     for v in variants:
         r = res[v]
@@ -247,23 +265,29 @@ def bench_group(variants, builders, x_shape, device, reps, warmup):
 
 # ----------------------------------------------------------------------------- reporting
 def _mb(b):
-    return f"{b / 2 ** 20:.1f}"
+    return f"{b / 2**20:.1f}"
 
 
 def table(res, variants):
-    lines = ["| variant | median ms | time vs ref | peak MB | peak vs ref | saved MB | extra state KB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | median ms | time vs ref | peak MB | peak vs ref | saved MB | extra state KB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for v in variants:
         r = res[v]
-        lines.append(f"| {v} | {r['ms']:.1f} | {r['time_ratio']:.2f}x | {_mb(r['peak'])} | "
-                     f"{r['peak_ratio']:.2f}x | {_mb(r['saved'])} | {r['state'] / 1024:.0f} |")
+        lines.append(
+            f"| {v} | {r['ms']:.1f} | {r['time_ratio']:.2f}x | {_mb(r['peak'])} | "
+            f"{r['peak_ratio']:.2f}x | {_mb(r['saved'])} | {r['state'] / 1024:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -285,33 +309,42 @@ def main(argv=None):
     data = {"norm": {}, "pair": {}}
     sections = []
     for shape_name, shape in norm_shapes.items():
-        res = bench_group(NORM_VARIANTS, functools.partial(build_norm_variant, c=shape[1]), shape, device,
-                          reps, warmup)
+        res = bench_group(
+            NORM_VARIANTS, functools.partial(build_norm_variant, c=shape[1]), shape, device, reps, warmup
+        )
         data["norm"][shape_name] = res
-        sections.append((f"Norm alone, {shape_name} (reference: torch `BatchNorm2d`)",
-                         table(res, NORM_VARIANTS)))
+        sections.append(
+            (f"Norm alone, {shape_name} (reference: torch `BatchNorm2d`)", table(res, NORM_VARIANTS))
+        )
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
-        print(f"RATIO MABN official-style / d2norm MABN: "
-              f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x")
+        print(
+            f"RATIO MABN official-style / d2norm MABN: "
+            f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x"
+        )
     for shape_name, (x_shape, conv_kw) in pair_shapes.items():
         build = functools.partial(build_pair_variant, conv_kw=conv_kw)
-        res = bench_group(PAIR_VARIANTS, build, x_shape, device,
-                          reps, warmup)
+        res = bench_group(PAIR_VARIANTS, build, x_shape, device, reps, warmup)
         data["pair"][shape_name] = res
-        sections.append((f"Conv + norm, {shape_name} (reference: conv + torch `BatchNorm2d`)",
-                         table(res, PAIR_VARIANTS)))
+        sections.append(
+            (f"Conv + norm, {shape_name} (reference: conv + torch `BatchNorm2d`)", table(res, PAIR_VARIANTS))
+        )
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
         bn = res["conv+BN (torch)"]["ms"]
         ours, ref = res["conv+CBN"]["ms"], res["conv+CBN autograd.grad ref"]["ms"]
         floor = res[CBN_FLOOR]["ms"]
-        print(f"RATIO CBN autograd.grad ref / d2norm CBN: pair {ref / ours:.2f}x; overhead over conv+BN "
-              f"{(ref - bn) / max(ours - bn, 1e-9):.2f}x; d2norm CBN / floor {ours / floor:.2f}x; "
-              f"ref / floor {ref / floor:.2f}x")
+        print(
+            f"RATIO CBN autograd.grad ref / d2norm CBN: pair {ref / ours:.2f}x; overhead over conv+BN "
+            f"{(ref - bn) / max(ours - bn, 1e-9):.2f}x; d2norm CBN / floor {ours / floor:.2f}x; "
+            f"ref / floor {ref / floor:.2f}x"
+        )
     wall = time.time() - t_start
 
-    cmd = "python benchmarks/layers.py" + (" --quick" if args.quick else "") + \
-        (f" --device {args.device}" if args.device != "cpu" else "") + \
-        (f" --threads {args.threads}" if args.threads else "")
+    cmd = (
+        "python benchmarks/layers.py"
+        + (" --quick" if args.quick else "")
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+    )
     body = [
         "## Layers",
         "",
@@ -323,11 +356,13 @@ def main(argv=None):
         f"fwd+bwd in training mode, median of {reps} interleaved repetitions after {warmup} "
         f"warm-up steps (steps shorter than 30 ms timed in blocks of several). Peak MB (median of "
         f"3): "
-        + ("`torch.cuda.max_memory_allocated` above the bytes allocated before the step"
-           if device.type == "cuda" else
-           "the running sum of the allocation / free events that `torch.profiler` "
-           "(`profile_memory=True`) records during one fwd+bwd, maximum over time (what is "
-           "allocated on top of the input, parameters and buffers)")
+        + (
+            "`torch.cuda.max_memory_allocated` above the bytes allocated before the step"
+            if device.type == "cuda"
+            else "the running sum of the allocation / free events that `torch.profiler` "
+            "(`profile_memory=True`) records during one fwd+bwd, maximum over time (what is "
+            "allocated on top of the input, parameters and buffers)"
+        )
         + ". Saved MB: distinct tensors autograd keeps for backward (`saved_tensors_hooks`), "
         "excluding input, parameters and buffers. Extra state: persistent buffers beyond BN's "
         f"(CBN history of k−1 = {CBN_K - 1} iterations, MABN ring buffers of B = {MABN_BUFFER}). "
@@ -339,24 +374,32 @@ def main(argv=None):
         body += [f"### {title}", "", tab, ""]
     summary = []
     for shape_name, res in data["norm"].items():
-        summary.append(f"* {shape_name}: MABN official-style / d2norm MABN time "
-                       f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x.")
+        summary.append(
+            f"* {shape_name}: MABN official-style / d2norm MABN time "
+            f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x."
+        )
     for shape_name, res in data["pair"].items():
         bn = res["conv+BN (torch)"]["ms"]
         ours, ref = res["conv+CBN"]["ms"], res["conv+CBN autograd.grad ref"]["ms"]
         floor = res[CBN_FLOOR]["ms"]
-        summary.append(f"* {shape_name}: CBN autograd.grad reference / d2norm CBN time {ref / ours:.2f}x "
-                       f"(statistic overhead over conv+BN: {(ref - bn) / max(ours - bn, 1e-9):.2f}x); "
-                       "peak memory "
-                       f"{res['conv+CBN autograd.grad ref']['peak'] / max(res['conv+CBN']['peak'], 1):.2f}x. "
-                       f"d2norm CBN / CBN floor {ours / floor:.2f}x; reference / CBN floor "
-                       f"{ref / floor:.2f}x, the most any exact CBN can gain over the reference here "
-                       f"(a pair 3x faster than the reference would take {ref / 3 / bn:.2f}x the time "
-                       "of conv + BN alone).")
+        summary.append(
+            f"* {shape_name}: CBN autograd.grad reference / d2norm CBN time {ref / ours:.2f}x "
+            f"(statistic overhead over conv+BN: {(ref - bn) / max(ours - bn, 1e-9):.2f}x); "
+            "peak memory "
+            f"{res['conv+CBN autograd.grad ref']['peak'] / max(res['conv+CBN']['peak'], 1):.2f}x. "
+            f"d2norm CBN / CBN floor {ours / floor:.2f}x; reference / CBN floor "
+            f"{ref / floor:.2f}x, the most any exact CBN can gain over the reference here "
+            f"(a pair 3x faster than the reference would take {ref / 3 / bn:.2f}x the time "
+            "of conv + BN alone)."
+        )
     body += ["### Against the reference formulations", ""] + summary
     if not args.no_write:
-        update_section(args.output, "layers", "\n".join(body),
-                       {"norm": data["norm"], "pair": data["pair"], "device": str(device)})
+        update_section(
+            args.output,
+            "layers",
+            "\n".join(body),
+            {"norm": data["norm"], "pair": data["pair"], "device": str(device)},
+        )
         draw_chart(args.output, args.plot)
         print(f"\nwrote {args.output} and {args.plot} ({wall / 60:.1f} min)")
     return data

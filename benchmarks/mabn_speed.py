@@ -16,6 +16,7 @@ Each timed sample is a block of ``--block`` fwd+bwd steps with one synchronizati
 methods are interleaved and the median per-step time is reported. On CPU ``.item()`` is just a
 memory read, so there the comparison measures only the arithmetic of the formulations.
 """
+
 import argparse
 import statistics
 import time
@@ -23,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import machine_line, mabn_steady, sync
+from benchmarks.common import mabn_steady, machine_line, sync
 from d2norm.layers.moving_average_batch_norm import MovingAverageBatchNorm2d
 from d2norm.testing.mabn_reference import OfficialStyleMABN2d
 
@@ -87,17 +88,23 @@ def main(argv=None):
         block = args.block or (20 if device.type == "cuda" else 5)
         repeats, warmup_blocks = args.repeats or 15, 2
 
-    print(f"{machine_line(device)}; dtype {args.dtype}, "
-          f"buffer_size {args.buffer_size}, {repeats} samples x {block} steps, median ms per fwd+bwd")
-    header = (f"{'shape':<22}{'ours':>10}{'official':>10}{'torch_bn':>10}{'official/ours':>15}"
-              f"{'ours/torch_bn':>15}")
+    print(
+        f"{machine_line(device)}; dtype {args.dtype}, "
+        f"buffer_size {args.buffer_size}, {repeats} samples x {block} steps, median ms per fwd+bwd"
+    )
+    header = (
+        f"{'shape':<22}{'ours':>10}{'official':>10}{'torch_bn':>10}{'official/ours':>15}{'ours/torch_bn':>15}"
+    )
     print(header)
     print("-" * len(header))
     for shape in shapes:
-        r = bench_shape(shape, device, dtype, block, repeats, warmup_blocks,
-                        args.buffer_size, args.warmup_iters)
-        print(f"{str(shape):<22}{r['ours']:>10.3f}{r['official']:>10.3f}{r['torch_bn']:>10.3f}"
-              f"{r['official'] / r['ours']:>14.2f}x{r['ours'] / r['torch_bn']:>14.2f}x")
+        r = bench_shape(
+            shape, device, dtype, block, repeats, warmup_blocks, args.buffer_size, args.warmup_iters
+        )
+        print(
+            f"{str(shape):<22}{r['ours']:>10.3f}{r['official']:>10.3f}{r['torch_bn']:>10.3f}"
+            f"{r['official'] / r['ours']:>14.2f}x{r['ours'] / r['torch_bn']:>14.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -115,7 +115,9 @@ def guard_main(args, device, argv):
     machine = f"{machine_line(device)}; {n_img} image(s) of {size[0]}x{size[1]}"
     print(f"{machine}; {load_note()}")
     inputs = detector.make_inputs(n_img, size, device)
-    res = detector.measure_guard_overhead(norms, device, inputs, args.reps or 5, args.warmup, args.recipe_rois)
+    res = detector.measure_guard_overhead(
+        norms, device, inputs, args.reps or 5, args.warmup, args.recipe_rois
+    )
     print(detector.guard_table(res))
     if not args.no_write:
         body = (
@@ -123,7 +125,7 @@ def guard_main(args, device, argv):
             f"`python benchmarks/model.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
             f"({machine}; {load_note()}). Median ms per training step of the same model, optimizer "
             "and batch: detectron2's `SimpleTrainer.run_step` and d2norm's `guarded_run_step` (what "
-            "`d2norm.engine.Trainer` runs), interleaved; \"guard alone\" times the guard's save and "
+            '`d2norm.engine.Trainer` runs), interleaved; "guard alone" times the guard\'s save and '
             "decision by themselves.\n\n" + detector.guard_table(res)
         )
         update_section(args.output, "guard", body, {"guard": res, "device": str(device)})

@@ -5,6 +5,7 @@
 ``get_norm`` call sites at d2norm's names (``NORM: "GN+WS"``, ``"CBN"``, ``"MABN"``, ...).
 Every change d2norm makes to detectron2 is listed in :mod:`d2norm.patches`.
 """
+
 from .patches import install_compiled_ops_standin, patch_get_norm
 
 install_compiled_ops_standin()

@@ -18,11 +18,13 @@
 
 File formats, key matching and the errors live in :mod:`d2norm.weights`; this module loads.
 """
+
 import os
 import tempfile
 from urllib.parse import parse_qs, urlparse
 
 import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
@@ -89,7 +91,8 @@ def split_query(path):
         raise CheckpointError(
             f"Unsupported query in weights path {path!r}: only '?matching_heuristics=True' (match "
             "the file's names to the model's by detectron2's heuristics) is understood. Fix: "
-            "remove the query, or use exactly that suffix.")
+            "remove the query, or use exactly that suffix."
+        )
     return parsed._replace(query="").geturl(), {"matching_heuristics": value == ["True"]}
 
 
@@ -128,7 +131,7 @@ class D2NormCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(
                     f"Weights file not found: {path!r} (MODEL.WEIGHTS or --resume's "
                     "last_checkpoint). Fix: point MODEL.WEIGHTS at an existing .pth/.pkl file, or "
-                    "set MODEL.WEIGHTS \"\" to train from scratch."
+                    'set MODEL.WEIGHTS "" to train from scratch.'
                 )
         self._load_options = options
         try:
@@ -175,8 +178,12 @@ class D2NormCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         if incompatible is not None:
             self.last_load_report = check_loaded_weights(
-                self.model, getattr(self, "_loading_path", "<checkpoint>"), file_shapes,
-                incompatible, strict_backbone=self.strict_backbone, adapted=adapted,
+                self.model,
+                getattr(self, "_loading_path", "<checkpoint>"),
+                file_shapes,
+                incompatible,
+                strict_backbone=self.strict_backbone,
+                adapted=adapted,
             )
         return incompatible
 

@@ -13,6 +13,7 @@ import without ``_C`` and fall back to pure-Python code themselves). Information
 any other attribute is a function that raises :class:`CompiledOpUnavailableError`, naming the
 op and the fix, when it is called. With a real ``detectron2._C`` nothing is touched.
 """
+
 import importlib.machinery
 import types
 

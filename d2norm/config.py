@@ -1,4 +1,5 @@
 """``add_d2norm_config(cfg)``: the ``cfg.D2NORM`` node holding every method's options."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_d2norm_config"]

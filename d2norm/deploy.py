@@ -16,6 +16,7 @@ visit the same (conv, conv.norm) pairs as :func:`iter_conv_norm_pairs`.
   per-channel ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
+
 import logging
 import os
 
@@ -73,8 +74,7 @@ def fold_weight_standardization(model):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
-            f"fold_weight_standardization expects an nn.Module (a built model), got "
-            f"{type(model).__name__}."
+            f"fold_weight_standardization expects an nn.Module (a built model), got {type(model).__name__}."
         )
     _own_parametrized_classes(model)
     bake_weight_transforms(model)
@@ -150,12 +150,14 @@ def eval_affine(norm):
             raise ValueError(
                 f"{type(norm).__name__} has no running statistics (track_running_stats=False): in "
                 "eval it normalizes with batch statistics, which no conv can represent. Fix: keep "
-                "this layer unfolded, or train with running statistics.")
+                "this layer unfolded, or train with running statistics."
+            )
         scale = f64_or(norm.weight, 1.0) * torch.rsqrt(norm.running_var.detach().to(f64) + norm.eps)
         return scale, f64_or(norm.bias, 0.0) - norm.running_mean.detach().to(f64) * scale
     raise TypeError(
         f"{type(norm).__name__} is not a per-channel affine map in eval mode (it normalizes with "
-        "per-sample statistics, like GN), so it cannot be folded into a conv; it stays.")
+        "per-sample statistics, like GN), so it cannot be folded into a conv; it stays."
+    )
 
 
 def fold_affine_into_conv(conv, scale, shift):
@@ -171,15 +173,18 @@ def fold_affine_into_conv(conv, scale, shift):
     if not isinstance(conv, nn.Conv2d) or getattr(conv, "transposed", False):
         raise TypeError(f"fold_affine_into_conv expects an nn.Conv2d, got {type(conv).__name__}.")
     if parametrize.is_parametrized(conv, "weight"):
-        raise ValueError("The conv weight is parametrized (weight standardization / "
-                         "centralization). Fix: call fold_weight_standardization(model) first "
-                         "(fold(model) does).")
+        raise ValueError(
+            "The conv weight is parametrized (weight standardization / "
+            "centralization). Fix: call fold_weight_standardization(model) first "
+            "(fold(model) does)."
+        )
     c = conv.out_channels
     scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
     shift = torch.as_tensor(shift, dtype=torch.float64).reshape(-1)
     if scale.numel() != c or shift.numel() != c:
-        raise ValueError(f"scale/shift have {scale.numel()}/{shift.numel()} values for a conv "
-                         f"with {c} output channels.")
+        raise ValueError(
+            f"scale/shift have {scale.numel()}/{shift.numel()} values for a conv with {c} output channels."
+        )
     with torch.no_grad():
         w = conv.weight
         scale, shift = scale.to(w.device), shift.to(w.device)
@@ -267,8 +272,12 @@ def fold(model):
         _detach_conv_from_norm(conv)
         folded.append((name, type(norm).__name__))
     model.fold_report = {"folded": folded, "kept": kept}
-    _logger.info("Folded %d norm layers into their convs; %d kept (%s).", len(folded), len(kept),
-                 ", ".join(sorted({t for _, t in kept})) or "none")
+    _logger.info(
+        "Folded %d norm layers into their convs; %d kept (%s).",
+        len(folded),
+        len(kept),
+        ", ".join(sorted({t for _, t in kept})) or "none",
+    )
     return model
 
 
@@ -279,8 +288,10 @@ def load_folded_model(cfg, path):
     from .modeling import build_model
 
     if not os.path.isfile(path):
-        raise CheckpointError(f"Folded weights file not found: {path!r}. Fix: run tools/deploy.py "
-                              "to create it, or pass the path it wrote (<output>/model_folded.pth).")
+        raise CheckpointError(
+            f"Folded weights file not found: {path!r}. Fix: run tools/deploy.py "
+            "to create it, or pass the path it wrote (<output>/model_folded.pth)."
+        )
     model = fold(build_model(cfg))
     state = torch.load(path, map_location=cfg.MODEL.DEVICE, weights_only=True)
     state = state.get("model", state)
@@ -288,5 +299,6 @@ def load_folded_model(cfg, path):
     if missing or unexpected:
         raise CheckpointError(
             f"{path!r} does not fit the folded model of this config (missing: {missing[:5]}, "
-            f"unexpected: {unexpected[:5]}). Fix: use the config the weights were folded with.")
+            f"unexpected: {unexpected[:5]}). Fix: use the config the weights were folded with."
+        )
     return model

@@ -35,6 +35,7 @@ detectron2's ``freeze`` (``MODEL.BACKBONE.FREEZE_AT``) converts only ``BatchNorm
 leaves the others with frozen parameters; the pass freezes every d2norm norm whose parameters are
 all frozen that way.
 """
+
 import logging
 
 import torch
@@ -46,8 +47,14 @@ from .layers.norm_sites import prepare_norm_sites
 from .norms import norm_options_from_config
 from .patches import patch_get_norm
 
-__all__ = ["build_model", "prepare_model", "convert_frozen_norms", "find_feeding_conv",
-           "frozen_batch_norm_of", "remap_parametrized_keys"]
+__all__ = [
+    "build_model",
+    "prepare_model",
+    "convert_frozen_norms",
+    "find_feeding_conv",
+    "frozen_batch_norm_of",
+    "remap_parametrized_keys",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +107,12 @@ def find_feeding_conv(model, path, modules=None):
     if i == 0:
         return None
     prev = parent._modules[names[i - 1]]
-    if (isinstance(prev, nn.Conv2d) and prev.out_channels == channels
-            and getattr(prev, "norm", None) is None and getattr(prev, "activation", None) is None):
+    if (
+        isinstance(prev, nn.Conv2d)
+        and prev.out_channels == channels
+        and getattr(prev, "norm", None) is None
+        and getattr(prev, "activation", None) is None
+    ):
         return prev, _join(parent_path, names[i - 1]), False
     return None
 
@@ -115,7 +126,8 @@ def _no_conv_error(path, norm):
         "another normalization. Fix: build the pair as detectron2.layers.Conv2d(..., "
         "norm=get_norm(NORM, C)), or register the norm right after its conv in the same module "
         "(self.conv = ...; self.norm = get_norm(...)) and apply it to that conv's output; or use "
-        'a norm that needs no conv ("GN", "BN", "SyncBN").')
+        'a norm that needs no conv ("GN", "BN", "SyncBN").'
+    )
 
 
 # ------------------------------------------------------------------ first-forward link check
@@ -137,7 +149,8 @@ def _check_norm_input(norm, args):
             "module registered right before it), but in training its input is not that conv's "
             f"output, so {_requirement(norm)} would be applied to the wrong conv. Fix: apply the "
             "norm directly to the output of the conv registered before it, or build the pair as "
-            "detectron2.layers.Conv2d(..., norm=get_norm(NORM, C)).")
+            "detectron2.layers.Conv2d(..., norm=get_norm(NORM, C))."
+        )
     _end_link_check(norm, conv)
     return None
 
@@ -217,10 +230,15 @@ def _remove_zero_bias(conv, conv_path, norm_path, norm):
             f"The conv at '{conv_path}' feeding the {type(norm).__name__} at '{norm_path}' has a "
             "non-zero bias. CBN's statistics are linear in the conv weight and MABN normalizes "
             "without subtracting a mean, so the conv before them has no bias. Fix: build that conv "
-            "with bias=False (or prepare the model before loading weights with a bias).")
+            "with bias=False (or prepare the model before loading weights with a bias)."
+        )
     conv.bias = None
-    logger.info("Removed the (zero) bias of the conv at '%s': it feeds the %s at '%s'.", conv_path,
-                type(norm).__name__, norm_path)
+    logger.info(
+        "Removed the (zero) bias of the conv at '%s': it feeds the %s at '%s'.",
+        conv_path,
+        type(norm).__name__,
+        norm_path,
+    )
 
 
 def _refuse_unusable_layers(model):
@@ -264,14 +282,20 @@ def _per_level_norms_in_retinanet_heads(model):
                     raise ValueError(
                         f"{type(m).__name__} at '{_join(head_path, path)}' is applied once per "
                         "feature level by the RetinaNet head, but the head does not say how many "
-                        "levels it has (_num_features). Fix: use a norm without state (\"GN\", "
-                        "\"GN+WS\") in the head.")
+                        'levels it has (_num_features). Fix: use a norm without state ("GN", '
+                        '"GN+WS") in the head.'
+                    )
                 setattr(parent, name, CycleNormList.of(m, levels))
 
 
 def _as_d2norm_sync_bn(bn, cls):
-    new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-              track_running_stats=bn.track_running_stats)
+    new = cls(
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+    )
     new.load_state_dict(bn.state_dict())
     return new.to(bn.running_mean.device if bn.running_mean is not None else None)
 
@@ -280,8 +304,13 @@ def _as_d2norm_sync_bn(bn, cls):
 def _freezable_types():
     from .layers import BatchNormWS, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 
-    return (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormWS, CrossIterationBatchNorm2d,
-            MovingAverageBatchNorm2d)
+    return (
+        nn.BatchNorm2d,
+        nn.SyncBatchNorm,
+        BatchNormWS,
+        CrossIterationBatchNorm2d,
+        MovingAverageBatchNorm2d,
+    )
 
 
 def _is_frozen_d2norm_norm(module):
@@ -299,8 +328,10 @@ def frozen_batch_norm_of(norm):
     from detectron2.layers import FrozenBatchNorm2d
 
     if getattr(norm, "running_var", None) is None:
-        raise ValueError(f"{type(norm).__name__} has no running statistics (track_running_stats="
-                         "False), so it has no eval map to freeze. Fix: keep it trainable.")
+        raise ValueError(
+            f"{type(norm).__name__} has no running statistics (track_running_stats="
+            "False), so it has no eval map to freeze. Fix: keep it trainable."
+        )
     frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
     with torch.no_grad():
         if getattr(norm, "weight", None) is not None:
@@ -328,7 +359,8 @@ def _freeze_norm(model, modules, path, norm):
             raise ValueError(
                 f"Cannot freeze the {type(norm).__name__} at '{path}': the conv feeding it must keep "
                 f"{_requirement(norm)}, and d2norm finds no such conv. Fix: freeze the module that "
-                "contains the conv too, or prepare the model first (d2norm.prepare_model).")
+                "contains the conv too, or prepare the model first (d2norm.prepare_model)."
+            )
     _end_link_check(norm, found[0] if found is not None else None)
     frozen = frozen_batch_norm_of(norm)
     parent_path, name = _split(path)
@@ -359,7 +391,8 @@ def convert_frozen_norms(module):
             raise ValueError(
                 f"Cannot freeze a lone {type(module).__name__}: the conv feeding it must keep "
                 f"{_requirement(module)}. Fix: call convert_frozen_norms on a module that contains "
-                "the conv too, or norm.prepare_preceding_conv(conv) first.")
+                "the conv too, or norm.prepare_preceding_conv(conv) first."
+            )
         return frozen_batch_norm_of(module)
     modules = dict(module.named_modules())
     for path, m in list(modules.items()):

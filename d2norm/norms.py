@@ -10,6 +10,7 @@ valid ones; errors raised while building a layer propagate unchanged.
 Options of the built layers (GN groups, CBN window, MABN buffer, ...) come from
 ``cfg.D2NORM``; :func:`norm_options_from_config` makes them active while a model is built.
 """
+
 import contextlib
 import copy
 
@@ -109,8 +110,9 @@ def _gn_ws(c):
     from .layers.group_norm import GroupNormWS
 
     ws = _options["WS"]
-    return _group_norm(GroupNormWS, c, eps=_options["GN"]["EPS"], ws_eps=ws["EPS"],
-                       ws_convention=ws["CONVENTION"])
+    return _group_norm(
+        GroupNormWS, c, eps=_options["GN"]["EPS"], ws_eps=ws["EPS"], ws_convention=ws["CONVENTION"]
+    )
 
 
 def _bn_ws(c):
@@ -125,7 +127,11 @@ def _cbn(c):
 
     o = _options["CBN"]
     return CrossIterationBatchNorm2d(
-        c, buffer_size=o["BUFFER_SIZE"], burnin=o["BURNIN_ITERS"], eps=o["EPS"], momentum=o["MOMENTUM"],
+        c,
+        buffer_size=o["BUFFER_SIZE"],
+        burnin=o["BURNIN_ITERS"],
+        eps=o["EPS"],
+        momentum=o["MOMENTUM"],
         grad_through_compensation=o["GRAD_THROUGH_COMPENSATION"],
     )
 
@@ -148,8 +154,14 @@ def _brn(c):
 
     o = _options["BRN"]
     return BatchRenorm2d(
-        c, r_max=o["R_MAX"], d_max=o["D_MAX"], ramp_start=o["RAMP_START_ITER"],
-        r_max_end=o["R_MAX_END_ITER"], d_max_end=o["D_MAX_END_ITER"], momentum=o["MOMENTUM"], eps=o["EPS"],
+        c,
+        r_max=o["R_MAX"],
+        d_max=o["D_MAX"],
+        ramp_start=o["RAMP_START_ITER"],
+        r_max_end=o["R_MAX_END_ITER"],
+        d_max_end=o["D_MAX_END_ITER"],
+        momentum=o["MOMENTUM"],
+        eps=o["EPS"],
     )
 
 
@@ -158,7 +170,10 @@ def _frn(c):
 
     o = _options["FRN"]
     return FilterResponseNorm2d(
-        c, eps=o["EPS"], learnable_eps=o["LEARNABLE_EPS"], learned_eps_init=o["LEARNED_EPS_INIT"],
+        c,
+        eps=o["EPS"],
+        learnable_eps=o["LEARNABLE_EPS"],
+        learned_eps_init=o["LEARNED_EPS_INIT"],
         replace_relu=o["REPLACE_RELU"],
     )
 
@@ -189,8 +204,7 @@ D2NORM_NORMS = {
     "EvoNorm-S0": _evonorm_s0,
 }
 #: Names detectron2's get_norm has had (v0.6 has all but "LN"); see detectron2_norm_names().
-_DETECTRON2_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N",
-                          "LN")
+_DETECTRON2_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 _detectron2_names = None
 
 
@@ -301,11 +315,16 @@ def norm_layer_types():
 
     from .layers import NORM_TYPES, CycleNormList
 
-    d2_types = tuple(t for t in (getattr(d2bn, n, None) for n in
-                                 ("FrozenBatchNorm2d", "CycleBatchNormList", "LayerNorm"))
-                     if isinstance(t, type))
-    return (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-            CycleNormList) + d2_types + NORM_TYPES
+    d2_types = tuple(
+        t
+        for t in (getattr(d2bn, n, None) for n in ("FrozenBatchNorm2d", "CycleBatchNormList", "LayerNorm"))
+        if isinstance(t, type)
+    )
+    return (
+        (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, CycleNormList)
+        + d2_types
+        + NORM_TYPES
+    )
 
 
 def is_norm_layer(module):

@@ -14,6 +14,7 @@ is detectron2's rule, unchanged: per parameter (each once, trainable only)
 
 then parameters with equal settings are merged into one group.
 """
+
 import copy
 
 import torch
@@ -23,8 +24,9 @@ from .norms import norm_layer_types
 __all__ = ["get_param_groups", "build_optimizer"]
 
 
-def get_param_groups(model, base_lr=None, weight_decay=None, weight_decay_norm=None,
-                     bias_lr_factor=1.0, weight_decay_bias=None):
+def get_param_groups(
+    model, base_lr=None, weight_decay=None, weight_decay_norm=None, bias_lr_factor=1.0, weight_decay_bias=None
+):
     """Parameter groups for a ``torch.optim`` optimizer; the arguments and their meaning are those
     of detectron2's ``get_default_optimizer_params`` (None: leave to the optimizer's default)."""
     from detectron2.solver.build import reduce_param_groups

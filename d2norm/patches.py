@@ -42,6 +42,7 @@ exists, when it is active (its *scope*) and how it is undone:
 ``sys.modules`` that detectron2 did not put there, except the ``_C`` stand-in where detectron2
 cannot be imported without one.
 """
+
 import contextlib
 import importlib
 import importlib.util
@@ -134,8 +135,11 @@ def remove_compiled_ops_standin():
 
 # ----------------------------------------------------------------------------- get_norm
 def _detectron2_modules():
-    return [(n, m) for n, m in list(sys.modules.items())
-            if m is not None and (n == "detectron2" or n.startswith("detectron2."))]
+    return [
+        (n, m)
+        for n, m in list(sys.modules.items())
+        if m is not None and (n == "detectron2" or n.startswith("detectron2."))
+    ]
 
 
 def patch_get_norm():
@@ -211,6 +215,7 @@ def local_process_group(num_per_machine, machine_rank):
 
     Every process must enter it (``dist.new_group`` is collective)."""
     import torch.distributed as dist
+
     from detectron2.utils import comm
 
     saved = comm._LOCAL_PROCESS_GROUP
@@ -271,19 +276,49 @@ def _fake_export_present():
 
 
 PATCHES = (
-    Patch("compiled_ops_standin", "sys.modules['detectron2._C']",
-          "detectron2 v0.6 built without its extension cannot import detectron2.layers", "import",
-          install_compiled_ops_standin, remove_compiled_ops_standin, _standin_installed),
-    Patch("get_norm", "get_norm in every loaded detectron2.* module",
-          "d2norm's norm names at every detectron2 get_norm call site", "import, build",
-          patch_get_norm, unpatch_get_norm, _get_norm_patched),
-    Patch("create_ddp_model", "detectron2.engine.defaults.create_ddp_model",
-          "torch rejects device_ids for a CPU module (multi-process CPU training)", "trainer init",
-          ddp_for_cpu_models, None, _ddp_swapped),
-    Patch("local_process_group", "detectron2.utils.comm._LOCAL_PROCESS_GROUP",
-          "get_local_rank/size in gloo workers (detectron2 v0.6's launcher is CUDA-only)",
-          "worker process", local_process_group, None, _local_group_set),
-    Patch("tracing_adapter_import", "sys.modules['detectron2.export'] (during the call)",
-          "detectron2 v0.6's detectron2.export imports caffe2, which torch 2 lacks", "call",
-          import_tracing_adapter, None, _fake_export_present),
+    Patch(
+        "compiled_ops_standin",
+        "sys.modules['detectron2._C']",
+        "detectron2 v0.6 built without its extension cannot import detectron2.layers",
+        "import",
+        install_compiled_ops_standin,
+        remove_compiled_ops_standin,
+        _standin_installed,
+    ),
+    Patch(
+        "get_norm",
+        "get_norm in every loaded detectron2.* module",
+        "d2norm's norm names at every detectron2 get_norm call site",
+        "import, build",
+        patch_get_norm,
+        unpatch_get_norm,
+        _get_norm_patched,
+    ),
+    Patch(
+        "create_ddp_model",
+        "detectron2.engine.defaults.create_ddp_model",
+        "torch rejects device_ids for a CPU module (multi-process CPU training)",
+        "trainer init",
+        ddp_for_cpu_models,
+        None,
+        _ddp_swapped,
+    ),
+    Patch(
+        "local_process_group",
+        "detectron2.utils.comm._LOCAL_PROCESS_GROUP",
+        "get_local_rank/size in gloo workers (detectron2 v0.6's launcher is CUDA-only)",
+        "worker process",
+        local_process_group,
+        None,
+        _local_group_set,
+    ),
+    Patch(
+        "tracing_adapter_import",
+        "sys.modules['detectron2.export'] (during the call)",
+        "detectron2 v0.6's detectron2.export imports caffe2, which torch 2 lacks",
+        "call",
+        import_tracing_adapter,
+        None,
+        _fake_export_present,
+    ),
 )

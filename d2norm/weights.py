@@ -53,6 +53,7 @@ lacks (FPN and heads of an ImageNet file) are logged as warnings; shape mismatch
 bottom-up network (a box predictor for another number of classes) are skipped with a warning.
 Set ``D2NormCheckpointer.strict_backbone = False`` (class or instance) to turn rules 2-3 off.
 """
+
 import logging
 import re
 from collections import namedtuple
@@ -81,8 +82,9 @@ class CheckpointError(RuntimeError):
 
 #: Result of a load: model keys filled from the file, bottom-up keys among them, the file's keys
 #: the model did not use, and what :func:`adapt_method_state` converted or restarted.
-LoadReport = namedtuple("LoadReport", ["path", "loaded", "backbone_loaded", "unused", "adapted"],
-                        defaults=((),))
+LoadReport = namedtuple(
+    "LoadReport", ["path", "loaded", "backbone_loaded", "unused", "adapted"], defaults=((),)
+)
 
 _TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
 _TV_BN = re.compile(r"^bn(\d+)\.(.+)$")
@@ -92,7 +94,7 @@ _EXEMPT_MISSING = ("conv2_offset.",)  # deformable-conv offsets: zero-initialize
 
 def _strip_prefix(state_dict, prefix):
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -119,7 +121,7 @@ def convert_torchvision_resnet(state_dict):
         if key.startswith("conv1."):
             new = "stem." + key
         elif key.startswith("bn1."):
-            new = "stem.conv1.norm." + key[len("bn1."):]
+            new = "stem.conv1.norm." + key[len("bn1.") :]
         else:
             m = _TV_BLOCK.match(key)
             if m:
@@ -146,8 +148,9 @@ def normalize_loaded_checkpoint(checkpoint, filename=""):
     model = checkpoint.get("model")
     for _ in range(3):  # {"state_dict": sd, "epoch": ...} / {"model": sd} wrappers
         if isinstance(model, dict) and not _is_tensor_dict(model):
-            inner = next((model[k] for k in ("state_dict", "model", "blobs")
-                          if isinstance(model.get(k), dict)), None)
+            inner = next(
+                (model[k] for k in ("state_dict", "model", "blobs") if isinstance(model.get(k), dict)), None
+            )
             if inner is None:
                 break
             model = inner
@@ -164,7 +167,8 @@ def normalize_loaded_checkpoint(checkpoint, filename=""):
         model = convert_torchvision_resnet(model)
         logger.info(
             "%s: torchvision-style ResNet weights, renamed to detectron2 names%s.",
-            filename or "weights", f" (classifier {', '.join(dropped)} dropped)" if dropped else "",
+            filename or "weights",
+            f" (classifier {', '.join(dropped)} dropped)" if dropped else "",
         )
         checkpoint["__author__"] = "torchvision"
         checkpoint["matching_heuristics"] = True
@@ -203,8 +207,13 @@ def _norm_types():
 
     from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 
-    return (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, FrozenBatchNorm2d,
-            CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
+    return (
+        torch.nn.modules.batchnorm._NormBase,
+        torch.nn.GroupNorm,
+        FrozenBatchNorm2d,
+        CrossIterationBatchNorm2d,
+        MovingAverageBatchNorm2d,
+    )
 
 
 def adapt_method_state(model, state_dict):
@@ -224,8 +233,12 @@ def adapt_method_state(model, state_dict):
         for leaf in _NORM_TENSORS + ("iters",):
             key, target = prefix + leaf, mine.get(leaf)
             value = state_dict.get(key)
-            if (isinstance(value, torch.Tensor) and target is not None and value.shape != target.shape
-                    and _squeezed(value.shape) == _squeezed(target.shape)):
+            if (
+                isinstance(value, torch.Tensor)
+                and target is not None
+                and value.shape != target.shape
+                and _squeezed(value.shape) == _squeezed(target.shape)
+            ):
                 state_dict[key] = value.reshape(target.shape)
                 reshaped.append(f"{leaf} {tuple(value.shape)} -> {tuple(target.shape)}")
         if reshaped:
@@ -240,7 +253,8 @@ def adapt_method_state(model, state_dict):
                     f"{prefix[:-1]}: MABN ring buffers of the file ({misfit}) do not fit "
                     f"D2NORM.MABN.BUFFER_SIZE={module.buffer_size}; its moving averages restart "
                     "(iteration count 0: batch statistics until the ring is full), running_var "
-                    "and the affine parameters are loaded")
+                    "and the affine parameters are loaded"
+                )
         elif isinstance(module, CrossIterationBatchNorm2d):
             misfit = _misfits(state_dict, prefix, mine, _CBN_HISTORY)
             if misfit:
@@ -251,7 +265,8 @@ def adapt_method_state(model, state_dict):
                 notes.append(
                     f"{prefix[:-1]}: CBN history of the file ({misfit}) does not fit this layer "
                     f"(D2NORM.CBN.BUFFER_SIZE={module.buffer_size} and its conv); the window "
-                    "restarts (the iteration count, hence burn-in, is kept)")
+                    "restarts (the iteration count, hence burn-in, is kept)"
+                )
     for note in notes:
         logger.warning("%s", note)
     return notes
@@ -262,8 +277,12 @@ def _misfits(state_dict, prefix, mine, leaves):
     out = []
     for leaf in leaves:
         value, target = state_dict.get(prefix + leaf), mine.get(leaf)
-        if isinstance(value, torch.Tensor) and target is not None and target.numel() > 0 \
-                and value.shape != target.shape:
+        if (
+            isinstance(value, torch.Tensor)
+            and target is not None
+            and target.numel() > 0
+            and value.shape != target.shape
+        ):
             out.append(f"{leaf} {tuple(value.shape)} vs {tuple(target.shape)}")
     return "; ".join(out)
 
@@ -297,7 +316,7 @@ def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone
             f"{_short_list(model_keys, 6)}. Fix: point MODEL.WEIGHTS at weights of this "
             "architecture: a detectron2/d2norm checkpoint, a Detectron/detectron2 .pkl (Caffe2 "
             "names like res2_0_branch2a_w), or a torchvision-style ResNet state dict "
-            "(conv1.weight, layer1.0.conv1.weight, ...); or set MODEL.WEIGHTS \"\" to train "
+            '(conv1.weight, layer1.0.conv1.weight, ...); or set MODEL.WEIGHTS "" to train '
             "from scratch."
         )
 
@@ -337,7 +356,8 @@ def check_loaded_weights(model, path, file_shapes, incompatible, strict_backbone
     if backbone_loaded:
         params = {prefix + n for n, _ in bottom_up.named_parameters()}
         missing = sorted(
-            plain_weight_key(k) for k in incompatible.missing_keys
+            plain_weight_key(k)
+            for k in incompatible.missing_keys
             if k in params and not any(e in k for e in _EXEMPT_MISSING)
         )
         if missing:

@@ -8,9 +8,9 @@ CONFIGS = os.path.join(REPO, "configs")
 
 def synthetic_cfg(norm="GN", **overrides):
     """The synthetic recipe for ``norm`` shrunk to the tiny split, as a detectron2 config."""
-    from detectron2.config import get_cfg
-
     from d2norm import add_d2norm_config
+
+    from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_d2norm_config(cfg)

@@ -1,19 +1,19 @@
 """Shared by the recipe tests: loading a recipe's effective config, building its model once per
 distinct architecture, and reading the norm of every call site of a built model."""
+
 import contextlib
 import functools
 import glob
 import os
 
 import torch
+from helpers import CONFIGS
 from torch import nn
 
 import d2norm
-from helpers import CONFIGS
 
 RECIPES = sorted(
-    p for p in glob.glob(os.path.join(CONFIGS, "*", "*.yaml"))
-    if not os.path.basename(p).startswith("Base-")
+    p for p in glob.glob(os.path.join(CONFIGS, "*", "*.yaml")) if not os.path.basename(p).startswith("Base-")
 )
 STAGES = ("stem", "res2", "res3", "res4", "res5")
 
@@ -59,8 +59,15 @@ def header(path):
 def structure_only_init():
     """The tests look at structure only: skip random init (most of the build time of an X-101)
     by making torch's in-place init functions no-ops while building."""
-    names = ["uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-             "xavier_normal_", "trunc_normal_"]
+    names = [
+        "uniform_",
+        "normal_",
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "xavier_normal_",
+        "trunc_normal_",
+    ]
     saved = {n: getattr(nn.init, n) for n in names}
     for n in names:
         setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)

@@ -1,4 +1,5 @@
 """The CBN failing-regime warning (d2norm/engine/cbn_regime.py) and the synthetic-recipe check."""
+
 import json
 import logging
 import os
@@ -14,9 +15,9 @@ import check_synthetic_recipes  # noqa: E402
 
 
 def _cfg(backbone="CBN", fpn="CBN", box="CBN", mask="CBN", **d2norm_cbn):
-    from detectron2.config import get_cfg
-
     from d2norm import add_d2norm_config
+
+    from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_d2norm_config(cfg)
@@ -39,12 +40,15 @@ def test_heads_with_paper_gradient_warn_and_name_the_keys_and_the_fix():
     assert "MODEL.ROI_MASK_HEAD.NORM" in only_mask and "ROI_BOX_HEAD" not in only_mask
 
 
-@pytest.mark.parametrize("case", [
-    dict(box="GN", mask="GN"),                        # CBN in backbone / FPN only
-    dict(BUFFER_SIZE=1),                              # plain BN
-    dict(GRAD_THROUGH_COMPENSATION=True),             # the exact gradient
-    dict(backbone="GN", fpn="GN", box="BN", mask="SyncBN"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(box="GN", mask="GN"),  # CBN in backbone / FPN only
+        dict(BUFFER_SIZE=1),  # plain BN
+        dict(GRAD_THROUGH_COMPENSATION=True),  # the exact gradient
+        dict(backbone="GN", fpn="GN", box="BN", mask="SyncBN"),
+    ],
+)
 def test_no_warning_outside_the_regime(case):
     assert cbn_regime_warning(_cfg(**case)) is None
 
@@ -97,9 +101,11 @@ def _metrics(path, box, mask):
 def test_recipe_check_margin_against_gn(tmp_path):
     _metrics(tmp_path / "gn", 80.0, 85.0)
     _metrics(tmp_path / "cbn", 71.0, 76.0)
-    res = {"GN": check_synthetic_recipes.final_ap(str(tmp_path / "gn")),
-           "CBN": check_synthetic_recipes.final_ap(str(tmp_path / "cbn")),
-           "MABN": check_synthetic_recipes.final_ap(str(tmp_path / "none"))}
+    res = {
+        "GN": check_synthetic_recipes.final_ap(str(tmp_path / "gn")),
+        "CBN": check_synthetic_recipes.final_ap(str(tmp_path / "cbn")),
+        "MABN": check_synthetic_recipes.final_ap(str(tmp_path / "none")),
+    }
     assert res["GN"] == (80.0, 85.0) and res["MABN"] is None
     verdict = check_synthetic_recipes.check(res, margin=10)
     assert verdict["GN"][0] and verdict["CBN"][0] and verdict["MABN"] == (False, "missing")

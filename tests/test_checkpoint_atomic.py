@@ -1,5 +1,6 @@
 """A process SIGKILLed in the middle of writing a checkpoint leaves the previous checkpoint and
 ``last_checkpoint`` loadable (D2NormCheckpointer writes a temp file, fsyncs, renames)."""
+
 import os
 import signal
 import subprocess
@@ -9,10 +10,10 @@ import time
 
 import pytest
 import torch
+from helpers import REPO
 from torch import nn
 
 import d2norm  # noqa: F401
-from helpers import REPO
 
 pytestmark = pytest.mark.slow  # child processes killed mid-write
 
@@ -67,8 +68,13 @@ _CHILD = textwrap.dedent("""
 
 def _run_and_kill(mode, out):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, mode, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, mode, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
     lines = []
     try:
         deadline = time.time() + 120

@@ -1,16 +1,16 @@
 """Norm method state through the real checkpointer path (D2NormCheckpointer.load, the Trainer's
 resume_or_load): converted before fvcore's shape check, restarted with a warning when it does not
 fit, refused with the right reason otherwise; detectron2-main checkpointer conventions."""
+
 import logging
 import os
 
 import pytest
 import torch
+from helpers import synthetic_cfg
 
 import d2norm
 from d2norm.checkpoint import CheckpointError, D2NormCheckpointer
-
-from helpers import synthetic_cfg
 
 
 def _model(norm, **overrides):
@@ -135,10 +135,10 @@ def test_cbn_history_of_another_buffer_size_restarts_with_a_warning(tmp_path, ca
     assert conv.activation is None
     x = torch.randn(2, conv.in_channels, 8, 8)
     with torch.no_grad():
-        pre = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                         conv.dilation, conv.groups)
-        ref = torch.nn.functional.batch_norm(pre, None, None, layer.weight, layer.bias, True, 0.0,
-                                             layer.eps)
+        pre = torch.nn.functional.conv2d(
+            x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        ref = torch.nn.functional.batch_norm(pre, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
         torch.testing.assert_close(conv(x), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -156,8 +156,15 @@ def test_resume_or_load_converts_through_the_trainer(tmp_path, data_root, caplog
     path, sd, names = _cbn_file(tmp_path, buffer_size=3)
     with open(os.path.join(tmp_path, "last_checkpoint"), "w") as f:
         f.write(os.path.basename(path))
-    cfg = synthetic_cfg("CBN", **{"D2NORM.DATA.ROOT": data_root, "OUTPUT_DIR": str(tmp_path),
-                                  "D2NORM.CBN.BUFFER_SIZE": 4, "DATASETS.TEST": ()})
+    cfg = synthetic_cfg(
+        "CBN",
+        **{
+            "D2NORM.DATA.ROOT": data_root,
+            "OUTPUT_DIR": str(tmp_path),
+            "D2NORM.CBN.BUFFER_SIZE": 4,
+            "DATASETS.TEST": (),
+        },
+    )
     trainer = Trainer(cfg)
     with caplog.at_level(logging.WARNING):
         trainer.resume_or_load(resume=True)
@@ -171,16 +178,20 @@ def test_resume_or_load_converts_through_the_trainer(tmp_path, data_root, caplog
 def test_matching_heuristics_suffix(tmp_path):
     """``?matching_heuristics=True``: names are matched by suffix (here: a backbone-only file)."""
     src = _model("GN")
-    bottom_up = {k[len("backbone.bottom_up."):]: v for k, v in src.state_dict().items()
-                 if k.startswith("backbone.bottom_up.")}
+    bottom_up = {
+        k[len("backbone.bottom_up.") :]: v
+        for k, v in src.state_dict().items()
+        if k.startswith("backbone.bottom_up.")
+    }
     path = str(tmp_path / "bottom_up.pth")
     torch.save({"model": bottom_up}, path)
     model = _model("GN")
     with torch.no_grad():
         model.backbone.bottom_up.stem.conv1.norm.weight.fill_(7.0)
     D2NormCheckpointer(model).load(path + "?matching_heuristics=True", checkpointables=[])
-    assert torch.equal(model.backbone.bottom_up.stem.conv1.norm.weight,
-                       src.backbone.bottom_up.stem.conv1.norm.weight)
+    assert torch.equal(
+        model.backbone.bottom_up.stem.conv1.norm.weight, src.backbone.bottom_up.stem.conv1.norm.weight
+    )
     with pytest.raises(CheckpointError, match="Unsupported query"):
         D2NormCheckpointer(model).load(path + "?strict=1", checkpointables=[])
 

@@ -1,4 +1,5 @@
 """The detectron2._C stand-in: registered only when absent, informative, and loud when called."""
+
 import sys
 
 import pytest
@@ -18,8 +19,9 @@ def test_standin_state_matches_the_install():
     assert getattr(mod, compat.STANDIN_MARKER) is True
     assert not compat.compiled_ops_available()
     # import paths used by detectron2 work
-    from detectron2 import _C  # noqa: F401
     import detectron2.layers  # noqa: F401
+    from detectron2 import _C  # noqa: F401
+
     # informational calls (collect_env) answer; compute ops raise a helpful error
     assert "stand-in" in mod.get_compiler_version()
     assert mod.has_cuda() is False

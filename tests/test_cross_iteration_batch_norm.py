@@ -1,4 +1,5 @@
 """CrossIterationBatchNorm2d against a float64 reference computed from the definition."""
+
 import copy
 import pickle
 
@@ -37,13 +38,18 @@ class Pair(nn.Module):
 
 def _make(conv_kw, buffer_size=3, burnin=0, cin=4, cout=6, grad_through_compensation=False):
     conv = _conv(cin, cout, **conv_kw)
-    pair = Pair(conv, CrossIterationBatchNorm2d(
-        cout, buffer_size, burnin, grad_through_compensation=grad_through_compensation).to(D))
+    pair = Pair(
+        conv,
+        CrossIterationBatchNorm2d(
+            cout, buffer_size, burnin, grad_through_compensation=grad_through_compensation
+        ).to(D),
+    )
     with torch.no_grad():  # non-trivial gamma/beta
         pair.cbn.weight.uniform_(0.5, 1.5)
         pair.cbn.bias.uniform_(-0.5, 0.5)
-    ref = ReferenceConvCBN(copy.deepcopy(conv), buffer_size, burnin,
-                           grad_through_compensation=grad_through_compensation)
+    ref = ReferenceConvCBN(
+        copy.deepcopy(conv), buffer_size, burnin, grad_through_compensation=grad_through_compensation
+    )
     with torch.no_grad():
         ref.weight.copy_(pair.cbn.weight)
         ref.bias.copy_(pair.cbn.bias)
@@ -134,7 +140,7 @@ def _radial_and_total_weight_grad(grad_through_compensation, seed=0):
     pair.cbn.eps = 1e-14  # eps breaks scale invariance by O(eps / sigma^2)
     xs = _inputs(3, (2, 4, 8, 8), seed=seed)
     gen = torch.Generator().manual_seed(7)
-    for i, x in enumerate(xs):
+    for _i, x in enumerate(xs):
         out = pair(x)
         g = torch.randn(out.shape, generator=gen, dtype=D) + 0.5  # a persistent bias-like signal
         pair.conv.weight.grad = None
@@ -330,8 +336,9 @@ def test_eval_is_affine_map_of_running_stats():
     c = pair.cbn
     y = pair.conv(x)
     s = (1, -1, 1, 1)
-    expect = (c.weight.view(s) * (y - c.running_mean.view(s))
-              / torch.sqrt(c.running_var.view(s) + c.eps) + c.bias.view(s))
+    expect = c.weight.view(s) * (y - c.running_mean.view(s)) / torch.sqrt(
+        c.running_var.view(s) + c.eps
+    ) + c.bias.view(s)
     _assert_close(out, expect, "eval output", 1e-12)
     assert c.iteration == 4
     # eval mode needs no conv
@@ -468,6 +475,7 @@ def test_autocast_statistics_in_fp32():
 
 def test_detectron2_conv_with_cbn_norm():
     import d2norm  # noqa: F401  (first: registers a detectron2._C stand-in if needed)
+
     from detectron2.layers import Conv2d
 
     cbn = CrossIterationBatchNorm2d(6, buffer_size=3).to(D)
@@ -494,8 +502,10 @@ def test_detectron2_conv_with_cbn_norm():
                 p.grad = None
 
 
-@pytest.mark.parametrize("conv_kw", [dict(k=3, padding=1), dict(k=3, stride=2, padding=2, dilation=2),
-                                     dict(k=1, padding=0, groups=2)])
+@pytest.mark.parametrize(
+    "conv_kw",
+    [dict(k=3, padding=1), dict(k=3, stride=2, padding=2, dilation=2), dict(k=1, padding=0, groups=2)],
+)
 def test_sqmean_weight_gradient_matches_autograd(conv_kw):
     from d2norm.layers.cross_iteration_batch_norm import _conv_padding, sqmean_weight_gradient
 
@@ -503,8 +513,9 @@ def test_sqmean_weight_gradient_matches_autograd(conv_kw):
     x = _inputs(1, (2, 4, 9, 9))[0]
     y = conv(x)
     expect = torch.autograd.grad((y * y).mean((0, 2, 3)).sum(), conv.weight)[0]
-    got = sqmean_weight_gradient(x, y.detach(), conv.weight.detach(), conv.stride,
-                                 _conv_padding(conv), conv.dilation, conv.groups)
+    got = sqmean_weight_gradient(
+        x, y.detach(), conv.weight.detach(), conv.stride, _conv_padding(conv), conv.dilation, conv.groups
+    )
     _assert_close(got, expect, "dnu/dW", 1e-12)
 
 
@@ -513,10 +524,11 @@ def test_history_in_a_full_mask_rcnn_matches_autograd(data_root):
     varying size), each layer's recorded pbar, dnu/dW and nu equal autograd's dmu/dW, dnu/dW and
     E[y^2] of its own conv on the input that conv really received (float64 recomputation)."""
     from helpers import synthetic_cfg
-    from detectron2.data import build_detection_train_loader
-    from detectron2.utils.events import EventStorage
 
     from d2norm import build_model
+
+    from detectron2.data import build_detection_train_loader
+    from detectron2.utils.events import EventStorage
 
     cfg = synthetic_cfg("CBN", **{"D2NORM.DATA.ROOT": data_root, "D2NORM.CBN.BUFFER_SIZE": 3})
     torch.manual_seed(0)
@@ -543,8 +555,11 @@ def test_history_in_a_full_mask_rcnn_matches_autograd(data_root):
         dmu = torch.autograd.grad(mu.sum(), w, retain_graph=True)[0].flatten(1)
         dnu = torch.autograd.grad(nu.sum(), w)[0].flatten(1)
         pbar = cbn.hist_grad_mean[0].to(D).repeat_interleave(w.shape[0] // conv.groups, 0)
-        for got, want, what in ((pbar, dmu, "pbar"), (cbn.hist_grad_sqmean[0].to(D), dnu, "dnu/dW"),
-                                (cbn.hist_sqmean[0].to(D), nu.detach(), "nu")):
+        for got, want, what in (
+            (pbar, dmu, "pbar"),
+            (cbn.hist_grad_sqmean[0].to(D), dnu, "dnu/dW"),
+            (cbn.hist_sqmean[0].to(D), nu.detach(), "nu"),
+        ):
             err = ((got - want).abs().max() / want.abs().max()).item()
             assert err < 1e-4, f"{cbn._d2norm_name} {what}: relative error {err:.1e}"
         heads += cbn._d2norm_name.startswith("roi_heads")

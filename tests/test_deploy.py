@@ -1,25 +1,32 @@
 """Folding eval-mode norms into convs: each step against the unfolded torch modules in float64,
 whole Mask R-CNN models (every foldable norm) against their unfolded selves, and tools/deploy.py
 (fold + check + TorchScript trace + atomic save)."""
+
 import copy
 import importlib.util
 import os
 
 import pytest
 import torch
-from torch import nn
-
-import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
 from helpers import REPO, convs_with_norm, synthetic_cfg
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
-from d2norm.deploy import eval_affine, fold, fold_affine_into_conv, is_foldable, load_folded_model
-from d2norm.detections import compare_detections
-from d2norm.layers import (BatchNormWS, CrossIterationBatchNorm2d, GroupNorm, GroupNormWS,
-                           MovingAverageBatchNorm2d, SyncBatchNorm2d)
+from torch import nn
 from torch.nn.utils import parametrize
 
-F64 = torch.float64
+import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
+from d2norm.deploy import eval_affine, fold, fold_affine_into_conv, is_foldable, load_folded_model
+from d2norm.detections import compare_detections
+from d2norm.layers import (
+    BatchNormWS,
+    CrossIterationBatchNorm2d,
+    GroupNorm,
+    GroupNormWS,
+    MovingAverageBatchNorm2d,
+    SyncBatchNorm2d,
+)
 
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+F64 = torch.float64
 
 
 def _make_norm(kind, c):
@@ -42,8 +49,11 @@ def _randomize(module, gen):
             for name in ("weight", "bias"):
                 t = getattr(m, name, None)
                 if isinstance(t, torch.Tensor) and not isinstance(m, nn.Conv2d) and t.dim() == 1:
-                    t.copy_(torch.rand(t.shape, generator=gen, dtype=F64) * 1.5 + 0.25 if name == "weight"
-                            else torch.randn(t.shape, generator=gen, dtype=F64))
+                    t.copy_(
+                        torch.rand(t.shape, generator=gen, dtype=F64) * 1.5 + 0.25
+                        if name == "weight"
+                        else torch.randn(t.shape, generator=gen, dtype=F64)
+                    )
             if getattr(m, "running_var", None) is not None:
                 m.running_var.mul_(torch.rand(m.running_var.shape, generator=gen, dtype=F64) * 2 + 0.3)
             if getattr(m, "running_mean", None) is not None:
@@ -55,8 +65,9 @@ class _Net(nn.Module):
 
     def __init__(self, kind):
         super().__init__()
-        self.a = Conv2d(3, 8, 3, stride=2, padding=1, bias=False, norm=_make_norm(kind, 8),
-                        activation=torch.relu)
+        self.a = Conv2d(
+            3, 8, 3, stride=2, padding=1, bias=False, norm=_make_norm(kind, 8), activation=torch.relu
+        )
         self.b = Conv2d(8, 6, 3, padding=2, dilation=2, groups=2, bias=False, norm=_make_norm(kind, 6))
         d2norm.prepare_model(self)
 
@@ -77,8 +88,9 @@ def test_eval_affine_is_the_eval_norm(kind):
     y = torch.randn(3, 5, 4, 4, generator=gen, dtype=F64) * 3 + 1
     scale, shift = eval_affine(norm)
     assert scale.dtype == shift.dtype == F64
-    torch.testing.assert_close(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), norm(y),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), norm(y), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("kind", ["GN", "GN+WS"])
@@ -101,8 +113,9 @@ def test_fold_affine_into_conv_float64(bias, groups):
     fold_affine_into_conv(conv, scale, shift)
     assert conv.bias is not None and conv.weight.dtype == F64
     x = torch.randn(2, 4, 9, 7, generator=gen, dtype=F64)
-    torch.testing.assert_close(conv(x), ref(x) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        conv(x), ref(x) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), rtol=1e-12, atol=1e-12
+    )
     with pytest.raises(ValueError, match="output channels"):
         fold_affine_into_conv(conv, scale[:3], shift[:3])
 
@@ -146,16 +159,19 @@ def _trained_model(norm, data_root, n_train=2):
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.utils.events import EventStorage
 
-    cfg = synthetic_cfg(norm, **{"D2NORM.DATA.ROOT": data_root, "D2NORM.MABN.WARMUP_ITERS": 1,
-                                 "D2NORM.MABN.BUFFER_SIZE": 2})
+    cfg = synthetic_cfg(
+        norm, **{"D2NORM.DATA.ROOT": data_root, "D2NORM.MABN.WARMUP_ITERS": 1, "D2NORM.MABN.BUFFER_SIZE": 2}
+    )
     torch.manual_seed(0)
     model = d2norm.build_model(cfg)
     mapper = DatasetMapper(cfg, True)
-    batches = [mapper(copy.deepcopy(d)) for d in DatasetCatalog.get("d2norm_shapes_tiny_train")[:2 * n_train]]
+    batches = [
+        mapper(copy.deepcopy(d)) for d in DatasetCatalog.get("d2norm_shapes_tiny_train")[: 2 * n_train]
+    ]
     model.train()
     with torch.no_grad(), EventStorage(0):
         for i in range(n_train):
-            model(batches[2 * i: 2 * i + 2])
+            model(batches[2 * i : 2 * i + 2])
     _randomize(model, torch.Generator().manual_seed(3))
     return cfg, model.eval()
 
@@ -214,15 +230,38 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     D2NormCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     weights = str(tmp_path / "model_final.pth")
     out = tmp_path / "deploy"
-    opts = ["MODEL.WEIGHTS", weights, "D2NORM.DATA.ROOT", data_root,
-            "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
-            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-            # this model: CBN everywhere with the default window (the recipe: BN heads, window 4)
-            "MODEL.ROI_BOX_HEAD.NORM", "CBN", "MODEL.ROI_MASK_HEAD.NORM", "CBN",
-            "D2NORM.CBN.BUFFER_SIZE", "3"]
-    report = _load_tool().main(["--config-file", os.path.join(REPO, "configs", "synthetic",
-                                "mask_rcnn_R_18_FPN_CBN.yaml"), "--output", str(out),
-                                "--num-images", "2", "--rounds", "1", *opts])
+    opts = [
+        "MODEL.WEIGHTS",
+        weights,
+        "D2NORM.DATA.ROOT",
+        data_root,
+        "DATASETS.TEST",
+        "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TEST",
+        "96",
+        "INPUT.MAX_SIZE_TEST",
+        "96",
+        # this model: CBN everywhere with the default window (the recipe: BN heads, window 4)
+        "MODEL.ROI_BOX_HEAD.NORM",
+        "CBN",
+        "MODEL.ROI_MASK_HEAD.NORM",
+        "CBN",
+        "D2NORM.CBN.BUFFER_SIZE",
+        "3",
+    ]
+    report = _load_tool().main(
+        [
+            "--config-file",
+            os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R_18_FPN_CBN.yaml"),
+            "--output",
+            str(out),
+            "--num-images",
+            "2",
+            "--rounds",
+            "1",
+            *opts,
+        ]
+    )
     det = report["detections"]
     assert det["ok"] and det["counts"]["matched"] == det["counts"]["reference"] > 0
     assert report["folded_layers"] == len(convs_with_norm(model)) > 0

@@ -8,6 +8,7 @@ and SyncBN Mask R-CNN models a few iterations with the d2norm Trainer (DDP, IMS_
 on a dataset whose images on rank 1 have no annotations. Results are written per rank and
 checked here.
 """
+
 import multiprocessing
 import os
 import threading
@@ -67,8 +68,9 @@ def _syncbn_case(sizes, steps=2, c=5):
         (yr * g_all.double()).sum().backward()
         diffs["out"] = max(diffs["out"], (y.double() - yr[lo:hi]).abs().max().item() if y.numel() else 0.0)
         gi = x.grad if x.grad is not None else torch.zeros_like(x)
-        diffs["grad_in"] = max(diffs["grad_in"], (gi.double() - xr.grad[lo:hi]).abs().max().item()
-                               if x.numel() else 0.0)
+        diffs["grad_in"] = max(
+            diffs["grad_in"], (gi.double() - xr.grad[lo:hi]).abs().max().item() if x.numel() else 0.0
+        )
         diffs["grad_w"] = max(diffs["grad_w"], (gw.double() - ref.weight.grad).abs().max().item())
         diffs["grad_b"] = max(diffs["grad_b"], (gb.double() - ref.bias.grad).abs().max().item())
         diffs["running"] = max(
@@ -84,15 +86,15 @@ def _guard_under_ddp():
     """A NaN batch on rank 1 only: both ranks skip that step (all-reduced decision, no backward
     anywhere, so DDP's reducer is not left waiting), then train on in lockstep."""
     import torch.distributed as dist
+    from torch import nn
 
     import d2norm
+    from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
+    from d2norm.layers import CrossIterationBatchNorm2d
+
     from detectron2.engine import SimpleTrainer
     from detectron2.layers import Conv2d
     from detectron2.utils.events import EventStorage
-    from torch import nn
-
-    from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
-    from d2norm.layers import CrossIterationBatchNorm2d
 
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -123,9 +125,12 @@ def _guard_under_ddp():
     weights = net[0].weight.detach().clone()
     gathered = [torch.zeros_like(weights) for _ in range(2)]
     dist.all_gather(gathered, weights)
-    return {"done": done, "params_equal": torch.equal(gathered[0], gathered[1]),
-            "cbn_iter": net[0].norm.iteration,
-            "finite": all(torch.isfinite(b).all().item() for b in net.buffers() if b.is_floating_point())}
+    return {
+        "done": done,
+        "params_equal": torch.equal(gathered[0], gathered[1]),
+        "cbn_iter": net[0].norm.iteration,
+        "finite": all(torch.isfinite(b).all().item() for b in net.buffers() if b.is_floating_point()),
+    }
 
 
 def _register_rank_dataset(data_root, rank):
@@ -133,9 +138,9 @@ def _register_rank_dataset(data_root, rank):
     rank 1 (every batch of rank 1 has no instances)."""
     import copy
 
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     from d2norm.data import SHAPE_CLASSES, register_synthetic_datasets
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     register_synthetic_datasets(data_root, ["d2norm_shapes_tiny_train"])
     dicts = copy.deepcopy(DatasetCatalog.get("d2norm_shapes_tiny_train"))
@@ -149,16 +154,26 @@ def _register_rank_dataset(data_root, rank):
 
 def _train(norm, data_root, out_dir):
     import torch.distributed as dist
-
     from helpers import synthetic_cfg
+
     from d2norm.engine import Trainer
 
-    cfg = synthetic_cfg(norm, **{
-        "D2NORM.DATA.ROOT": data_root, "DATASETS.TRAIN": ("d2norm_dist_train",), "DATASETS.TEST": (),
-        "DATALOADER.FILTER_EMPTY_ANNOTATIONS": False, "SOLVER.MAX_ITER": 3, "SOLVER.IMS_PER_BATCH": 2,
-        "MODEL.ROI_BOX_HEAD.NUM_CONV": 2, "OUTPUT_DIR": os.path.join(out_dir, norm),
-        "D2NORM.CBN.BURNIN_ITERS": 1, "D2NORM.MABN.WARMUP_ITERS": 1, "D2NORM.MABN.BUFFER_SIZE": 2,
-    })
+    cfg = synthetic_cfg(
+        norm,
+        **{
+            "D2NORM.DATA.ROOT": data_root,
+            "DATASETS.TRAIN": ("d2norm_dist_train",),
+            "DATASETS.TEST": (),
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS": False,
+            "SOLVER.MAX_ITER": 3,
+            "SOLVER.IMS_PER_BATCH": 2,
+            "MODEL.ROI_BOX_HEAD.NUM_CONV": 2,
+            "OUTPUT_DIR": os.path.join(out_dir, norm),
+            "D2NORM.CBN.BURNIN_ITERS": 1,
+            "D2NORM.MABN.WARMUP_ITERS": 1,
+            "D2NORM.MABN.BUFFER_SIZE": 2,
+        },
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -177,9 +192,9 @@ def _train(norm, data_root, out_dir):
 
 
 def _worker(out_dir, data_root):
-    import torch.distributed as dist
-
     import time
+
+    import torch.distributed as dist
 
     t0 = time.time()
     rank = dist.get_rank()
@@ -212,8 +227,9 @@ def ranks(tmp_path_factory, data_root):
     watchdog.daemon = True
     watchdog.start()
     try:
-        launch(_worker, 2, dist_url="auto", args=(out, data_root), device="cpu",
-               timeout=timedelta(seconds=120))
+        launch(
+            _worker, 2, dist_url="auto", args=(out, data_root), device="cpu", timeout=timedelta(seconds=120)
+        )
     finally:
         watchdog.cancel()
     assert not expired.is_set(), f"the 2-process run did not finish in {TIMEOUT_S}s"

@@ -1,4 +1,5 @@
 """train_net end to end on the tiny synthetic split, and exact --resume."""
+
 import json
 import os
 import shutil
@@ -6,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from helpers import CONFIGS
 
 pytestmark = pytest.mark.slow  # training runs end to end
@@ -21,11 +21,27 @@ def _train_net_args(out, data_root, *extra, eval_only=False, resume=False):
     if resume:
         argv.append("--resume")
     argv += [
-        "OUTPUT_DIR", str(out), "D2NORM.DATA.ROOT", data_root,
-        "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
-        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", *extra,
+        "OUTPUT_DIR",
+        str(out),
+        "D2NORM.DATA.ROOT",
+        data_root,
+        "DATASETS.TRAIN",
+        "('d2norm_shapes_tiny_train',)",
+        "DATASETS.TEST",
+        "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(96,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "96",
+        "INPUT.MIN_SIZE_TEST",
+        "96",
+        "INPUT.MAX_SIZE_TEST",
+        "96",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        *extra,
     ]
     return parse_args(argv)
 
@@ -41,16 +57,16 @@ def test_train_then_evaluate(tmp_path, data_root):
     from d2norm.engine.launch import main
 
     out = tmp_path / "run"
-    main(_train_net_args(out, data_root, "SOLVER.MAX_ITER", str(E2E_ITERS),
-                         "SOLVER.CHECKPOINT_PERIOD", "1000"))
+    main(
+        _train_net_args(out, data_root, "SOLVER.MAX_ITER", str(E2E_ITERS), "SOLVER.CHECKPOINT_PERIOD", "1000")
+    )
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
     assert all(np.isfinite(m["total_loss"]) for m in metrics if "total_loss" in m)
     # the evaluation at the end of training, as logged
     trained = {task: [m[f"{task}/AP"] for m in metrics if f"{task}/AP" in m][-1] for task in E2E_AP_FLOOR}
-    res = main(_train_net_args(out, data_root, "MODEL.WEIGHTS", str(out / "model_final.pth"),
-                               eval_only=True))
+    res = main(_train_net_args(out, data_root, "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True))
     assert set(res) == {"bbox", "segm"}
     for task, floor in E2E_AP_FLOOR.items():
         assert res[task]["AP"] >= floor, (task, res[task]["AP"])
@@ -59,9 +75,9 @@ def test_train_then_evaluate(tmp_path, data_root):
 
 
 def _run(cfg, max_iter):
-    from detectron2.utils.env import seed_all_rng
-
     from d2norm.engine import Trainer
+
+    from detectron2.utils.env import seed_all_rng
 
     cfg = cfg.clone()
     cfg.SOLVER.MAX_ITER = max_iter
@@ -76,9 +92,16 @@ def _run(cfg, max_iter):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
     from helpers import synthetic_cfg
 
-    cfg = synthetic_cfg(norm, **{"SOLVER.CHECKPOINT_PERIOD": 3, "D2NORM.DATA.ROOT": data_root,
-                                 "D2NORM.CBN.BURNIN_ITERS": 1, "D2NORM.MABN.WARMUP_ITERS": 2,
-                                 "D2NORM.MABN.BUFFER_SIZE": 2})
+    cfg = synthetic_cfg(
+        norm,
+        **{
+            "SOLVER.CHECKPOINT_PERIOD": 3,
+            "D2NORM.DATA.ROOT": data_root,
+            "D2NORM.CBN.BURNIN_ITERS": 1,
+            "D2NORM.MABN.WARMUP_ITERS": 2,
+            "D2NORM.MABN.BUFFER_SIZE": 2,
+        },
+    )
     cfg.OUTPUT_DIR = str(tmp_path / "full")
     full, full_trainer = _run(cfg, 6)
     if norm == "CBN":  # the trainer records the end of burn-in (after iteration 0 here)

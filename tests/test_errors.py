@@ -1,16 +1,16 @@
 """Every bad input gives an error that names the problem (config key / file) and the fix, raised
 from d2norm code (not deep inside torch / detectron2), end to end through train_net's main."""
+
 import os
 import traceback
 
 import pytest
 import torch
-
-import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
 from helpers import CONFIGS, REPO, synthetic_cfg
 
-D2NORM_DIR = os.path.join(REPO, "d2norm")
+import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
 
+D2NORM_DIR = os.path.join(REPO, "d2norm")
 
 
 def _args(out, data_root, *opts, config="mask_rcnn_R_18_FPN_GN.yaml", eval_only=False, resume=False):
@@ -19,9 +19,19 @@ def _args(out, data_root, *opts, config="mask_rcnn_R_18_FPN_GN.yaml", eval_only=
     argv = ["--config-file", os.path.join(CONFIGS, "synthetic", config)]
     argv += ["--eval-only"] if eval_only else []
     argv += ["--resume"] if resume else []
-    argv += ["OUTPUT_DIR", str(out), "D2NORM.DATA.ROOT", data_root,
-             "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "()",
-             "SOLVER.MAX_ITER", "1", *opts]
+    argv += [
+        "OUTPUT_DIR",
+        str(out),
+        "D2NORM.DATA.ROOT",
+        data_root,
+        "DATASETS.TRAIN",
+        "('d2norm_shapes_tiny_train',)",
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.MAX_ITER",
+        "1",
+        *opts,
+    ]
     return parse_args(argv)
 
 
@@ -45,50 +55,68 @@ def _check(info, *fragments):
 
 def test_unknown_norm_name(tmp_path, data_root):
     info = _raise_from_main(_args(tmp_path, data_root, "MODEL.FPN.NORM", "GroupNorm"), ValueError)
-    _check(info, "Unknown normalization 'GroupNorm'", "MODEL.FPN.NORM", "Valid names", "'GN+WS'",
-           "'CBN'", "'MABN'", "Fix")
+    _check(
+        info,
+        "Unknown normalization 'GroupNorm'",
+        "MODEL.FPN.NORM",
+        "Valid names",
+        "'GN+WS'",
+        "'CBN'",
+        "'MABN'",
+        "Fix",
+    )
 
 
-@pytest.mark.parametrize("groups,fragments", [
-    ("48", ("D2NORM.GN.NUM_GROUPS=48 does not divide the 64 channels", "Fix")),
-    ("0", ("D2NORM.GN.NUM_GROUPS must be a positive integer, got 0", "Fix")),
-])
+@pytest.mark.parametrize(
+    "groups,fragments",
+    [
+        ("48", ("D2NORM.GN.NUM_GROUPS=48 does not divide the 64 channels", "Fix")),
+        ("0", ("D2NORM.GN.NUM_GROUPS must be a positive integer, got 0", "Fix")),
+    ],
+)
 def test_group_norm_groups(tmp_path, data_root, groups, fragments):
     info = _raise_from_main(_args(tmp_path, data_root, "D2NORM.GN.NUM_GROUPS", groups), ValueError)
     _check(info, *fragments)
 
 
 def test_group_norm_groups_with_gn_ws(tmp_path, data_root):
-    info = _raise_from_main(_args(tmp_path, data_root, "D2NORM.GN.NUM_GROUPS", "24",
-                                  config="mask_rcnn_R_18_FPN_GN_WS.yaml"), ValueError)
+    info = _raise_from_main(
+        _args(tmp_path, data_root, "D2NORM.GN.NUM_GROUPS", "24", config="mask_rcnn_R_18_FPN_GN_WS.yaml"),
+        ValueError,
+    )
     _check(info, "D2NORM.GN.NUM_GROUPS=24 does not divide")
 
 
 def test_cbn_buffer_below_one(tmp_path, data_root):
-    info = _raise_from_main(_args(tmp_path, data_root, "D2NORM.CBN.BUFFER_SIZE", "0",
-                                  config="mask_rcnn_R_18_FPN_CBN.yaml"), ValueError)
+    info = _raise_from_main(
+        _args(tmp_path, data_root, "D2NORM.CBN.BUFFER_SIZE", "0", config="mask_rcnn_R_18_FPN_CBN.yaml"),
+        ValueError,
+    )
     _check(info, "D2NORM.CBN.BUFFER_SIZE", "integer >= 1, got 0")
 
 
 def test_mabn_buffer_below_one(tmp_path, data_root):
-    info = _raise_from_main(_args(tmp_path, data_root, "D2NORM.MABN.BUFFER_SIZE", "0",
-                                  config="mask_rcnn_R_18_FPN_MABN.yaml"), ValueError)
+    info = _raise_from_main(
+        _args(tmp_path, data_root, "D2NORM.MABN.BUFFER_SIZE", "0", config="mask_rcnn_R_18_FPN_MABN.yaml"),
+        ValueError,
+    )
     _check(info, "D2NORM.MABN.BUFFER_SIZE", "integer >= 1, got 0")
 
 
 def test_cbn_unbound():
     """A CBN model built without d2norm's preparation pass (detectron2's own build_model)."""
+    from d2norm.norms import norm_options_from_config
+
     from detectron2.modeling import build_model as d2_build_model
     from detectron2.structures import Boxes, Instances
-
-    from d2norm.norms import norm_options_from_config
 
     cfg = synthetic_cfg("CBN")
     with norm_options_from_config(cfg):
         model = d2_build_model(cfg)
     model.train()
-    inst = Instances((96, 96), gt_boxes=Boxes(torch.tensor([[10.0, 10, 40, 40]])),
-                     gt_classes=torch.tensor([1]))
+    inst = Instances(
+        (96, 96), gt_boxes=Boxes(torch.tensor([[10.0, 10, 40, 40]])), gt_classes=torch.tensor([1])
+    )
     with pytest.raises(RuntimeError) as info:
         model([{"image": torch.zeros(3, 96, 96), "instances": inst}])
     _check(info, "is not bound", "d2norm.prepare_model(model)", "d2norm.build_model")
@@ -99,8 +127,9 @@ def test_missing_weights_file(tmp_path, data_root, eval_only):
     from d2norm.checkpoint import CheckpointError
 
     missing = str(tmp_path / "nope" / "model_final.pth")
-    info = _raise_from_main(_args(tmp_path / "out", data_root, "MODEL.WEIGHTS", missing,
-                                  eval_only=eval_only), CheckpointError)
+    info = _raise_from_main(
+        _args(tmp_path / "out", data_root, "MODEL.WEIGHTS", missing, eval_only=eval_only), CheckpointError
+    )
     _check(info, "Weights file not found", missing, "MODEL.WEIGHTS", "Fix")
 
 
@@ -109,8 +138,9 @@ def test_corrupt_weights_file(tmp_path, data_root):
 
     bad = tmp_path / "garbage.pth"
     bad.write_bytes(b"\x80\x02not a checkpoint" * 50)
-    info = _raise_from_main(_args(tmp_path / "out", data_root, "MODEL.WEIGHTS", str(bad),
-                                  eval_only=True), CheckpointError)
+    info = _raise_from_main(
+        _args(tmp_path / "out", data_root, "MODEL.WEIGHTS", str(bad), eval_only=True), CheckpointError
+    )
     _check(info, "Could not read checkpoint", str(bad), "corrupt", "Fix")
     assert "weights_only" not in str(info.value)  # torch's advice would mislead here
 
@@ -151,14 +181,25 @@ def missing_json_dataset(tmp_path):
 
 def test_registered_dataset_without_its_json(tmp_path, data_root, missing_json_dataset):
     name, json_file = missing_json_dataset
-    info = _raise_from_main(_args(tmp_path / "out", data_root, "DATASETS.TRAIN", f"('{name}',)"),
-                            FileNotFoundError)
+    info = _raise_from_main(
+        _args(tmp_path / "out", data_root, "DATASETS.TRAIN", f"('{name}',)"), FileNotFoundError
+    )
     _check(info, name, "DATASETS.TRAIN", json_file, "Fix")
 
 
 def test_unregistered_dataset(tmp_path, data_root):
-    info = _raise_from_main(_args(tmp_path / "out", data_root, "DATASETS.TEST", "('no_such_set',)",
-                                  "MODEL.WEIGHTS", "", eval_only=True), ValueError)
+    info = _raise_from_main(
+        _args(
+            tmp_path / "out",
+            data_root,
+            "DATASETS.TEST",
+            "('no_such_set',)",
+            "MODEL.WEIGHTS",
+            "",
+            eval_only=True,
+        ),
+        ValueError,
+    )
     _check(info, "'no_such_set'", "DATASETS.TEST", "not registered", "d2norm_shapes_train")
 
 

@@ -1,6 +1,7 @@
 """FrozenStatsBN (frozen statistics, trainable affine) against torch's BatchNorm2d in eval mode,
 its γ/β gradients against float64 math, and what the rest of the stack makes of it: the norm
 name, detectron2's freezing and optimizer, Precise BN, and folding into the conv."""
+
 import copy
 
 import pytest
@@ -8,10 +9,11 @@ import torch
 from torch import nn
 
 import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from d2norm.deploy import fold
 from d2norm.layers import FrozenStatisticsBatchNorm2d
 from d2norm.norms import build_norm
+
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 F64 = torch.float64
 
@@ -65,8 +67,9 @@ def test_affine_gradients_against_float64_math():
     xhat = (x.detach() - mean) * inv_std
     torch.testing.assert_close(m.weight.grad, (g * xhat).sum(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m.bias.grad, g.sum(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x.grad, g * m.weight.detach().view(1, -1, 1, 1) * inv_std,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        x.grad, g * m.weight.detach().view(1, -1, 1, 1) * inv_std, rtol=1e-12, atol=1e-12
+    )
     assert m.running_mean.grad is None and not m.running_var.requires_grad
 
 
@@ -122,8 +125,8 @@ def test_torchvision_weights_load_into_a_frozen_statistics_backbone(tmp_path):
     """The CBN paper's backbone: torchvision BN statistics land in FrozenStatsBN (trainable γ/β)
     from res3 on and in FrozenBN in the frozen stem + res2; a training step keeps them."""
     import torchvision
-
     from helpers import synthetic_cfg
+
     from d2norm.weights import load_pretrained_backbone
 
     torch.manual_seed(0)
@@ -135,8 +138,15 @@ def test_torchvision_weights_load_into_a_frozen_statistics_backbone(tmp_path):
                 m.running_var.uniform_(0.5, 2)
     path = str(tmp_path / "resnet18.pth")
     torch.save(tv.state_dict(), path)
-    cfg = synthetic_cfg("FrozenStatsBN", **{"MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.FPN.NORM": "",
-                                            "MODEL.ROI_BOX_HEAD.NORM": "", "MODEL.ROI_MASK_HEAD.NORM": ""})
+    cfg = synthetic_cfg(
+        "FrozenStatsBN",
+        **{
+            "MODEL.BACKBONE.FREEZE_AT": 2,
+            "MODEL.FPN.NORM": "",
+            "MODEL.ROI_BOX_HEAD.NORM": "",
+            "MODEL.ROI_MASK_HEAD.NORM": "",
+        },
+    )
     model = d2norm.build_model(cfg)
     load_pretrained_backbone(model, path)
     bottom_up = model.backbone.bottom_up
@@ -155,14 +165,20 @@ def test_torchvision_weights_load_into_a_frozen_statistics_backbone(tmp_path):
 
 def test_the_trainers_optimizer_gives_it_weight_decay_norm():
     from helpers import synthetic_cfg
+
     from d2norm.engine import Trainer
 
-    cfg = synthetic_cfg("FrozenStatsBN", **{"MODEL.FPN.NORM": "", "MODEL.ROI_BOX_HEAD.NORM": "",
-                                            "MODEL.ROI_MASK_HEAD.NORM": ""})
+    cfg = synthetic_cfg(
+        "FrozenStatsBN",
+        **{"MODEL.FPN.NORM": "", "MODEL.ROI_BOX_HEAD.NORM": "", "MODEL.ROI_MASK_HEAD.NORM": ""},
+    )
     cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM = 1e-4, 3e-5
     model = d2norm.build_model(cfg)
-    decay = {id(p): g["weight_decay"] for g in Trainer.build_optimizer(cfg, model).param_groups
-             for p in g["params"]}
+    decay = {
+        id(p): g["weight_decay"]
+        for g in Trainer.build_optimizer(cfg, model).param_groups
+        for p in g["params"]
+    }
     norms = [m for m in model.modules() if isinstance(m, FrozenStatisticsBatchNorm2d)]
     assert len(norms) > 10
     assert all(decay[id(m.weight)] == decay[id(m.bias)] == 3e-5 for m in norms)

@@ -1,23 +1,29 @@
 """The get_norm patch: every name builds the right module at every call site of a built model."""
+
 import sys
 
 import pytest
 import torch
+from helpers import synthetic_cfg
 from torch import nn
 
 import d2norm
 from d2norm import norms, patches
 from d2norm.layers import GroupNorm, GroupNormWS, SyncBatchNorm2d
 
-from helpers import synthetic_cfg
-
-CALL_SITES = ("backbone.bottom_up", "backbone.fpn_lateral", "backbone.fpn_output",
-              "roi_heads.box_head", "roi_heads.mask_head")
+CALL_SITES = (
+    "backbone.bottom_up",
+    "backbone.fpn_lateral",
+    "backbone.fpn_output",
+    "roi_heads.box_head",
+    "roi_heads.mask_head",
+)
 
 
 def _expected_types():
-    from detectron2.layers import FrozenBatchNorm2d
     from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+
+    from detectron2.layers import FrozenBatchNorm2d
 
     return {
         "BN*": FrozenBatchNorm2d,
@@ -45,16 +51,19 @@ def test_every_call_site_gets_the_named_norm(name):
     convs = _normed_convs(model)
     seen = set()
     for conv_name, conv in convs.items():
-        assert type(conv.norm) is expected or (
-            name == "BN" and isinstance(conv.norm, nn.BatchNorm2d)
-        ), f"{conv_name}: {type(conv.norm).__name__} is not {expected.__name__}"
+        assert type(conv.norm) is expected or (name == "BN" and isinstance(conv.norm, nn.BatchNorm2d)), (
+            f"{conv_name}: {type(conv.norm).__name__} is not {expected.__name__}"
+        )
         for site in CALL_SITES:
             if conv_name.startswith(site):
                 seen.add(site)
     assert seen == set(CALL_SITES), f"call sites without a norm: {set(CALL_SITES) - seen}"
     # nothing normalized by another type anywhere in the model
-    other = [n for n, m in model.named_modules()
-             if isinstance(m, norms.norm_layer_types()) and not isinstance(m, expected)]
+    other = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, norms.norm_layer_types()) and not isinstance(m, expected)
+    ]
     assert other == []
 
 
@@ -64,9 +73,14 @@ def test_patch_is_idempotent_and_covers_all_loaded_modules():
         first = d2norm.patch_get_norm()
     finally:
         d2norm.patch_get_norm()
-    assert {"detectron2.layers", "detectron2.layers.batch_norm", "detectron2.modeling.backbone.resnet",
-            "detectron2.modeling.backbone.fpn", "detectron2.modeling.roi_heads.box_head",
-            "detectron2.modeling.roi_heads.mask_head"} <= set(first)
+    assert {
+        "detectron2.layers",
+        "detectron2.layers.batch_norm",
+        "detectron2.modeling.backbone.resnet",
+        "detectron2.modeling.backbone.fpn",
+        "detectron2.modeling.roi_heads.box_head",
+        "detectron2.modeling.roi_heads.mask_head",
+    } <= set(first)
     again = d2norm.patch_get_norm()
     assert again == []  # nothing left to patch
     import detectron2.layers
@@ -76,14 +90,22 @@ def test_patch_is_idempotent_and_covers_all_loaded_modules():
     import detectron2.modeling.roi_heads.box_head
     import detectron2.modeling.roi_heads.mask_head
 
-    for mod in (detectron2.layers, detectron2.layers.batch_norm, detectron2.modeling.backbone.resnet,
-                detectron2.modeling.backbone.fpn, detectron2.modeling.roi_heads.box_head,
-                detectron2.modeling.roi_heads.mask_head):
+    for mod in (
+        detectron2.layers,
+        detectron2.layers.batch_norm,
+        detectron2.modeling.backbone.resnet,
+        detectron2.modeling.backbone.fpn,
+        detectron2.modeling.roi_heads.box_head,
+        detectron2.modeling.roi_heads.mask_head,
+    ):
         assert mod.get_norm is norms.get_norm
     # no module still refers to the original
     original = norms._original_get_norm
-    assert not [n for n, m in sys.modules.items()
-                if n.startswith("detectron2") and m is not None and m.__dict__.get("get_norm") is original]
+    assert not [
+        n
+        for n, m in sys.modules.items()
+        if n.startswith("detectron2") and m is not None and m.__dict__.get("get_norm") is original
+    ]
 
 
 def test_detectron2_names_and_callables_pass_through():
@@ -129,9 +151,9 @@ def test_options_do_not_leak_outside_the_build():
 @pytest.mark.parametrize("name", ["CBN", "MABN"])
 def test_frozen_stages_use_the_eval_map_of_cbn_and_mabn(name):
     """FREEZE_AT stages: a CBN / MABN layer becomes the FrozenBatchNorm2d of its eval map."""
-    from detectron2.layers import FrozenBatchNorm2d
-
     from d2norm.modeling import frozen_batch_norm_of
+
+    from detectron2.layers import FrozenBatchNorm2d
 
     cfg = synthetic_cfg(name)
     cfg.MODEL.BACKBONE.FREEZE_AT = 2  # stem and res2

@@ -1,13 +1,14 @@
 """GN built from the config, SyncBN in one process, and SyncBN's all-reduce path (without host
 reads) against float64 recomputations of their formulas; SyncBN's input shapes. The
 multi-process SyncBN math: test_distributed.py."""
+
 import pytest
 import torch
+from helpers import synthetic_cfg
 from torch import nn
 
 import d2norm
 from d2norm.layers import GroupNorm, SyncBatchNorm2d
-from helpers import synthetic_cfg
 
 
 def _gn_reference_f64(x, groups, weight, bias, eps):
@@ -24,8 +25,7 @@ def test_gn_built_from_the_config_matches_float64(groups, eps):
     """``NORM: "GN"`` in a model: the group count and eps come from D2NORM.GN (detectron2's own
     "GN" would use 32 groups), and the layer computes GN's formula."""
     torch.manual_seed(0)
-    cfg = synthetic_cfg("GN", **{"MODEL.DEVICE": "cpu", "D2NORM.GN.NUM_GROUPS": groups,
-                                 "D2NORM.GN.EPS": eps})
+    cfg = synthetic_cfg("GN", **{"MODEL.DEVICE": "cpu", "D2NORM.GN.NUM_GROUPS": groups, "D2NORM.GN.EPS": eps})
     model = d2norm.build_model(cfg)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(isinstance(m, GroupNorm) for m in norms)
@@ -117,11 +117,13 @@ def _one_rank_of_a_group(monkeypatch):
 
 class _NoHostSync:
     """Make every host read of a tensor value raise (CPU stand-in for CUDA's sync debug mode)."""
+
     NAMES = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
     def __init__(self, monkeypatch):
         def boom(*a, **k):
             raise AssertionError("host read of a tensor value (a device sync on GPU)")
+
         for n in self.NAMES:
             monkeypatch.setattr(torch.Tensor, n, boom)
 
@@ -156,8 +158,9 @@ def test_sync_bn_all_reduce_path_has_no_host_sync_and_matches_float64(monkeypatc
         outs.append(y.detach())
     monkeypatch.undo()
     for x, y in zip(xs, outs):
-        torch.testing.assert_close(y.double(), _bn64_train(x, (0, 2, 3), ours.weight, ours.bias, ours.eps),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            y.double(), _bn64_train(x, (0, 2, 3), ours.weight, ours.bias, ours.eps), rtol=1e-5, atol=1e-5
+        )
         ref(x.double())
     assert int(ours.num_batches_tracked) == 3
     torch.testing.assert_close(ours.running_mean.double(), ref.running_mean, rtol=1e-5, atol=1e-6)
@@ -183,7 +186,8 @@ def test_sync_bn_accepts_what_torch_sync_bn_accepts(monkeypatch, shape):
     ours.train()
     _one_rank_of_a_group(monkeypatch)
     dims = tuple(d for d in range(x.dim()) if d != 1)
-    torch.testing.assert_close(ours(x).double(), _bn64_train(x, dims, ours.weight, ours.bias, ours.eps),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours(x).double(), _bn64_train(x, dims, ours.weight, ours.bias, ours.eps), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(ValueError, match=r"\(N, C, \*\)"):
         ours(torch.randn(6))

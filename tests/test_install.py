@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from helpers import REPO
 
 _NOT_COPIED = shutil.ignore_patterns(".venv", ".git", "output", "__pycache__", "*.egg-info", ".pytest_cache")

@@ -7,7 +7,6 @@ import importlib
 import os
 
 import pytest
-
 from helpers import REPO
 
 SCRIPTS = sorted(

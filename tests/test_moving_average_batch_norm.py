@@ -1,4 +1,5 @@
 """MovingAverageBatchNorm2d against a float64 step-by-step reference (d2norm.testing)."""
+
 import copy
 
 import pytest
@@ -13,7 +14,6 @@ from d2norm.layers.weight_transforms import (
     get_weight_transform,
 )
 from d2norm.testing.mabn_reference import MABNReference, OfficialStyleMABN2d
-
 
 SHAPE = (2, 3, 4, 5)
 
@@ -87,8 +87,9 @@ def test_buffer_longer_than_warmup():
     # t <= B also forces the current statistics: B = 8, warmup = 3 -> moving average from t = 9
     mod, ref = _make_pair(B=8, warmup=3)
     used = []
-    _run_against_reference(mod, ref, 30, _randn, tol=1e-10,
-                           on_step=lambda s, r: used.append(r.last_used_moving_average))
+    _run_against_reference(
+        mod, ref, 30, _randn, tol=1e-10, on_step=lambda s, r: used.append(r.last_used_moving_average)
+    )
     assert used.index(True) == 9 - 1
 
 
@@ -107,7 +108,7 @@ def test_iteration_and_slot_conventions():
         if t <= B:  # current statistics
             _close(y, x / torch.sqrt(chi + mod.eps).view(1, -1, 1, 1), 1e-12)
         else:  # simple moving average of the last B
-            last = torch.stack([(xx * xx).mean(dim=(0, 2, 3)) for xx in xs[t - B:t]]).mean(0)
+            last = torch.stack([(xx * xx).mean(dim=(0, 2, 3)) for xx in xs[t - B : t]]).mean(0)
             _close(y, x / torch.sqrt(last + mod.eps).view(1, -1, 1, 1), 1e-12)
         y.backward(torch.ones_like(y))
         assert mod.buffer_gz[t % B].abs().sum() > 0  # psi written to the same slot in backward
@@ -129,8 +130,9 @@ def _abrupt(step, gen, switch_at=1000):
 def test_renorm_clamp_against_reference():
     mod, ref = _make_pair(B=2, warmup=20)
     rs = {}
-    _run_against_reference(mod, ref, 1010, _abrupt, tol=1e-9, lr=0.0,
-                           on_step=lambda s, r: rs.__setitem__(s, r.last_r.clone()))
+    _run_against_reference(
+        mod, ref, 1010, _abrupt, tol=1e-9, lr=0.0, on_step=lambda s, r: rs.__setitem__(s, r.last_r.clone())
+    )
     for t in range(1, 1001):
         assert torch.equal(rs[t], torch.ones(3, dtype=torch.float64))
     # t = 1001 is the first step with the clamp active (t > max(1000, warmup)); with B = 2 the
@@ -144,8 +146,15 @@ def test_renorm_waits_for_long_warmup():
     warmup = 1003
     mod, ref = _make_pair(B=2, warmup=warmup)
     rs = {}
-    _run_against_reference(mod, ref, warmup + 3, _abrupt, tol=1e-9, lr=0.0,
-                           on_step=lambda s, r: rs.__setitem__(s, r.last_r.clone()))
+    _run_against_reference(
+        mod,
+        ref,
+        warmup + 3,
+        _abrupt,
+        tol=1e-9,
+        lr=0.0,
+        on_step=lambda s, r: rs.__setitem__(s, r.last_r.clone()),
+    )
     for t in range(1, warmup + 1):  # r == 1 for t <= max(1000, warmup) despite the jump at 1001
         assert torch.equal(rs[t], torch.ones(3, dtype=torch.float64))
     # active at t = warmup + 1 (running_var has already followed channel 0's jump part-way)
@@ -165,11 +174,12 @@ def test_backward_equals_autograd_while_current_stats():
         b = mod.bias.detach().clone().requires_grad_()
         mod.weight.grad = mod.bias.grad = None
         y = mod(x)
-        gx, = torch.autograd.grad(y, x, dy, retain_graph=True)
+        (gx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
         y.backward(dy)
         x2 = x.detach().clone().requires_grad_()
-        y2 = w.view(1, -1, 1, 1) * x2 / torch.sqrt((x2 * x2).mean(dim=(0, 2, 3), keepdim=True) + mod.eps) \
-            + b.view(1, -1, 1, 1)
+        y2 = w.view(1, -1, 1, 1) * x2 / torch.sqrt(
+            (x2 * x2).mean(dim=(0, 2, 3), keepdim=True) + mod.eps
+        ) + b.view(1, -1, 1, 1)
         y2.backward(dy)
         _close(y, y2, 1e-12)
         _close(gx, x2.grad, 1e-10)
@@ -232,8 +242,12 @@ def test_official_style_matches_ours():
         ya, yb = ours(xa), off(xb)
         ya.backward(dy)
         yb.backward(dy)
-        for u, v in [(ya, yb), (xa.grad, xb.grad), (ours.weight.grad, off.weight.grad),
-                     (ours.bias.grad, off.bias.grad)]:
+        for u, v in [
+            (ya, yb),
+            (xa.grad, xb.grad),
+            (ours.weight.grad, off.weight.grad),
+            (ours.bias.grad, off.bias.grad),
+        ]:
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
         ours.weight.grad = ours.bias.grad = off.weight.grad = off.bias.grad = None
     for k, v in ours.state_dict().items():
@@ -242,11 +256,13 @@ def test_official_style_matches_ours():
 
 class _NoHostSync:
     """Make every host read of a tensor value raise (CPU stand-in for cuda sync debug mode)."""
+
     NAMES = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
     def __init__(self, monkeypatch):
         def boom(*a, **k):
             raise AssertionError("host read of a tensor value (a device sync on GPU)")
+
         for n in self.NAMES:
             monkeypatch.setattr(torch.Tensor, n, boom)
 
@@ -302,7 +318,8 @@ def test_autocast_keeps_stats_in_fp32():
     chi = (h.detach().float() ** 2).mean(dim=(0, 2, 3))
     torch.testing.assert_close(mod.buffer_x2[1], chi, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
-        y.float(), (h.float() / torch.sqrt(chi + mod.eps).view(1, -1, 1, 1)), rtol=2e-2, atol=2e-2)
+        y.float(), (h.float() / torch.sqrt(chi + mod.eps).view(1, -1, 1, 1)), rtol=2e-2, atol=2e-2
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 """Non-finite batches are skipped and undone: running statistics stay finite, training goes on."""
+
 import copy
 
 import pytest
@@ -6,12 +7,12 @@ import torch
 from torch import nn
 
 import d2norm  # noqa: I001  (before detectron2: the _C stand-in)
-from detectron2.engine import SimpleTrainer
-from detectron2.layers import Conv2d
-from detectron2.utils.events import EventStorage
 from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
 from d2norm.norms import build_norm
 
+from detectron2.engine import SimpleTrainer
+from detectron2.layers import Conv2d
+from detectron2.utils.events import EventStorage
 
 
 class _Toy(nn.Module):
@@ -50,9 +51,9 @@ def _train(model, batches, max_consecutive=20):
 def test_bad_batch_is_a_no_op(norm, bad_value):
     """A run with an extra non-finite batch ends in exactly the state of the run without it
     (parameters, optimizer-visible state, running stats, CBN history, MABN buffers)."""
-    from detectron2.config import get_cfg
-
     from d2norm.norms import norm_options_from_config
+
+    from detectron2.config import get_cfg
 
     cfg = d2norm.add_d2norm_config(get_cfg())
     cfg.D2NORM.CBN.BURNIN_ITERS = 1
@@ -179,10 +180,18 @@ def test_trainer_skips_nan_image_and_continues(tmp_path, data_root, norm):
 
     from d2norm.engine import Trainer
 
-    cfg = synthetic_cfg(norm, **{"D2NORM.DATA.ROOT": data_root, "SOLVER.MAX_ITER": 4,
-                                 "DATASETS.TEST": (), "D2NORM.CBN.BURNIN_ITERS": 1,
-                                 "D2NORM.MABN.WARMUP_ITERS": 1, "D2NORM.MABN.BUFFER_SIZE": 2,
-                                 "OUTPUT_DIR": str(tmp_path)})
+    cfg = synthetic_cfg(
+        norm,
+        **{
+            "D2NORM.DATA.ROOT": data_root,
+            "SOLVER.MAX_ITER": 4,
+            "DATASETS.TEST": (),
+            "D2NORM.CBN.BURNIN_ITERS": 1,
+            "D2NORM.MABN.WARMUP_ITERS": 1,
+            "D2NORM.MABN.BUFFER_SIZE": 2,
+            "OUTPUT_DIR": str(tmp_path),
+        },
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     inj = _Injector(iter(trainer._trainer._data_loader_iter), trainer.model, nan_at=2, empty_at=1)

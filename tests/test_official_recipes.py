@@ -10,6 +10,7 @@ site. A difference is allowed only where the table declares it with a justificat
 declared difference must exist. It also checks that the recipe header cites the published number
 and the per-GPU batch of the official run, and that every recipe citing a number is in the table.
 """
+
 import math
 import os
 import re
@@ -17,9 +18,8 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 import yaml
-from torch import nn
-
 from recipe_models import RECIPES, STAGES, built_model, call_sites, header, load, rel
+from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TABLE = os.path.join(HERE, "data", "official_recipes.yaml")
@@ -118,22 +118,42 @@ def _first_set(*values):
 _RULES = {
     # detectron2/solver/build.py: norm modules get WEIGHT_DECAY_NORM, then "bias" parameters
     # WEIGHT_DECAY_BIAS (None: unchanged) and BIAS_LR_FACTOR
-    "detectron2": lambda v: (v["norm_weight_decay"],
-                             _first_set(v["bias_weight_decay"], v["norm_weight_decay"]),
-                             _first_set(v["bias_weight_decay"], v["weight_decay"]),
-                             v["bias_lr_factor"]),
+    "detectron2": lambda v: (
+        v["norm_weight_decay"],
+        _first_set(v["bias_weight_decay"], v["norm_weight_decay"]),
+        _first_set(v["bias_weight_decay"], v["weight_decay"]),
+        v["bias_lr_factor"],
+    ),
     # Detectron optimizer.py: GN parameters WEIGHT_DECAY_GN; biases no decay at 2x LR
-    "detectron": lambda v: (v["norm_weight_decay"], v["norm_weight_decay"], v["bias_weight_decay"],
-                            v["bias_lr_factor"]),
+    "detectron": lambda v: (
+        v["norm_weight_decay"],
+        v["norm_weight_decay"],
+        v["bias_weight_decay"],
+        v["bias_lr_factor"],
+    ),
     # mmcv Runner: SGD(model.parameters(), weight_decay=...) -- every parameter alike
     "mmdet": lambda v: (v["weight_decay"], v["weight_decay"], v["weight_decay"], 1.0),
     # maskrcnn-benchmark solver/build.py: "bias" in the name -> WEIGHT_DECAY_BIAS, BIAS_LR_FACTOR
-    "maskrcnn_benchmark": lambda v: (v["weight_decay"], v["bias_weight_decay"], v["bias_weight_decay"],
-                                     v["bias_lr_factor"]),
+    "maskrcnn_benchmark": lambda v: (
+        v["weight_decay"],
+        v["bias_weight_decay"],
+        v["bias_weight_decay"],
+        v["bias_lr_factor"],
+    ),
 }
 
-_NORM_NAMES = {None: "", "": "", "FrozenBN": "FrozenBN", "AffineChannel": "FrozenBN", "BN": "BN",
-               "SyncBN": "SyncBN", "GN": "GN", "GN+ConvWS": "GN+WS", "CBN": "CBN", "MABN": "MABN"}
+_NORM_NAMES = {
+    None: "",
+    "": "",
+    "FrozenBN": "FrozenBN",
+    "AffineChannel": "FrozenBN",
+    "BN": "BN",
+    "SyncBN": "SyncBN",
+    "GN": "GN",
+    "GN+ConvWS": "GN+WS",
+    "CBN": "CBN",
+    "MABN": "MABN",
+}
 
 
 def _d2norm_name(values, site):
@@ -208,17 +228,44 @@ def expected_config(exp):
 def actual_config(cfg):
     """The same keys read from a recipe's effective config (effective optimizer values)."""
     out = {}
-    for key in ("MODEL.MASK_ON", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.NUM_GROUPS",
-                "MODEL.RESNETS.WIDTH_PER_GROUP", "MODEL.WEIGHTS", "MODEL.RESNETS.NORM", "MODEL.FPN.NORM",
-                "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.NUM_CONV", "MODEL.ROI_BOX_HEAD.NUM_FC",
-                "MODEL.ROI_MASK_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NUM_CONV", "MODEL.BACKBONE.FREEZE_AT",
-                "MODEL.RESNETS.STRIDE_IN_1X1", "INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD",
-                "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN", "SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY",
-                "TEST.PRECISE_BN.ENABLED", "SOLVER.CLIP_GRADIENTS.ENABLED", "SOLVER.IMS_PER_BATCH",
-                "SOLVER.WEIGHT_DECAY_NORM", "SOLVER.BIAS_LR_FACTOR", "SOLVER.MAX_ITER", "SOLVER.STEPS",
-                "D2NORM.GN.NUM_GROUPS", "D2NORM.WS.CONVENTION", "D2NORM.WS.EPS", "D2NORM.CBN.BUFFER_SIZE",
-                "D2NORM.CBN.BURNIN_ITERS", "D2NORM.MABN.BUFFER_SIZE", "D2NORM.MABN.MOMENTUM",
-                "D2NORM.MABN.WARMUP_ITERS"):
+    for key in (
+        "MODEL.MASK_ON",
+        "MODEL.RESNETS.DEPTH",
+        "MODEL.RESNETS.NUM_GROUPS",
+        "MODEL.RESNETS.WIDTH_PER_GROUP",
+        "MODEL.WEIGHTS",
+        "MODEL.RESNETS.NORM",
+        "MODEL.FPN.NORM",
+        "MODEL.ROI_BOX_HEAD.NORM",
+        "MODEL.ROI_BOX_HEAD.NUM_CONV",
+        "MODEL.ROI_BOX_HEAD.NUM_FC",
+        "MODEL.ROI_MASK_HEAD.NORM",
+        "MODEL.ROI_MASK_HEAD.NUM_CONV",
+        "MODEL.BACKBONE.FREEZE_AT",
+        "MODEL.RESNETS.STRIDE_IN_1X1",
+        "INPUT.FORMAT",
+        "MODEL.PIXEL_MEAN",
+        "MODEL.PIXEL_STD",
+        "INPUT.MIN_SIZE_TRAIN",
+        "INPUT.MAX_SIZE_TRAIN",
+        "SOLVER.BASE_LR",
+        "SOLVER.WEIGHT_DECAY",
+        "TEST.PRECISE_BN.ENABLED",
+        "SOLVER.CLIP_GRADIENTS.ENABLED",
+        "SOLVER.IMS_PER_BATCH",
+        "SOLVER.WEIGHT_DECAY_NORM",
+        "SOLVER.BIAS_LR_FACTOR",
+        "SOLVER.MAX_ITER",
+        "SOLVER.STEPS",
+        "D2NORM.GN.NUM_GROUPS",
+        "D2NORM.WS.CONVENTION",
+        "D2NORM.WS.EPS",
+        "D2NORM.CBN.BUFFER_SIZE",
+        "D2NORM.CBN.BURNIN_ITERS",
+        "D2NORM.MABN.BUFFER_SIZE",
+        "D2NORM.MABN.MOMENTUM",
+        "D2NORM.MABN.WARMUP_ITERS",
+    ):
         node = cfg
         for part in key.split("."):
             node = node[part]
@@ -226,8 +273,9 @@ def actual_config(cfg):
     s = cfg.SOLVER
     out["SOLVER.WEIGHT_DECAY_BIAS"] = s.WEIGHT_DECAY if s.WEIGHT_DECAY_BIAS is None else s.WEIGHT_DECAY_BIAS
     # detectron2 applies the "bias" override after the norm one
-    out["weight decay of norm beta"] = (s.WEIGHT_DECAY_NORM if s.WEIGHT_DECAY_BIAS is None
-                                        else s.WEIGHT_DECAY_BIAS)
+    out["weight decay of norm beta"] = (
+        s.WEIGHT_DECAY_NORM if s.WEIGHT_DECAY_BIAS is None else s.WEIGHT_DECAY_BIAS
+    )
     return out
 
 
@@ -280,14 +328,28 @@ def test_header_cites_the_number_and_the_official_batch_split(name, recipe):
 
 # ------------------------------------------------------------------------------ built models
 def _norm_classes():
+    from d2norm.layers import (
+        CrossIterationBatchNorm2d,
+        FrozenStatisticsBatchNorm2d,
+        GroupNorm,
+        GroupNormWS,
+        MovingAverageBatchNorm2d,
+        SyncBatchNorm2d,
+    )
+
     from detectron2.layers import FrozenBatchNorm2d
 
-    from d2norm.layers import (CrossIterationBatchNorm2d, FrozenStatisticsBatchNorm2d, GroupNorm,
-                               GroupNormWS, MovingAverageBatchNorm2d, SyncBatchNorm2d)
-
-    return {"": None, "FrozenBN": FrozenBatchNorm2d, "BN": nn.BatchNorm2d, "SyncBN": SyncBatchNorm2d,
-            "GN": GroupNorm, "GN+WS": GroupNormWS, "CBN": CrossIterationBatchNorm2d,
-            "MABN": MovingAverageBatchNorm2d, "FrozenStatsBN": FrozenStatisticsBatchNorm2d}
+    return {
+        "": None,
+        "FrozenBN": FrozenBatchNorm2d,
+        "BN": nn.BatchNorm2d,
+        "SyncBN": SyncBatchNorm2d,
+        "GN": GroupNorm,
+        "GN+WS": GroupNormWS,
+        "CBN": CrossIterationBatchNorm2d,
+        "MABN": MovingAverageBatchNorm2d,
+        "FrozenStatsBN": FrozenStatisticsBatchNorm2d,
+    }
 
 
 # norms detectron2's freeze (and d2norm's preparation pass) turn into FrozenBN in frozen stages
@@ -303,8 +365,11 @@ def test_built_model_has_the_official_norm_at_every_site(name):
     want = expected_config(exp)
     model = built_model(load(exp["recipes"][0]))
     freeze_at = want["MODEL.BACKBONE.FREEZE_AT"]
-    site_norm = {"fpn": want["MODEL.FPN.NORM"], "box_head": want["MODEL.ROI_BOX_HEAD.NORM"],
-                 "mask_head": want.get("MODEL.ROI_MASK_HEAD.NORM")}
+    site_norm = {
+        "fpn": want["MODEL.FPN.NORM"],
+        "box_head": want["MODEL.ROI_BOX_HEAD.NORM"],
+        "mask_head": want.get("MODEL.ROI_MASK_HEAD.NORM"),
+    }
     counts = {}
     for site, conv in call_sites(model):
         if site == "mask_head" and site_norm["mask_head"] is None:
@@ -318,7 +383,8 @@ def test_built_model_has_the_official_norm_at_every_site(name):
         got = getattr(conv, "norm", None)
         expected_cls = classes[norm]
         assert (got is None) if expected_cls is None else type(got) is expected_cls, (
-            f"{name}: {site} conv has {type(got).__name__}, official {norm or 'no norm'}")
+            f"{name}: {site} conv has {type(got).__name__}, official {norm or 'no norm'}"
+        )
         counts[site] = counts.get(site, 0) + 1
     assert counts.get("box_head", 0) == want["MODEL.ROI_BOX_HEAD.NUM_CONV"]
     if want.get("MODEL.ROI_MASK_HEAD.NUM_CONV"):

@@ -3,8 +3,10 @@
 The reference is detectron2's own ``get_default_optimizer_params`` on models whose norms it
 knows (BN, GN), and the config values for the d2norm norms it does not know (CBN, MABN).
 """
+
 import pytest
 import torch
+from helpers import synthetic_cfg
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -12,8 +14,6 @@ import d2norm
 from d2norm.engine import Trainer
 from d2norm.layers import CrossIterationBatchNorm2d, CycleNormList, MovingAverageBatchNorm2d
 from d2norm.optim import get_param_groups
-
-from helpers import synthetic_cfg
 
 
 def _by_param(groups):
@@ -54,8 +54,11 @@ def test_cbn_mabn_norm_parameters_get_weight_decay_norm(name):
     for m in norms:
         assert settings[id(m.weight)]["weight_decay"] == 0.0
         assert settings[id(m.bias)]["weight_decay"] == 0.0
-    conv_weights = [m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight")
-                    else m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    conv_weights = [
+        m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     assert len(conv_weights) > 10
     assert all(settings[id(p)]["weight_decay"] == 1e-4 for p in conv_weights)
     assert all(s["lr"] == cfg.SOLVER.BASE_LR for s in settings.values())
@@ -66,8 +69,9 @@ def test_per_level_copies_and_shared_affine_count_once_as_norm_parameters():
     from detectron2.layers.batch_norm import CycleBatchNormList
 
     cbn = CycleNormList.of(CrossIterationBatchNorm2d(4), 3)
-    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), cbn, nn.Conv2d(4, 4, 1),
-                        CycleBatchNormList(3, num_features=4))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1, bias=False), cbn, nn.Conv2d(4, 4, 1), CycleBatchNormList(3, num_features=4)
+    )
     settings = _by_param(get_param_groups(net, base_lr=0.1, weight_decay=1e-4, weight_decay_norm=0.0))
     assert len(settings) == 2 + 1 + 2 + 2  # tied gamma/beta once; conv w; conv w, b; list's affine
     for p in (cbn[0].weight, cbn[2].bias, net[3].weight, net[3].bias):

@@ -1,4 +1,5 @@
 """d2norm.patches: every change to detectron2 is listed, idempotent, and undone where scoped."""
+
 import ast
 import os
 import re
@@ -18,18 +19,30 @@ def _detectron2_state():
     import detectron2.engine.defaults as defaults
     from detectron2.utils import comm
 
-    get_norms = {n: m.__dict__.get("get_norm") for n, m in list(sys.modules.items())
-                 if m is not None and n.startswith("detectron2") and "get_norm" in m.__dict__}
+    get_norms = {
+        n: m.__dict__.get("get_norm")
+        for n, m in list(sys.modules.items())
+        if m is not None and n.startswith("detectron2") and "get_norm" in m.__dict__
+    }
     export = {n: m for n, m in sys.modules.items() if n.startswith("detectron2.export")}
-    return {"_C": sys.modules.get("detectron2._C"), "get_norm": get_norms,
-            "ddp": defaults.create_ddp_model, "local_group": comm._LOCAL_PROCESS_GROUP,
-            "export": export}
+    return {
+        "_C": sys.modules.get("detectron2._C"),
+        "get_norm": get_norms,
+        "ddp": defaults.create_ddp_model,
+        "local_group": comm._LOCAL_PROCESS_GROUP,
+        "export": export,
+    }
 
 
 def test_the_list_names_every_patch_once():
     names = [p.name for p in patches.PATCHES]
-    assert names == ["compiled_ops_standin", "get_norm", "create_ddp_model", "local_process_group",
-                     "tracing_adapter_import"]
+    assert names == [
+        "compiled_ops_standin",
+        "get_norm",
+        "create_ddp_model",
+        "local_process_group",
+        "tracing_adapter_import",
+    ]
     for p in patches.PATCHES:
         assert p.why and p.target and p.scope
         assert callable(p.apply) and callable(p.is_applied)
@@ -43,8 +56,7 @@ def test_import_applies_only_what_a_build_needs():
         assert not by_name[name].is_applied(), name
     # the stand-in exactly when detectron2 cannot import without it
     standin = by_name["compiled_ops_standin"].is_applied()
-    assert standin == (sys.modules.get("detectron2._C") is not None
-                       and not d2norm.compiled_ops_available())
+    assert standin == (sys.modules.get("detectron2._C") is not None and not d2norm.compiled_ops_available())
 
 
 def test_import_process_wide_patches_are_idempotent():
@@ -63,8 +75,11 @@ def test_get_norm_patch_is_undone_and_redone():
         assert "detectron2.layers.batch_norm" in restored
         assert "detectron2.modeling.backbone.resnet" in restored
         assert bn.get_norm is norms.detectron2_get_norm and resnet.get_norm is norms.detectron2_get_norm
-        assert not [n for n, m in list(sys.modules.items()) if n.startswith("detectron2") and m is not None
-                    and m.__dict__.get("get_norm") is norms.get_norm]
+        assert not [
+            n
+            for n, m in list(sys.modules.items())
+            if n.startswith("detectron2") and m is not None and m.__dict__.get("get_norm") is norms.get_norm
+        ]
         assert patches.unpatch_get_norm() == []
     finally:
         assert sorted(patches.patch_get_norm()) == sorted(restored)
@@ -91,6 +106,7 @@ def test_ddp_swap_is_scoped_and_restored_on_error():
 
 def test_local_process_group_is_reset(tmp_path):
     import torch.distributed as dist
+
     from detectron2.utils import comm
 
     if dist.is_initialized():
@@ -157,8 +173,17 @@ def test_checkpoint_imports_weights_not_the_reverse():
     assert "d2norm.checkpoint" not in graph["d2norm.weights"]
 
 
-@pytest.mark.parametrize("module", ["d2norm.checkpoint", "d2norm.weights", "d2norm.patches",
-                                    "d2norm.norms", "d2norm.engine.trainer", "d2norm.engine.guards"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "d2norm.checkpoint",
+        "d2norm.weights",
+        "d2norm.patches",
+        "d2norm.norms",
+        "d2norm.engine.trainer",
+        "d2norm.engine.guards",
+    ],
+)
 def test_no_import_cycle_through(module):
     graph = _package_imports()
     seen, stack = set(), [(dep, (module, dep)) for dep in graph.get(module, ())]

@@ -5,19 +5,25 @@ output channel in float64 from the raw conv weight, a frozen BN's eval map in fl
 training steps. Models: RetinaNet (norms in an nn.Sequential, applied once per FPN level), RegNet
 (conv child then ``*_bn`` child), user modules, and the synthetic Mask R-CNN recipe.
 """
+
 import copy
 import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import synthetic_cfg
 from torch import nn
 
 import d2norm
-from d2norm.layers import (BatchNormWS, CrossIterationBatchNorm2d, CycleNormList, GroupNormWS,
-                           MovingAverageBatchNorm2d, SyncBatchNorm2d)
-
-from helpers import synthetic_cfg
+from d2norm.layers import (
+    BatchNormWS,
+    CrossIterationBatchNorm2d,
+    CycleNormList,
+    GroupNormWS,
+    MovingAverageBatchNorm2d,
+    SyncBatchNorm2d,
+)
 
 
 def _ws64(w, eps=1e-5):
@@ -108,8 +114,9 @@ def test_retinanet_head_norms_are_prepared_and_train(name):
     for conv, norm in pairs:
         if name == "GN+WS":  # stateless: one shared layer, WS on the conv
             assert isinstance(norm, GroupNormWS) and norm.num_groups == 32
-            torch.testing.assert_close(conv.weight.detach().double().flatten(1),
-                                       _ws64(_raw_weight(conv)), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                conv.weight.detach().double().flatten(1), _ws64(_raw_weight(conv)), rtol=1e-5, atol=1e-6
+            )
             continue
         # stateful: one copy per level, shared gamma/beta, the conv's zero bias removed
         assert isinstance(norm, CycleNormList) and len(norm) == LEVELS
@@ -119,12 +126,13 @@ def test_retinanet_head_norms_are_prepared_and_train(name):
             assert all(isinstance(c, CrossIterationBatchNorm2d) and c.bound_conv is conv for c in norm)
         else:
             assert all(isinstance(c, MovingAverageBatchNorm2d) for c in norm)
-            torch.testing.assert_close(conv.weight.detach().double().flatten(1),
-                                       _center64(_raw_weight(conv)), rtol=0, atol=1e-7)
+            torch.testing.assert_close(
+                conv.weight.detach().double().flatten(1), _center64(_raw_weight(conv)), rtol=0, atol=1e-7
+            )
     steps = 3
     losses = _train(model, steps)
     assert all(torch.isfinite(torch.tensor(losses)))
-    for conv, norm in pairs:
+    for _conv, norm in pairs:
         if name == "GN+WS":
             continue
         # each level's state advanced once per step
@@ -154,8 +162,7 @@ def test_retinanet_gn_head_builds_with_the_configured_groups():
     cfg = _retinanet_cfg("GN")
     model = d2norm.build_model(cfg)
     gns = [n for _, n in _head_pairs(model)]
-    assert all(type(n).__name__ == "GroupNorm" and n.num_groups == 32 and n.num_channels == 64
-               for n in gns)
+    assert all(type(n).__name__ == "GroupNorm" and n.num_groups == 32 and n.num_channels == 64 for n in gns)
 
 
 def test_gn_layer_with_fewer_channels_than_groups_refuses_with_a_true_message():
@@ -172,18 +179,28 @@ def test_gn_layer_with_fewer_channels_than_groups_refuses_with_a_true_message():
 
 # ------------------------------------------------------------------ RegNet and user modules
 def _regnet(norm, freeze_at=0):
+    from d2norm.norms import norm_options_from_config
+
     from detectron2.config import get_cfg
     from detectron2.modeling.backbone.regnet import RegNet, ResBottleneckBlock, SimpleStem
-
-    from d2norm.norms import norm_options_from_config
 
     cfg = get_cfg()
     d2norm.add_d2norm_config(cfg)
     cfg.D2NORM.GN.NUM_GROUPS = 8
     with norm_options_from_config(cfg):
-        net = RegNet(stem_class=SimpleStem, stem_width=16, block_class=ResBottleneckBlock, depth=3,
-                     w_a=8, w_0=16, w_m=2, group_width=8, norm=norm, out_features=["s1", "s2"],
-                     freeze_at=freeze_at)
+        net = RegNet(
+            stem_class=SimpleStem,
+            stem_width=16,
+            block_class=ResBottleneckBlock,
+            depth=3,
+            w_a=8,
+            w_0=16,
+            w_m=2,
+            group_width=8,
+            norm=norm,
+            out_features=["s1", "s2"],
+            freeze_at=freeze_at,
+        )
     return d2norm.prepare_model(net)
 
 
@@ -209,11 +226,13 @@ def test_regnet_blocks_are_prepared_and_train(name):
     assert len(pairs) == 12
     for conv, norm in pairs:
         if name == "GN+WS":
-            torch.testing.assert_close(conv.weight.detach().double().flatten(1),
-                                       _ws64(_raw_weight(conv)), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                conv.weight.detach().double().flatten(1), _ws64(_raw_weight(conv)), rtol=1e-5, atol=1e-6
+            )
         elif name == "MABN":
-            torch.testing.assert_close(conv.weight.detach().double().flatten(1),
-                                       _center64(_raw_weight(conv)), rtol=0, atol=1e-7)
+            torch.testing.assert_close(
+                conv.weight.detach().double().flatten(1), _center64(_raw_weight(conv)), rtol=0, atol=1e-7
+            )
         else:
             assert norm.bound_conv is conv
     net.train()
@@ -235,8 +254,9 @@ def test_regnet_frozen_stages_keep_weight_standardization():
     live = [(c, n) for c, n in _regnet_pairs(net) if isinstance(n, BatchNormWS)]
     assert len(frozen) == 5 and len(live) == 7
     for conv, _ in frozen + live:
-        torch.testing.assert_close(conv.weight.detach().double().flatten(1),
-                                   _ws64(_raw_weight(conv)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            conv.weight.detach().double().flatten(1), _ws64(_raw_weight(conv)), rtol=1e-5, atol=1e-6
+        )
 
 
 class _ConvThenNorm(nn.Module):
@@ -292,8 +312,11 @@ def test_user_module_conv_then_norm(name):
 def test_norm_applied_to_another_tensor_fails_at_the_first_training_forward(name):
     net = nn.Sequential(_ConvThenNorm(name, wrong_input=True))
     d2norm.prepare_model(net)
-    with pytest.raises(RuntimeError, match=r"at '0.norm' was linked to the conv at '0.conv'.*not that "
-                                           r"conv's output"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"at '0.norm' was linked to the conv at '0.conv'.*not that "
+        r"conv's output",
+    ):
         net(torch.randn(2, 3, 8, 8))
 
 
@@ -377,7 +400,8 @@ def test_bn_ws_frozen_stages_keep_weight_standardization_float64():
     w = _ws64(_raw_weight(stem)).view_as(stem.weight)
     z = F.conv2d(x.double(), w, stride=2, padding=3)
     ref = (z - fbn.running_mean.double().view(1, -1, 1, 1)) / torch.sqrt(
-        fbn.running_var.double().view(1, -1, 1, 1) + fbn.eps)
+        fbn.running_var.double().view(1, -1, 1, 1) + fbn.eps
+    )
     ref = ref * fbn.weight.double().view(1, -1, 1, 1) + fbn.bias.double().view(1, -1, 1, 1)
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     # a plain "<conv>.weight" key still loads into the frozen, parametrized stem conv
@@ -392,8 +416,10 @@ def _two_layer_net(name):
 
     c = 32
     return nn.Sequential(
-        Conv2d(3, c, 3, padding=1, bias=False, norm=_get_norm(name, c)), nn.ReLU(),
-        Conv2d(c, c, 3, padding=1, bias=False, norm=_get_norm(name, c)))
+        Conv2d(3, c, 3, padding=1, bias=False, norm=_get_norm(name, c)),
+        nn.ReLU(),
+        Conv2d(c, c, 3, padding=1, bias=False, norm=_get_norm(name, c)),
+    )
 
 
 @pytest.mark.parametrize("name", ["BN", "SyncBN", "BN+WS", "CBN", "MABN"])
@@ -417,15 +443,24 @@ def test_convert_frozen_norms_every_norm(name):
         n = conv.norm
         raw = _raw_weight(conv) if name in ("BN+WS", "MABN") else conv.weight
         mean = getattr(n, "running_mean", None)
-        saved.append((raw.detach().clone(), n.weight.detach().clone(), n.bias.detach().clone(),
-                      None if mean is None else mean.clone(), n.running_var.detach().clone().flatten(),
-                      n.eps))
+        saved.append(
+            (
+                raw.detach().clone(),
+                n.weight.detach().clone(),
+                n.bias.detach().clone(),
+                None if mean is None else mean.clone(),
+                n.running_var.detach().clone().flatten(),
+                n.eps,
+            )
+        )
     out = d2norm.convert_frozen_norms(net)
     assert out is net
     assert all(isinstance(c.norm, FrozenBatchNorm2d) for c in convs)
     assert not any(p.requires_grad for c in convs for p in c.norm.parameters())
-    assert not any(isinstance(m, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, nn.BatchNorm2d,
-                                  BatchNormWS)) for m in net.modules())
+    assert not any(
+        isinstance(m, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, nn.BatchNorm2d, BatchNormWS))
+        for m in net.modules()
+    )
 
     x = torch.randn(2, 3, 6, 6)
     ref = x.double()

@@ -10,19 +10,36 @@ the grid ("none published") of a family with one published setting (CBN, MABN, G
 1x SyncBN / GN of the CBN paper) must keep that setting's norm-specific keys. Models are built on
 CPU without weights, once per distinct architecture.
 """
+
 import functools
 import os
 import re
 
 import pytest
+from recipe_models import (
+    RECIPES,
+    STAGES,
+    built_model,
+    call_sites,
+    header,
+    load,
+    rel,
+    structure_key,
+    structure_only_init,
+)
 from torch import nn
 
-from recipe_models import (RECIPES, STAGES, built_model, call_sites, header, load, rel,
-                           structure_key, structure_only_init)
-
-from d2norm.layers import (BatchRenorm2d, CrossIterationBatchNorm2d, EvoNormS0, FilterResponseNorm2d,
-                           FrozenStatisticsBatchNorm2d, GroupNorm, GroupNormWS, MovingAverageBatchNorm2d,
-                           SyncBatchNorm2d)
+from d2norm.layers import (
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    EvoNormS0,
+    FilterResponseNorm2d,
+    FrozenStatisticsBatchNorm2d,
+    GroupNorm,
+    GroupNormWS,
+    MovingAverageBatchNorm2d,
+    SyncBatchNorm2d,
+)
 from d2norm.layers.weight_transforms import (
     WeightCentralization,
     WeightStandardization,
@@ -34,20 +51,49 @@ _COCO_NAME = re.compile(
     r"X_101_32x4d)_FPN_(?P<sched>\d+x|20_23_24e)"
     r"(?:_(?P<norm>syncbn|gn_ws|gn_contrib|gn|cbn|mabn|bn|frozenstatsbn))?\.yaml$"
 )
-_SYNTH_NAME = re.compile(
-    r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm)\.yaml$")
-_NORM_OF_SUFFIX = {None: "FrozenBN", "syncbn": "SyncBN", "gn": "GN", "gn_contrib": "GN",
-                   "gn_ws": "GN+WS", "cbn": "CBN", "mabn": "MABN", "bn": "BN",
-                   "frozenstatsbn": "FrozenStatsBN",
-                   "BN": "BN", "CBN": "CBN", "GN": "GN", "GN_WS": "GN+WS", "MABN": "MABN",
-                   "SyncBN": "SyncBN", "BRN": "BRN", "FRN": "FRN", "EvoNorm": "EvoNorm-S0"}
-_BACKBONE = {"R_18": (18, 1, 64), "R_50": (50, 1, 64), "R_101": (101, 1, 64),
-             "X_101_32x8d": (101, 32, 8), "X_50_32x4d": (50, 32, 4), "X_101_32x4d": (101, 32, 4)}
+_SYNTH_NAME = re.compile(r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm)\.yaml$")
+_NORM_OF_SUFFIX = {
+    None: "FrozenBN",
+    "syncbn": "SyncBN",
+    "gn": "GN",
+    "gn_contrib": "GN",
+    "gn_ws": "GN+WS",
+    "cbn": "CBN",
+    "mabn": "MABN",
+    "bn": "BN",
+    "frozenstatsbn": "FrozenStatsBN",
+    "BN": "BN",
+    "CBN": "CBN",
+    "GN": "GN",
+    "GN_WS": "GN+WS",
+    "MABN": "MABN",
+    "SyncBN": "SyncBN",
+    "BRN": "BRN",
+    "FRN": "FRN",
+    "EvoNorm": "EvoNorm-S0",
+}
+_BACKBONE = {
+    "R_18": (18, 1, 64),
+    "R_50": (50, 1, 64),
+    "R_101": (101, 1, 64),
+    "X_101_32x8d": (101, 32, 8),
+    "X_50_32x4d": (50, 32, 4),
+    "X_101_32x4d": (101, 32, 4),
+}
 _EPOCH_SCHEDULES = {"20_23_24e": 2}  # 24 epochs: the iterations of a 2x schedule
-_NORM_TYPE = {"": None, "BN": nn.BatchNorm2d, "SyncBN": SyncBatchNorm2d, "GN": GroupNorm,
-              "GN+WS": GroupNormWS, "CBN": CrossIterationBatchNorm2d,
-              "MABN": MovingAverageBatchNorm2d, "FrozenStatsBN": FrozenStatisticsBatchNorm2d,
-              "BRN": BatchRenorm2d, "FRN": FilterResponseNorm2d, "EvoNorm-S0": EvoNormS0}
+_NORM_TYPE = {
+    "": None,
+    "BN": nn.BatchNorm2d,
+    "SyncBN": SyncBatchNorm2d,
+    "GN": GroupNorm,
+    "GN+WS": GroupNormWS,
+    "CBN": CrossIterationBatchNorm2d,
+    "MABN": MovingAverageBatchNorm2d,
+    "FrozenStatsBN": FrozenStatisticsBatchNorm2d,
+    "BRN": BatchRenorm2d,
+    "FRN": FilterResponseNorm2d,
+    "EvoNorm-S0": EvoNormS0,
+}
 # norms that detectron2's freeze (and d2norm's preparation pass) turn into FrozenBN
 _FROZEN_TO_FROZENBN = ("FrozenBN", "BN", "SyncBN", "CBN", "MABN", "FrozenStatsBN", "BRN")
 # families with one published setting, which their grid recipes keep: (norm, schedule)
@@ -72,12 +118,26 @@ def _expected_from_name(path):
     if folder == "synthetic":
         m = _SYNTH_NAME.match(name)
         assert m, f"{folder}/{name}: not a recipe name of the form mask_rcnn_R_18_FPN_<NORM>.yaml"
-        return dict(norm=_NORM_OF_SUFFIX[m["norm"]], mask=True, backbone="R_18", sched=None,
-                    scratch=True, coco=False, suffix=m["norm"])
+        return dict(
+            norm=_NORM_OF_SUFFIX[m["norm"]],
+            mask=True,
+            backbone="R_18",
+            sched=None,
+            scratch=True,
+            coco=False,
+            suffix=m["norm"],
+        )
     m = _COCO_NAME.match(name)
     assert m, f"{folder}/{name}: not a detectron2-style recipe name"
-    return dict(norm=_NORM_OF_SUFFIX[m["norm"]], mask=m["arch"] == "mask", backbone=m["bb"],
-                sched=m["sched"], scratch=bool(m["scratch"]), coco=True, suffix=m["norm"])
+    return dict(
+        norm=_NORM_OF_SUFFIX[m["norm"]],
+        mask=m["arch"] == "mask",
+        backbone=m["bb"],
+        sched=m["sched"],
+        scratch=bool(m["scratch"]),
+        coco=True,
+        suffix=m["norm"],
+    )
 
 
 def _cites_a_number(path):
@@ -116,8 +176,14 @@ def test_recipe_set_is_complete():
             assert name in names, name
     for arch, folder in (("mask", "COCO-InstanceSegmentation"), ("faster", "COCO-Detection")):
         for bb in ("R_50", "R_101", "X_101_32x8d"):
-            for suffix, scheds in (("", "123"), ("_syncbn", "123"), ("_gn", "123"),
-                                   ("_gn_ws", "1"), ("_cbn", "1"), ("_mabn", "2")):
+            for suffix, scheds in (
+                ("", "123"),
+                ("_syncbn", "123"),
+                ("_gn", "123"),
+                ("_gn_ws", "1"),
+                ("_cbn", "1"),
+                ("_mabn", "2"),
+            ):
                 for s in scheds:
                     name = f"{folder}/{arch}_rcnn_{bb}_FPN_{s}x{suffix}.yaml"
                     assert name in names, name
@@ -153,11 +219,25 @@ def _check_input_conventions(path, cfg, exp):
         assert list(M.PIXEL_STD) == [57.375, 57.120, 58.395]
 
 
-_SETTING_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
-                 "MODEL.ROI_BOX_HEAD.NUM_CONV", "MODEL.ROI_BOX_HEAD.NUM_FC", "MODEL.BACKBONE.FREEZE_AT",
-                 "INPUT.FORMAT", "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN", "SOLVER.IMS_PER_BATCH",
-                 "SOLVER.STEPS", "SOLVER.MAX_ITER", "SOLVER.WEIGHT_DECAY_NORM",
-                 "SOLVER.WEIGHT_DECAY_BIAS", "SOLVER.BIAS_LR_FACTOR", "TEST.PRECISE_BN.ENABLED", "D2NORM")
+_SETTING_KEYS = (
+    "MODEL.RESNETS.NORM",
+    "MODEL.FPN.NORM",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "MODEL.ROI_BOX_HEAD.NUM_FC",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "INPUT.FORMAT",
+    "INPUT.MIN_SIZE_TRAIN",
+    "INPUT.MAX_SIZE_TRAIN",
+    "SOLVER.IMS_PER_BATCH",
+    "SOLVER.STEPS",
+    "SOLVER.MAX_ITER",
+    "SOLVER.WEIGHT_DECAY_NORM",
+    "SOLVER.WEIGHT_DECAY_BIAS",
+    "SOLVER.BIAS_LR_FACTOR",
+    "TEST.PRECISE_BN.ENABLED",
+    "D2NORM",
+)
 
 
 def _get(cfg, key):
@@ -169,8 +249,11 @@ def _get(cfg, key):
 def _cited_sibling(exp):
     """The R-50 recipe of the same norm and schedule that cites a number (mask first)."""
     for arch, folder in (("mask", "COCO-InstanceSegmentation"), ("faster", "COCO-Detection")):
-        path = os.path.join(os.path.dirname(os.path.dirname(RECIPES[0])), folder,
-                            f"{arch}_rcnn_R_50_FPN_{exp['sched']}_{exp['suffix']}.yaml")
+        path = os.path.join(
+            os.path.dirname(os.path.dirname(RECIPES[0])),
+            folder,
+            f"{arch}_rcnn_R_50_FPN_{exp['sched']}_{exp['suffix']}.yaml",
+        )
         if os.path.exists(path) and _cites_a_number(path):
             return path
     raise AssertionError(f"no cited R-50 recipe for {exp}")
@@ -191,8 +274,11 @@ def test_recipe_config_matches_its_name(path):
         assert M.RESNETS.WIDTH_PER_GROUP == width
     heads = (M.FPN.NORM, M.ROI_BOX_HEAD.NORM, M.ROI_MASK_HEAD.NORM)
     # the CBN paper's setting: BN with frozen statistics in the backbone, the norm in FPN + heads
-    cbn_paper = exp["coco"] and not exp["scratch"] and (
-        norm == "FrozenStatsBN" or (exp["sched"] == "1x" and norm in ("SyncBN", "GN", "CBN")))
+    cbn_paper = (
+        exp["coco"]
+        and not exp["scratch"]
+        and (norm == "FrozenStatsBN" or (exp["sched"] == "1x" and norm in ("SyncBN", "GN", "CBN")))
+    )
     if norm == "FrozenBN":  # BN*: detectron2's baseline layout
         assert M.RESNETS.NORM == "FrozenBN" and heads == ("", "", "")
     elif cbn_paper:
@@ -230,8 +316,11 @@ def _torchvision_stage_blocks(depth, groups):
     """Blocks per stage of torchvision's ResNet / ResNeXt of this depth (reference)."""
     import torchvision
 
-    build = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50,
-             101: torchvision.models.resnet101}[depth]
+    build = {
+        18: torchvision.models.resnet18,
+        50: torchvision.models.resnet50,
+        101: torchvision.models.resnet101,
+    }[depth]
     with structure_only_init():
         tv = build(groups=groups, width_per_group=64 if groups == 1 else 4) if depth >= 50 else build()
     return tuple(len(getattr(tv, f"layer{i}")) for i in (1, 2, 3, 4))
@@ -262,14 +351,15 @@ def _check_model(cfg, model, exp):
     for idx, stage in enumerate(STAGES):
         frozen = idx < freeze_at
         assert all(p.requires_grad != frozen for p in getattr(bottom_up, stage).parameters()), stage
-    assert tuple(len(getattr(bottom_up, f"res{i}")) for i in (2, 3, 4, 5)) == \
-        _torchvision_stage_blocks(depth, groups)
+    assert tuple(len(getattr(bottom_up, f"res{i}")) for i in (2, 3, 4, 5)) == _torchvision_stage_blocks(
+        depth, groups
+    )
     if depth >= 50:  # bottleneck blocks: groups and widths (ResNeXt: grouped 3x3 convs)
         for s, stage in enumerate(["res2", "res3", "res4", "res5"]):
             for block in getattr(bottom_up, stage):
                 assert block.conv2.groups == groups
-                assert block.conv2.out_channels == groups * width * 2 ** s
-                assert block.conv2.weight.shape[1] == width * 2 ** s
+                assert block.conv2.out_channels == groups * width * 2**s
+                assert block.conv2.weight.shape[1] == width * 2**s
         stride_in_1x1 = M.RESNETS.STRIDE_IN_1X1
         assert bottom_up.res3[0].conv1.stride == ((2, 2) if stride_in_1x1 else (1, 1))
         assert bottom_up.res3[0].conv2.stride == ((1, 1) if stride_in_1x1 else (2, 2))
@@ -296,8 +386,7 @@ def _check_model(cfg, model, exp):
             assert t is None
         if isinstance(n, CrossIterationBatchNorm2d):
             assert n.bound_conv is conv
-            assert (n.buffer_size, n.burnin) == (cfg.D2NORM.CBN.BUFFER_SIZE,
-                                                 cfg.D2NORM.CBN.BURNIN_ITERS)
+            assert (n.buffer_size, n.burnin) == (cfg.D2NORM.CBN.BUFFER_SIZE, cfg.D2NORM.CBN.BURNIN_ITERS)
         if isinstance(n, nn.GroupNorm):
             assert n.num_groups == cfg.D2NORM.GN.NUM_GROUPS
 

@@ -1,6 +1,7 @@
 """BRN, FRN + TLU and EvoNorm-S0 against float64 references written from the papers
 (d2norm/testing/renorm_frn_evonorm_reference.py), their call-site preparation, folding,
 checkpointed state and errors."""
+
 import copy
 
 import pytest
@@ -40,8 +41,16 @@ BRN_KW = dict(r_max=1.5, d_max=0.5, ramp_start=2, r_max_end=9, d_max_end=6, mome
 def _brn_pair(**kw):
     o = dict(BRN_KW, **kw)
     mod = BatchRenorm2d(SHAPE[1], **o).to(F64)
-    ref = BatchRenormReference(SHAPE[1], o["r_max"], o["d_max"], o["ramp_start"], o["r_max_end"],
-                               o["d_max_end"], o["momentum"], o["eps"])
+    ref = BatchRenormReference(
+        SHAPE[1],
+        o["r_max"],
+        o["d_max"],
+        o["ramp_start"],
+        o["r_max_end"],
+        o["d_max_end"],
+        o["momentum"],
+        o["eps"],
+    )
     return mod, ref
 
 
@@ -89,10 +98,17 @@ def test_brn_before_the_ramp_is_batch_norm():
     _close(g_mod, g_bn)
 
 
-@pytest.mark.parametrize("t, expected", [
-    (0, (1.0, 0.0)), (5000, (1.0, 0.0)), (22500, (2.0, 4.375)), (25000, (2 + 1 / 7, 5.0)),
-    (40000, (3.0, 5.0)), (10 ** 6, (3.0, 5.0)),
-])
+@pytest.mark.parametrize(
+    "t, expected",
+    [
+        (0, (1.0, 0.0)),
+        (5000, (1.0, 0.0)),
+        (22500, (2.0, 4.375)),
+        (25000, (2 + 1 / 7, 5.0)),
+        (40000, (3.0, 5.0)),
+        (10**6, (3.0, 5.0)),
+    ],
+)
 def test_brn_default_ramp_is_the_papers(t, expected):
     """Paper: r_max = 1, d_max = 0 for the first 5000 steps, r_max = 3 at 40k, d_max = 5 at 25k
     (values hand-computed for the linear relaxation)."""
@@ -132,13 +148,15 @@ def test_brn_state_dict_resume_continues_exactly():
 
 
 def test_brn_folds_into_the_conv():
-    from detectron2.layers import Conv2d
-
     from d2norm.deploy import eval_affine, fold
 
+    from detectron2.layers import Conv2d
+
     torch.manual_seed(0)
-    net = nn.Sequential(Conv2d(3, 4, 3, padding=1, bias=False, norm=BatchRenorm2d(4, **BRN_KW)),
-                        Conv2d(4, 4, 1, bias=True, norm=BatchRenorm2d(4, **BRN_KW))).to(F64)
+    net = nn.Sequential(
+        Conv2d(3, 4, 3, padding=1, bias=False, norm=BatchRenorm2d(4, **BRN_KW)),
+        Conv2d(4, 4, 1, bias=True, norm=BatchRenorm2d(4, **BRN_KW)),
+    ).to(F64)
     gen = torch.Generator().manual_seed(6)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for step in range(8):  # train so that gamma, beta and the running statistics move
@@ -180,12 +198,17 @@ def test_frozen_brn_becomes_its_eval_map():
     torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(r_max=0.5), "D2NORM.BRN.R_MAX"), (dict(d_max=-1.0), "D2NORM.BRN.D_MAX"),
-    (dict(eps=0.0), "D2NORM.BRN.EPS"), (dict(momentum=0.0), "D2NORM.BRN.MOMENTUM"),
-    (dict(ramp_start=100, r_max_end=50), "D2NORM.BRN.R_MAX_END_ITER"),
-    (dict(d_max_end=-1), "D2NORM.BRN.D_MAX_END_ITER"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(r_max=0.5), "D2NORM.BRN.R_MAX"),
+        (dict(d_max=-1.0), "D2NORM.BRN.D_MAX"),
+        (dict(eps=0.0), "D2NORM.BRN.EPS"),
+        (dict(momentum=0.0), "D2NORM.BRN.MOMENTUM"),
+        (dict(ramp_start=100, r_max_end=50), "D2NORM.BRN.R_MAX_END_ITER"),
+        (dict(d_max_end=-1), "D2NORM.BRN.D_MAX_END_ITER"),
+    ],
+)
 def test_brn_bad_options(kw, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as e:
         BatchRenorm2d(8, **kw)
@@ -252,7 +275,7 @@ def test_frn_without_tlu_and_batch_independence():
     full = mod(x)
     assert (full == -0.2).any()  # the TLU clamps somewhere
     for n in range(x.shape[0]):  # per sample: the same output alone as in the batch
-        _close(mod(x[n:n + 1]), full[n:n + 1], 0)
+        _close(mod(x[n : n + 1]), full[n : n + 1], 0)
     mod.eval()
     _close(mod(x), full, 0)  # eval = train
     mod.drop_activation().drop_activation()
@@ -260,8 +283,14 @@ def test_frn_without_tlu_and_batch_independence():
     _close(mod(x), frn_tlu(x, mod.weight, mod.bias, None, mod.eps))
 
 
-@pytest.mark.parametrize("kw, key", [(dict(eps=0.0), "D2NORM.FRN.EPS"), (dict(eps=-1e-6), "D2NORM.FRN.EPS"),
-                                     (dict(learned_eps_init=-1.0), "D2NORM.FRN.LEARNED_EPS_INIT")])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(eps=0.0), "D2NORM.FRN.EPS"),
+        (dict(eps=-1e-6), "D2NORM.FRN.EPS"),
+        (dict(learned_eps_init=-1.0), "D2NORM.FRN.LEARNED_EPS_INIT"),
+    ],
+)
 def test_frn_bad_options(kw, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         FilterResponseNorm2d(8, **kw)
@@ -289,7 +318,7 @@ def test_evonorm_batch_independent_and_eval_equals_train():
     x = _x(0, gen, (3, 8, 5, 5))
     full = mod(x)
     for n in range(3):
-        _close(mod(x[n:n + 1]), full[n:n + 1], 0)
+        _close(mod(x[n : n + 1]), full[n : n + 1], 0)
     mod.eval()
     _close(mod(x), full, 0)
     assert mod(torch.zeros(0, 8, 5, 5, dtype=F64)).shape == (0, 8, 5, 5)
@@ -318,14 +347,17 @@ def _cfg(norm, **overrides):
     return synthetic_cfg(norm, **overrides)
 
 
-@pytest.mark.parametrize("name, cls", [("BRN", BatchRenorm2d), ("FRN", FilterResponseNorm2d),
-                                       ("EvoNorm-S0", EvoNormS0)])
+@pytest.mark.parametrize(
+    "name, cls", [("BRN", BatchRenorm2d), ("FRN", FilterResponseNorm2d), ("EvoNorm-S0", EvoNormS0)]
+)
 def test_name_builds_the_layer_with_config_options(name, cls):
     from detectron2.layers import get_norm
 
-    overrides = {"BRN": {"D2NORM.BRN.R_MAX": 2.0, "D2NORM.BRN.RAMP_START_ITER": 7},
-                 "FRN": {"D2NORM.FRN.EPS": 1e-4, "D2NORM.FRN.LEARNABLE_EPS": True},
-                 "EvoNorm-S0": {"D2NORM.EVONORM.NUM_GROUPS": 16}}[name]
+    overrides = {
+        "BRN": {"D2NORM.BRN.R_MAX": 2.0, "D2NORM.BRN.RAMP_START_ITER": 7},
+        "FRN": {"D2NORM.FRN.EPS": 1e-4, "D2NORM.FRN.LEARNABLE_EPS": True},
+        "EvoNorm-S0": {"D2NORM.EVONORM.NUM_GROUPS": 16},
+    }[name]
     model = d2norm.build_model(_cfg(name, **overrides))
     norms = [m.norm for m in model.modules() if isinstance(getattr(m, "norm", None), nn.Module)]
     assert len(norms) == 34 and all(type(n) is cls for n in norms)  # R-18 20, FPN 8, heads 4 + 2
@@ -404,10 +436,11 @@ def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root
     continue exactly through a trainer checkpoint."""
     import shutil
 
-    from detectron2.utils.env import seed_all_rng
-
     from helpers import synthetic_cfg
+
     from d2norm.engine import Trainer
+
+    from detectron2.utils.env import seed_all_rng
 
     def run(cfg, max_iter):
         cfg = cfg.clone()
@@ -418,9 +451,16 @@ def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root
         trainer.train()
         return {it: v for v, it in trainer.storage.history("total_loss").values()}, trainer
 
-    cfg = synthetic_cfg("BRN", **{"SOLVER.CHECKPOINT_PERIOD": 3, "D2NORM.DATA.ROOT": data_root,
-                                 "D2NORM.BRN.RAMP_START_ITER": 1, "D2NORM.BRN.R_MAX_END_ITER": 5,
-                                 "D2NORM.BRN.D_MAX_END_ITER": 4})
+    cfg = synthetic_cfg(
+        "BRN",
+        **{
+            "SOLVER.CHECKPOINT_PERIOD": 3,
+            "D2NORM.DATA.ROOT": data_root,
+            "D2NORM.BRN.RAMP_START_ITER": 1,
+            "D2NORM.BRN.R_MAX_END_ITER": 5,
+            "D2NORM.BRN.D_MAX_END_ITER": 4,
+        },
+    )
     cfg.OUTPUT_DIR = str(tmp_path / "full")
     full, full_trainer = run(cfg, 6)
     resumed_dir = tmp_path / "resumed"
@@ -443,10 +483,10 @@ def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root
 def test_retinanet_head_relu_after_the_norm_is_replaced(name):
     """RetinaNet's head subnets are nn.Sequential(conv, norm, ReLU, ...): the ReLU goes, the
     norm keeps its activation, and the model trains."""
-    from detectron2.utils.events import EventStorage
-    from detectron2.structures import Boxes, Instances
-
     from helpers import synthetic_cfg
+
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
 
     cfg = synthetic_cfg("GN")
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"

@@ -1,5 +1,6 @@
 """d2norm.study: records, statistics against hand computations, the committed result, the hard
 split, and a tiny study end to end (P = 2 and 1 processes train on the same images)."""
+
 import json
 import math
 import os
@@ -7,17 +8,26 @@ import re
 
 import numpy as np
 import pytest
-
 from helpers import REPO
+
 from d2norm import study
-from d2norm.study import report, stats
+from d2norm.study import report
 
 DOCS = os.path.join(REPO, "docs")
 
 
 def _rec(norm, procs, seed, box, iters=10, sid="s1", total=8, **kw):
-    return dict(norm=norm, procs=procs, per_proc=total // procs, seed=seed, iters=iters,
-                settings_id=sid, box_ap=box, status="ok", **kw)
+    return dict(
+        norm=norm,
+        procs=procs,
+        per_proc=total // procs,
+        seed=seed,
+        iters=iters,
+        settings_id=sid,
+        box_ap=box,
+        status="ok",
+        **kw,
+    )
 
 
 def test_append_load_and_resume(tmp_path):
@@ -31,8 +41,9 @@ def test_append_load_and_resume(tmp_path):
     assert bad == 1
     assert [(r["norm"], r["box_ap"]) for r in records] == [("BN", 1.0), ("GN", 3.0)]
     assert json.loads(open(path).read().splitlines()[-1]) == b  # on its own line
-    planned = [dict(norm=n, procs=p, seed=0, iters=10, settings_id="s1")
-               for n in ("BN", "GN") for p in (8, 1)]
+    planned = [
+        dict(norm=n, procs=p, seed=0, iters=10, settings_id="s1") for n in ("BN", "GN") for p in (8, 1)
+    ]
     assert [(p["norm"], p["procs"]) for p in study.pending_runs(planned, records)] == [("BN", 1), ("GN", 1)]
     # other settings do not count as done
     assert len(study.pending_runs([dict(planned[0], iters=11)], records)) == 1
@@ -87,8 +98,14 @@ def test_committed_table_is_rederived_from_the_committed_jsonl(name):
     cells = 0
     for norm, row in rows.items():
         for b, cell in zip(bs, row):
-            vals = np.array([r["box_ap"] for r in recs if r["norm"] == norm and r["per_proc"] == b
-                             and r["status"] == "ok"], dtype=np.float64)
+            vals = np.array(
+                [
+                    r["box_ap"]
+                    for r in recs
+                    if r["norm"] == norm and r["per_proc"] == b and r["status"] == "ok"
+                ],
+                dtype=np.float64,
+            )
             if not len(vals):
                 assert cell.startswith("–") or cell.startswith("= BN")
                 continue
@@ -135,7 +152,7 @@ def test_hard_split_masks_are_the_visible_pixels(tmp_path):
             for j in range(i + 1, len(masks)):
                 assert not (masks[i] & masks[j]).any()  # visible parts are disjoint
         boxes = [a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))]
-        overlapping += any(_overlap(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1:])
+        overlapping += any(_overlap(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1 :])
     assert overlapping >= 5  # occlusion happens
     areas = [a["area"] for a in anns]
     assert max(areas) / min(areas) > 15  # a wide range of object sizes
@@ -151,8 +168,12 @@ def _overlap(p, q):
 
 def test_unknown_norm_and_bad_procs_are_refused():
     with pytest.raises(ValueError, match="Valid names"):
-        study.plan(study.StudySettings(config=os.path.join(REPO, "configs/synthetic/study/Base-Study.yaml"),
-                                       norms=("BN", "NoSuchNorm")))
+        study.plan(
+            study.StudySettings(
+                config=os.path.join(REPO, "configs/synthetic/study/Base-Study.yaml"),
+                norms=("BN", "NoSuchNorm"),
+            )
+        )
     with pytest.raises(ValueError, match="do not divide"):
         study.StudySettings(config="x", procs=(3,))
 
@@ -167,8 +188,12 @@ def test_per_norm_rules_follow_images_per_process():
         assert cbn.D2NORM.CBN.BUFFER_SIZE * b == 8 and mabn.D2NORM.MABN.BUFFER_SIZE * b == 8
         assert cbn.D2NORM.CBN.BURNIN_ITERS == mabn.D2NORM.MABN.WARMUP_ITERS == bn.SOLVER.WARMUP_ITERS == 10
         # what must not vary between points
-        assert (bn.SOLVER.IMS_PER_BATCH, bn.SOLVER.BASE_LR, bn.SOLVER.MAX_ITER, bn.SOLVER.STEPS) == \
-            (8, study.build_cfg(s, "BN", 1, 0, "/tmp/x").SOLVER.BASE_LR, 100, (75, 90))
+        assert (bn.SOLVER.IMS_PER_BATCH, bn.SOLVER.BASE_LR, bn.SOLVER.MAX_ITER, bn.SOLVER.STEPS) == (
+            8,
+            study.build_cfg(s, "BN", 1, 0, "/tmp/x").SOLVER.BASE_LR,
+            100,
+            (75, 90),
+        )
         assert {cbn.MODEL[k].NORM for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")} == {"CBN"}
 
 
@@ -181,10 +206,36 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
     import sys
 
     out = tmp_path / "study"
-    argv = ["--norms", "GN", "--procs", "2", "1", "--seeds", "0", "--iters", "3", "--total-batch", "2",
-            "--jobs", "2", "--output", str(out), "--data-root", data_root, "--no-progress",
-            "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
-            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
+    argv = [
+        "--norms",
+        "GN",
+        "--procs",
+        "2",
+        "1",
+        "--seeds",
+        "0",
+        "--iters",
+        "3",
+        "--total-batch",
+        "2",
+        "--jobs",
+        "2",
+        "--output",
+        str(out),
+        "--data-root",
+        data_root,
+        "--no-progress",
+        "DATASETS.TRAIN",
+        "('d2norm_shapes_tiny_train',)",
+        "DATASETS.TEST",
+        "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "INPUT.MAX_SIZE_TEST",
+        "64",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "3",
+    ]
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
 
     def cli(*extra):

@@ -1,4 +1,5 @@
 """The embedded dataset: masks match boxes and pixels; COCO json round-trips through pycocotools."""
+
 import json
 import os
 
@@ -51,8 +52,10 @@ def test_coco_json_round_trip(split):
     # a perfect detection set scores AP = 1 with pycocotools' evaluator
     from pycocotools.cocoeval import COCOeval
 
-    dets = [dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"], score=1.0)
-            for a in data["annotations"]]
+    dets = [
+        dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"], score=1.0)
+        for a in data["annotations"]
+    ]
     ev = COCOeval(coco, coco.loadRes(dets), "bbox")
     ev.evaluate()
     ev.accumulate()

@@ -2,22 +2,23 @@
 zero_grad_before_forward, AMP precision and gradient scaler, async metrics); MABN under a
 gradient scaler; the trainer's loader follows DATALOADER.SAMPLER_TRAIN and the evaluator the
 dataset's evaluator_type."""
+
 import copy
 import math
 from collections import Counter
 
 import pytest
 import torch
+from helpers import synthetic_cfg
 from torch import nn
 
 import d2norm  # noqa: I001
-from detectron2.engine import HookBase, SimpleTrainer
-from detectron2.layers import Conv2d
-from detectron2.utils.events import EventStorage
 from d2norm.engine.guards import NonFiniteGuard, guarded_run_step
 from d2norm.layers import MovingAverageBatchNorm2d
 
-from helpers import synthetic_cfg
+from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.layers import Conv2d
+from detectron2.utils.events import EventStorage
 
 
 class _ToyMABN(nn.Module):
@@ -35,8 +36,9 @@ class _ToyMABN(nn.Module):
 
     def forward(self, batch):
         x, overflow = batch
-        self.events.append(("forward", torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                            else None))
+        self.events.append(
+            ("forward", torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        )
         with torch.autocast("cpu", enabled=False):
             y = self.b(self.a(x))
             if overflow:  # every norm's backward sees non-finite gradients
@@ -76,7 +78,7 @@ def test_mabn_under_a_grad_scaler_with_one_overflow_keeps_training_exactly():
 
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     trainer = SimpleTrainer(model, batches, opt)
-    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     trainer.precision = torch.bfloat16
     guard = NonFiniteGuard(model)
     grads, scales = [], []
@@ -124,8 +126,15 @@ def test_after_backward_hook_runs_once_per_step(tmp_path, data_root):
         def after_step(self):
             self.events.append(("after_step", self.trainer.iter))
 
-    cfg = synthetic_cfg("GN", **{"D2NORM.DATA.ROOT": data_root, "SOLVER.MAX_ITER": 3,
-                                 "DATASETS.TEST": (), "OUTPUT_DIR": str(tmp_path)})
+    cfg = synthetic_cfg(
+        "GN",
+        **{
+            "D2NORM.DATA.ROOT": data_root,
+            "SOLVER.MAX_ITER": 3,
+            "DATASETS.TEST": (),
+            "OUTPUT_DIR": str(tmp_path),
+        },
+    )
     trainer = Trainer(cfg)
     probe = Probe()
     trainer.register_hooks([probe])
@@ -145,7 +154,10 @@ def test_zero_grad_before_forward_is_honoured():
         trainer.zero_grad_before_forward = zero_first
         order = model.events
         original = opt.zero_grad
-        opt.zero_grad = lambda *a, **k: (order.append(("zero_grad",)), original(*a, **k))
+        opt.zero_grad = lambda *a, order=order, original=original, **k: (
+            order.append(("zero_grad",)),
+            original(*a, **k),
+        )
         _run_guarded(trainer, 2)
         names = [e[0] for e in order]
         first = ["zero_grad", "forward"] if zero_first else ["forward", "zero_grad"]
@@ -160,8 +172,10 @@ def test_async_write_metrics_is_honoured():
     trainer.async_write_metrics = True
     submitted = []
     submit = trainer.concurrent_executor.submit
-    trainer.concurrent_executor.submit = lambda fn, *a, **k: (submitted.append(k.get("iter")),
-                                                               submit(fn, *a, **k))
+    trainer.concurrent_executor.submit = lambda fn, *a, **k: (
+        submitted.append(k.get("iter")),
+        submit(fn, *a, **k),
+    )
     _run_guarded(trainer, 3)
     trainer.concurrent_executor.shutdown(wait=True)
     assert submitted == [0, 1, 2]
@@ -178,12 +192,13 @@ def _repeat_factor_reference(dataset, threshold):
 
 
 def test_repeat_factor_sampler_config_is_honoured(data_root):
-    from detectron2.data import get_detection_dataset_dicts
-
     from d2norm.engine.data import build_sampler
 
-    cfg = synthetic_cfg("GN", **{"D2NORM.DATA.ROOT": data_root,
-                                 "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler"})
+    from detectron2.data import get_detection_dataset_dicts
+
+    cfg = synthetic_cfg(
+        "GN", **{"D2NORM.DATA.ROOT": data_root, "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler"}
+    )
     dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
     freq = sorted(Counter(c for d in dataset for c in {a["category_id"] for a in d["annotations"]}).values())
     cfg.DATALOADER.REPEAT_THRESHOLD = 2.0 * freq[0] / len(dataset)  # the rarest class repeats ~1.4x
@@ -202,13 +217,20 @@ def test_repeat_factor_sampler_config_is_honoured(data_root):
 
 
 def test_trainer_loader_uses_the_configured_sampler(tmp_path, data_root):
-    from detectron2.data.samplers import RepeatFactorTrainingSampler
-
     from d2norm.engine import Trainer
 
-    cfg = synthetic_cfg("GN", **{"D2NORM.DATA.ROOT": data_root, "OUTPUT_DIR": str(tmp_path),
-                                 "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler",
-                                 "DATALOADER.REPEAT_THRESHOLD": 0.5, "DATASETS.TEST": ()})
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+    cfg = synthetic_cfg(
+        "GN",
+        **{
+            "D2NORM.DATA.ROOT": data_root,
+            "OUTPUT_DIR": str(tmp_path),
+            "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler",
+            "DATALOADER.REPEAT_THRESHOLD": 0.5,
+            "DATASETS.TEST": (),
+        },
+    )
     loader = Trainer.build_train_loader(cfg)
     real = loader.build()
     samplers = []
@@ -228,18 +250,19 @@ def test_trainer_loader_uses_the_configured_sampler(tmp_path, data_root):
 
 
 def test_evaluator_follows_evaluator_type(tmp_path, data_root):
+    from d2norm.engine import Trainer
+
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
-
-    from d2norm.engine import Trainer
 
     cfg = synthetic_cfg("GN", **{"D2NORM.DATA.ROOT": data_root, "OUTPUT_DIR": str(tmp_path)})
     coco = Trainer.build_evaluator(cfg, "d2norm_shapes_tiny_val")
     assert isinstance(coco, COCOEvaluator)
     assert coco._use_fast_impl == d2norm.compiled_ops_available()
-    for name, meta in (("t13_semseg", {"evaluator_type": "sem_seg", "stuff_classes": ["a", "b"],
-                                       "ignore_label": 255}),
-                       ("t13_untyped", {})):
+    for name, meta in (
+        ("t13_semseg", {"evaluator_type": "sem_seg", "stuff_classes": ["a", "b"], "ignore_label": 255}),
+        ("t13_untyped", {}),
+    ):
         if name not in DatasetCatalog.list():
             DatasetCatalog.register(name, lambda: [])
             MetadataCatalog.get(name).set(**meta)

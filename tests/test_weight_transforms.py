@@ -1,4 +1,5 @@
 """Weight centralization / standardization against plain float64 recomputations."""
+
 import copy
 
 import pytest
@@ -16,7 +17,6 @@ from d2norm.layers.weight_transforms import (
     get_weight_transform,
     standardize_weight,
 )
-
 
 
 def _per_channel_reference(w, fn):
@@ -40,6 +40,7 @@ def _ws_sqrt_var(eps):
         m = sum(vals) / n
         var = sum((v - m) ** 2 for v in vals) / n  # biased
         return [(v - m) / (var + eps) ** 0.5 for v in vals]
+
     return fn
 
 
@@ -49,6 +50,7 @@ def _ws_std_plus_eps(eps):
         m = sum(vals) / n
         std = (sum((v - m) ** 2 for v in vals) / (n - 1)) ** 0.5  # unbiased
         return [(v - m) / (std + eps) for v in vals]
+
     return fn
 
 
@@ -64,16 +66,22 @@ def test_centralize_matches_explicit_centering(shape):
 @pytest.mark.parametrize("eps", [1e-5, 1e-2])
 def test_standardize_matches_float64(shape, eps):
     w = torch.randn(shape, dtype=torch.float64) * 0.05 + 0.01
-    torch.testing.assert_close(standardize_weight(w, eps), _per_channel_reference(w, _ws_sqrt_var(eps)),
-                               rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(standardize_weight(w, eps, convention="std_plus_eps"),
-                               _per_channel_reference(w, _ws_std_plus_eps(eps)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        standardize_weight(w, eps), _per_channel_reference(w, _ws_sqrt_var(eps)), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        standardize_weight(w, eps, convention="std_plus_eps"),
+        _per_channel_reference(w, _ws_std_plus_eps(eps)),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     # float32 input stays float32 and agrees with the float64 result
     w32 = w.float()
     out32 = standardize_weight(w32, eps)
     assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32.double(), _per_channel_reference(w32, _ws_sqrt_var(eps)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out32.double(), _per_channel_reference(w32, _ws_sqrt_var(eps)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_conventions_differ_and_bad_convention():
@@ -85,10 +93,13 @@ def test_conventions_differ_and_bad_convention():
         WeightStandardization(convention="nope")
 
 
-@pytest.mark.parametrize("transform,fn", [
-    (WeightCentralization(), _center),
-    (WeightStandardization(eps=1e-5), _ws_sqrt_var(1e-5)),
-])
+@pytest.mark.parametrize(
+    "transform,fn",
+    [
+        (WeightCentralization(), _center),
+        (WeightStandardization(eps=1e-5), _ws_sqrt_var(1e-5)),
+    ],
+)
 def test_parametrized_conv_matches_explicit(transform, fn):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, padding=1, bias=True).double()
@@ -127,8 +138,10 @@ class _Scale(nn.Module):
 def _model():
     torch.manual_seed(1)
     m = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
         nn.Conv2d(8, 4, 1),
     )
     apply_weight_transform(m[0], WeightCentralization())

@@ -5,21 +5,20 @@ formula; Caffe2 names are produced by the test from detectron2's naming rules (t
 direction of the loader); torchvision files come from ``torchvision.models.resnet18`` and are
 compared module by module against the model.
 """
+
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from helpers import convs_with_norm, synthetic_cfg
 from torch import nn
 
-from helpers import convs_with_norm, synthetic_cfg
-
 import d2norm
-from d2norm.checkpoint import CheckpointError, D2NormCheckpointer
+from d2norm.checkpoint import CheckpointError, D2NormCheckpointer, load_pretrained_backbone
 from d2norm.deploy import fold_weight_standardization, has_weight_transforms
 from d2norm.layers import GroupNormWS
 from d2norm.layers.weight_transforms import WeightStandardization, get_weight_transform
-from d2norm.checkpoint import load_pretrained_backbone
 from d2norm.weights import convert_torchvision_resnet
 
 
@@ -53,8 +52,11 @@ def _ws_reference(w, eps, convention):
 
 
 def _ws_convs(model):
-    return [m for m in model.modules()
-            if isinstance(m, nn.Conv2d) and isinstance(getattr(m, "norm", None), GroupNormWS)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and isinstance(getattr(m, "norm", None), GroupNormWS)
+    ]
 
 
 # ----------------------------------------------------------------------------- WS convention
@@ -71,8 +73,9 @@ def test_ws_convention_and_eps_come_from_the_config():
             assert isinstance(t, WeightStandardization)
             assert (t.convention, t.eps, conv.norm.ws_convention) == (convention, eps, convention)
             raw = conv.parametrizations.weight.original
-            torch.testing.assert_close(conv.weight.double(), _ws_reference(raw, eps, convention),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                conv.weight.double(), _ws_reference(raw, eps, convention), rtol=1e-5, atol=1e-6
+            )
         weights[convention] = convs[0].weight.detach().clone()
     # the two conventions give different kernels (so the check above can tell them apart)
     assert not torch.allclose(weights["sqrt_var"], weights["std_plus_eps"], rtol=1e-3, atol=0)
@@ -97,8 +100,10 @@ def test_bad_ws_convention_names_the_config_key():
 # ----------------------------------------------------------------------------- deploy
 def _images(n=1, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randint(0, 256, (3, size, size), generator=g).float(),
-             "height": size, "width": size} for _ in range(n)]
+    return [
+        {"image": torch.randint(0, 256, (3, size, size), generator=g).float(), "height": size, "width": size}
+        for _ in range(n)
+    ]
 
 
 def test_fold_weight_standardization_keeps_the_outputs():
@@ -109,8 +114,9 @@ def test_fold_weight_standardization_keeps_the_outputs():
     with torch.no_grad():
         feats_before = model.backbone(model.preprocess_image(images).tensor)
         before = model(images)
-    expected = {id(c): _ws_reference(c.parametrizations.weight.original, 1e-5, "sqrt_var")
-                for c in _ws_convs(model)}
+    expected = {
+        id(c): _ws_reference(c.parametrizations.weight.original, 1e-5, "sqrt_var") for c in _ws_convs(model)
+    }
     assert sum(len(o["instances"]) for o in before) > 0  # something to compare
 
     assert fold_weight_standardization(model) is model
@@ -156,8 +162,7 @@ def _c2_name(d2_name):
     if parts[0] == "stem":  # stem.conv1.weight / stem.conv1.norm.{weight,bias}
         return "conv1_gn_" + {"w": "s", "b": "b"}[leaf] if parts[2] == "norm" else "conv1_w"
     stage, block, conv = parts[0], parts[1], parts[2]
-    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c",
-              "shortcut": "branch1"}[conv]
+    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[conv]
     if parts[3] == "norm":
         return f"{stage}_{block}_{branch}_gn_" + {"w": "s", "b": "b"}[leaf]
     return f"{stage}_{block}_{branch}_w"
@@ -169,12 +174,10 @@ def _plain(k):
 
 def _bottom_up_state(model):
     prefix = "backbone.bottom_up."
-    return {_plain(k)[len(prefix):]: v for k, v in model.state_dict().items()
-            if k.startswith(prefix)}
+    return {_plain(k)[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("norm,container", [("GN", "plain"), ("GN+WS", "blobs"),
-                                            ("GN+WS", "model+author")])
+@pytest.mark.parametrize("norm,container", [("GN", "plain"), ("GN+WS", "blobs"), ("GN+WS", "model+author")])
 def test_caffe2_pkl_loads_into_gn_backbones(tmp_path, norm, container):
     model = _model(norm)
     g = torch.Generator().manual_seed(1)
@@ -182,11 +185,17 @@ def test_caffe2_pkl_loads_into_gn_backbones(tmp_path, norm, container):
     for d2_name, v in _bottom_up_state(model).items():
         file_tensors[_c2_name(d2_name)] = torch.randn(v.shape, generator=g).numpy()
     assert any(k.endswith("_gn_s") for k in file_tensors)
-    extra = {"pred_w": np.zeros((10, 512), np.float32), "pred_b": np.zeros(10, np.float32),
-             "res2_0_branch2a_w_momentum": np.zeros(1, np.float32)}  # classifier, solver state
+    extra = {
+        "pred_w": np.zeros((10, 512), np.float32),
+        "pred_b": np.zeros(10, np.float32),
+        "res2_0_branch2a_w_momentum": np.zeros(1, np.float32),
+    }  # classifier, solver state
     blobs = {**file_tensors, **extra}
-    data = {"plain": blobs, "blobs": {"blobs": blobs, "cfg": "..."},
-            "model+author": {"model": blobs, "__author__": "Caffe2"}}[container]
+    data = {
+        "plain": blobs,
+        "blobs": {"blobs": blobs, "cfg": "..."},
+        "model+author": {"model": blobs, "__author__": "Caffe2"},
+    }[container]
     path = str(tmp_path / "R-18-GN.pkl")
     with open(path, "wb") as f:
         pickle.dump(data, f)
@@ -230,18 +239,23 @@ def _tv_pairs(tv, bottom_up):
     pairs = [(tv.conv1, bottom_up.stem.conv1), (tv.bn1, bottom_up.stem.conv1.norm)]
     for i in range(1, 5):
         for tv_block, d2_block in zip(getattr(tv, f"layer{i}"), getattr(bottom_up, f"res{i + 1}")):
-            pairs += [(tv_block.conv1, d2_block.conv1), (tv_block.bn1, d2_block.conv1.norm),
-                      (tv_block.conv2, d2_block.conv2), (tv_block.bn2, d2_block.conv2.norm)]
+            pairs += [
+                (tv_block.conv1, d2_block.conv1),
+                (tv_block.bn1, d2_block.conv1.norm),
+                (tv_block.conv2, d2_block.conv2),
+                (tv_block.bn2, d2_block.conv2.norm),
+            ]
             if tv_block.downsample is not None:
-                pairs += [(tv_block.downsample[0], d2_block.shortcut),
-                          (tv_block.downsample[1], d2_block.shortcut.norm)]
+                pairs += [
+                    (tv_block.downsample[0], d2_block.shortcut),
+                    (tv_block.downsample[1], d2_block.shortcut.norm),
+                ]
             else:
                 assert not hasattr(d2_block, "shortcut") or d2_block.shortcut is None
     return pairs
 
 
-@pytest.mark.parametrize("norm,wrapper", [("GN+WS", "plain"), ("BN", "state_dict+module"),
-                                          ("GN", "plain")])
+@pytest.mark.parametrize("norm,wrapper", [("GN+WS", "plain"), ("BN", "state_dict+module"), ("GN", "plain")])
 def test_torchvision_pth_loads_into_the_backbone(tmp_path, norm, wrapper):
     tv = _tv_resnet18_file()
     sd = tv.state_dict()
@@ -258,7 +272,7 @@ def test_torchvision_pth_loads_into_the_backbone(tmp_path, norm, wrapper):
     assert len(pairs) == 2 * n_convs > 0
     for tv_m, d2_m in pairs:
         if isinstance(tv_m, nn.Conv2d):
-            w = (d2_m.parametrizations.weight.original if norm == "GN+WS" else d2_m.weight)
+            w = d2_m.parametrizations.weight.original if norm == "GN+WS" else d2_m.weight
             assert torch.equal(w.detach(), tv_m.weight.detach())
         else:
             assert torch.equal(d2_m.weight.detach(), tv_m.weight.detach())
@@ -325,8 +339,7 @@ def test_wrong_backbone_shapes_are_refused(tmp_path, gn_model):
 
 
 def test_missing_backbone_stage_is_refused_unless_allowed(tmp_path, gn_model):
-    sd = {k: v for k, v in _tv_resnet18_file().state_dict().items()
-          if not k.startswith("layer4.")}
+    sd = {k: v for k, v in _tv_resnet18_file().state_dict().items() if not k.startswith("layer4.")}
     path = str(tmp_path / "no_layer4.pth")
     torch.save(sd, path)
     with pytest.raises(CheckpointError) as e:

@@ -13,6 +13,7 @@ mask AP is more than ``--margin`` AP points below GN's. Prints a markdown table 
 verdict, training wall time from ``log.txt``); exits with status 1 if any recipe fails or is
 missing. Not part of the default test run (it trains six models).
 """
+
 import argparse
 import json
 import os
@@ -61,8 +62,14 @@ def training_time(output_dir):
 
 
 def train(norm, output_dir, threads):
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", recipe_path(norm),
-           "OUTPUT_DIR", output_dir]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        recipe_path(norm),
+        "OUTPUT_DIR",
+        output_dir,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO)
     print("+", " ".join(cmd), flush=True)
     start = time.time()
@@ -75,8 +82,10 @@ def train(norm, output_dir, threads):
 def check(results, margin):
     """{norm: (box, mask)} -> {norm: (ok, why)} against GN's AP minus ``margin``."""
     if "GN" not in results or results["GN"] is None:
-        raise ValueError("GN's result is needed as the reference: train configs/synthetic/"
-                         "mask_rcnn_R_18_FPN_GN.yaml first (or pass --train).")
+        raise ValueError(
+            "GN's result is needed as the reference: train configs/synthetic/"
+            "mask_rcnn_R_18_FPN_GN.yaml first (or pass --train)."
+        )
     gn_box, gn_mask = results["GN"]
     verdict = {}
     for norm, ap in results.items():
@@ -84,19 +93,27 @@ def check(results, margin):
             verdict[norm] = (False, "missing")
             continue
         box, mask = ap
-        short = [f"{what} {v:.1f} < {ref:.1f} - {margin:g}" for what, v, ref in
-                 (("box", box, gn_box), ("mask", mask, gn_mask)) if not v >= ref - margin]
+        short = [
+            f"{what} {v:.1f} < {ref:.1f} - {margin:g}"
+            for what, v, ref in (("box", box, gn_box), ("mask", mask, gn_mask))
+            if not v >= ref - margin
+        ]
         verdict[norm] = (not short, "; ".join(short) or "ok")
     return verdict
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
     parser.add_argument("--output-root", default=os.path.join(REPO, "output", "synthetic"))
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                        help="allowed AP points below GN (box and mask), default %(default)s")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="allowed AP points below GN (box and mask), default %(default)s",
+    )
     parser.add_argument("--train", action="store_true", help="train recipes without a final result")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ model for TorchScript, and time both. Written to ``--output`` (atomically):
 
 Exit status 1 if the folded detections differ beyond the tolerances.
 """
+
 import argparse
 import copy
 import json
@@ -42,18 +43,20 @@ from d2norm.detections import compare_detections
 logger = logging.getLogger("d2norm.deploy")
 
 
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True, metavar="FILE")
-    p.add_argument("--output", required=True, help="folder for the folded weights, the traced "
-                   "model and the report")
+    p.add_argument(
+        "--output", required=True, help="folder for the folded weights, the traced model and the report"
+    )
     p.add_argument("--num-images", type=int, default=4, help="images of DATASETS.TEST[0] to check")
     p.add_argument("--rounds", type=int, default=3, help="timing passes over the images")
     p.add_argument("--no-trace", action="store_true", help="skip TorchScript tracing")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for the timing "
-                   "(0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads for the timing (0: torch's default)"
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS x.pth")
     return p.parse_args(argv)
 
@@ -62,15 +65,20 @@ def setup(args):
     from d2norm.data import register_datasets
     from d2norm.engine.launch import setup as train_setup
 
-    ns = argparse.Namespace(config_file=args.config_file, eval_only=True,
-                            opts=list(args.opts) + ["OUTPUT_DIR", args.output])
+    ns = argparse.Namespace(
+        config_file=args.config_file, eval_only=True, opts=list(args.opts) + ["OUTPUT_DIR", args.output]
+    )
     cfg = train_setup(ns)
     if not cfg.MODEL.WEIGHTS:
-        raise SystemExit("MODEL.WEIGHTS is empty: tools/deploy.py folds trained weights. Fix: "
-                         "append MODEL.WEIGHTS path/to/model_final.pth to the command line.")
+        raise SystemExit(
+            "MODEL.WEIGHTS is empty: tools/deploy.py folds trained weights. Fix: "
+            "append MODEL.WEIGHTS path/to/model_final.pth to the command line."
+        )
     if not cfg.DATASETS.TEST:
-        raise SystemExit("DATASETS.TEST is empty: tools/deploy.py checks the folded model on its "
-                         "first images. Fix: set DATASETS.TEST, e.g. \"('d2norm_shapes_val',)\".")
+        raise SystemExit(
+            "DATASETS.TEST is empty: tools/deploy.py checks the folded model on its "
+            "first images. Fix: set DATASETS.TEST, e.g. \"('d2norm_shapes_val',)\"."
+        )
     register_datasets(cfg)
     return cfg
 
@@ -84,9 +92,9 @@ def load_model(cfg):
 
 
 def load_inputs(cfg, n):
-    from detectron2.data import DatasetCatalog, DatasetMapper
-
     from d2norm.engine.guards import check_datasets
+
+    from detectron2.data import DatasetCatalog, DatasetMapper
 
     name = cfg.DATASETS.TEST[0]
     check_datasets([name], "DATASETS.TEST")
@@ -129,12 +137,15 @@ def trace(model, inputs):
         adapter = TracingAdapter(model, [{"image": image}], inference)
         with torch.no_grad():
             traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-        what = ("whole model: Mask R-CNN inference without detector_postprocess "
-                "(TracingAdapter); outputs: boxes, classes, mask probabilities, scores, image size")
+        what = (
+            "whole model: Mask R-CNN inference without detector_postprocess "
+            "(TracingAdapter); outputs: boxes, classes, mask probabilities, scores, image size"
+        )
         return traced, traced, adapter, what
     except Exception as e:  # a meta-architecture whose post-processing does not trace
-        logger.warning("Tracing the whole model failed (%s: %s); tracing the backbone instead.",
-                       type(e).__name__, e)
+        logger.warning(
+            "Tracing the whole model failed (%s: %s); tracing the backbone instead.", type(e).__name__, e
+        )
     backbone = model.backbone
 
     def to_tensor(img):
@@ -146,8 +157,12 @@ def trace(model, inputs):
     with torch.no_grad():
         traced = torch.jit.trace(backbone, (to_tensor(image),), strict=False, check_trace=False)
     what = "backbone + FPN only (the part folding changes); input: normalized, padded image"
-    return (traced, lambda img: as_tuple(traced(to_tensor(img))),
-            lambda img: as_tuple(backbone(to_tensor(img))), what)
+    return (
+        traced,
+        lambda img: as_tuple(traced(to_tensor(img))),
+        lambda img: as_tuple(backbone(to_tensor(img))),
+        what,
+    )
 
 
 def _max_output_diff(traced, eager, img):
@@ -157,8 +172,7 @@ def _max_output_diff(traced, eager, img):
     b = b if isinstance(b, (tuple, list)) else (b,)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return float("inf")
-    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
-               for x, y in zip(a, b))
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
 
 
 def main(argv=None):
@@ -172,17 +186,22 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     inputs = load_inputs(cfg, args.num_images)
     if not inputs:
-        raise SystemExit(f"DATASETS.TEST[0] ({cfg.DATASETS.TEST[0]!r}) has no images. Fix: use a "
-                         "dataset with images.")
+        raise SystemExit(
+            f"DATASETS.TEST[0] ({cfg.DATASETS.TEST[0]!r}) has no images. Fix: use a dataset with images."
+        )
 
     reference = load_model(cfg)
     folded = fold(load_model(cfg))
-    report = {"config_file": args.config_file, "weights": cfg.MODEL.WEIGHTS,
-              "images": len(inputs), "device": cfg.MODEL.DEVICE,
-              "torch_threads": torch.get_num_threads(),
-              "folded_layers": len(folded.fold_report["folded"]),
-              "kept_layers": folded.fold_report["kept"],
-              "folded_norm_types": sorted({t for _, t in folded.fold_report["folded"]})}
+    report = {
+        "config_file": args.config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        "images": len(inputs),
+        "device": cfg.MODEL.DEVICE,
+        "torch_threads": torch.get_num_threads(),
+        "folded_layers": len(folded.fold_report["folded"]),
+        "kept_layers": folded.fold_report["kept"],
+        "folded_norm_types": sorted({t for _, t in folded.fold_report["folded"]}),
+    }
 
     report["detections"] = compare_detections(run(reference, inputs), run(folded, inputs))
     t_ref = time_per_image(lambda x: reference([x]), inputs, args.rounds)
@@ -195,27 +214,33 @@ def main(argv=None):
         atomic_write_bytes(path, lambda f: torch.jit.save(module, f))
         check_img = inputs[min(1, len(inputs) - 1)]["image"]
         report["trace"] = {
-            "file": path, "what": what,
+            "file": path,
+            "what": what,
             "max_abs_diff_vs_eager": _max_output_diff(traced, eager, check_img),
         }
         report["seconds_per_image"]["traced"] = time_per_image(
-            lambda x: traced(x["image"]), inputs, args.rounds)
+            lambda x: traced(x["image"]), inputs, args.rounds
+        )
 
     weights = os.path.join(args.output, "model_folded.pth")
     atomic_torch_save({"model": folded.state_dict(), "d2norm_folded": True}, weights)
     report["folded_weights"] = weights
-    atomic_write_bytes(os.path.join(args.output, "deploy_report.json"),
-                       lambda f: f.write(json.dumps(report, indent=2, default=str).encode()))
+    atomic_write_bytes(
+        os.path.join(args.output, "deploy_report.json"),
+        lambda f: f.write(json.dumps(report, indent=2, default=str).encode()),
+    )
 
     det, t = report["detections"], report["seconds_per_image"]
     traced_ms = f", traced {1e3 * t['traced']:.1f} ms" if "traced" in t else ""
-    print(f"Folded {report['folded_layers']} norm layers "
-          f"({', '.join(report['folded_norm_types']) or '-'}), kept {len(report['kept_layers'])}. "
-          f"Detections {'MATCH' if det['ok'] else 'DIFFER'}: max |dbox| "
-          f"{det['max_diff']['box_px']:.2g} px, |dscore| {det['max_diff']['score']:.2g}, mask pixels "
-          f"differing {det['max_diff']['mask_pixel_fraction']:.2g} (tolerances {det['tolerance']}). "
-          f"Per image: unfolded {1e3 * t['unfolded']:.1f} ms, folded {1e3 * t['folded']:.1f} ms"
-          f"{traced_ms}. Written to {args.output}.")
+    print(
+        f"Folded {report['folded_layers']} norm layers "
+        f"({', '.join(report['folded_norm_types']) or '-'}), kept {len(report['kept_layers'])}. "
+        f"Detections {'MATCH' if det['ok'] else 'DIFFER'}: max |dbox| "
+        f"{det['max_diff']['box_px']:.2g} px, |dscore| {det['max_diff']['score']:.2g}, mask pixels "
+        f"differing {det['max_diff']['mask_pixel_fraction']:.2g} (tolerances {det['tolerance']}). "
+        f"Per image: unfolded {1e3 * t['unfolded']:.1f} ms, folded {1e3 * t['folded']:.1f} ms"
+        f"{traced_ms}. Written to {args.output}."
+    )
     return report
 
 

@@ -8,6 +8,7 @@ Each ``--runs`` entry is ``LABEL=OUTPUT_DIR``; one panel per ``--keys`` entry, l
 (the values detectron2 writes every 20 iterations: the median of the last 20). ``--table`` also
 prints, for each run, the mean of each key over the last ``--last`` logged points.
 """
+
 import argparse
 import json
 import os
@@ -39,8 +40,9 @@ def tail_mean(points, last):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", nargs="+", required=True, help="LABEL=OUTPUT_DIR entries")
     parser.add_argument("--keys", nargs="+", default=["total_loss", "loss_mask"])
     parser.add_argument("--output", required=True, help="PNG file to write")
@@ -68,8 +70,9 @@ def main(argv=None):
             ax.plot([i for i, _ in pts], [v for _, v in pts], label=label)
         if args.mark:
             ax.axvline(int(args.mark[0]), color="gray", linestyle="--", linewidth=1)
-            ax.text(int(args.mark[0]), ax.get_ylim()[1], " " + args.mark[1], va="top", fontsize=8,
-                    color="gray")
+            ax.text(
+                int(args.mark[0]), ax.get_ylim()[1], " " + args.mark[1], va="top", fontsize=8, color="gray"
+            )
         ax.set_xlabel("iteration")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
@@ -83,8 +86,11 @@ def main(argv=None):
         print("| run | " + " | ".join(f"{k} (last {args.last} logs)" for k in args.keys) + " |")
         print("|---|" + "---|" * len(args.keys))
         for label, series in runs:
-            print(f"| {label} | " + " | ".join(f"{tail_mean(series.get(k, []), args.last):.3f}"
-                                               for k in args.keys) + " |")
+            print(
+                f"| {label} | "
+                + " | ".join(f"{tail_mean(series.get(k, []), args.last):.3f}" for k in args.keys)
+                + " |"
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ With a deterministic mapper (no random augmentation) and one aspect-ratio group 
 off), a resumed run sees exactly the batches of the uninterrupted run.
 
 """
+
 import itertools
 
 import torch

@@ -17,6 +17,7 @@ A split is generated once (a few seconds) into ``<root>/<split>/`` as PNG images
 COCO-format ``annotations.json``, written to a temporary folder and renamed into place, and is
 then registered with detectron2 through ``register_coco_instances``.
 """
+
 import json
 import logging
 import math
@@ -102,8 +103,22 @@ def _polygon(cls, cx, cy, r, angle):
         t = np.array([a, math.pi - a, math.pi + a, 2 * math.pi - a]) + angle
     elif cls == "cross":  # a plus sign, arm half-width 0.3 r
         w = 0.3
-        pts = np.array([(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1),
-                        (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]) / math.hypot(1, w)
+        pts = np.array(
+            [
+                (w, 1),
+                (w, w),
+                (1, w),
+                (1, -w),
+                (w, -w),
+                (w, -1),
+                (-w, -1),
+                (-w, -w),
+                (-1, -w),
+                (-1, w),
+                (-w, w),
+                (-w, 1),
+            ]
+        ) / math.hypot(1, w)
         t = np.arctan2(pts[:, 1], pts[:, 0]) + angle
         radii = np.hypot(pts[:, 0], pts[:, 1])
     else:
@@ -148,8 +163,9 @@ def _fill(shape, poly):
     import cv2
 
     m = np.zeros(shape, np.uint8)
-    cv2.fillPoly(m, [np.round(poly * 256).astype(np.int32).reshape(-1, 1, 2)], 1,
-                 lineType=cv2.LINE_8, shift=8)
+    cv2.fillPoly(
+        m, [np.round(poly * 256).astype(np.int32).reshape(-1, 1, 2)], 1, lineType=cv2.LINE_8, shift=8
+    )
     return m.astype(bool)
 
 
@@ -167,8 +183,11 @@ def make_hard_image(rng, size, min_visible=0.5):
     import cv2
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = rng.uniform(30, 150, size=3) + xx[..., None] * rng.uniform(-50, 50, size=3) \
+    img = (
+        rng.uniform(30, 150, size=3)
+        + xx[..., None] * rng.uniform(-50, 50, size=3)
         + yy[..., None] * rng.uniform(-50, 50, size=3)
+    )
     blotch = rng.normal(0, 25, size=(6, 6, 3)).astype(np.float32)
     img = img + cv2.resize(blotch, (size, size), interpolation=cv2.INTER_CUBIC)
     img = np.clip(img, 0, 255).astype(np.uint8)
@@ -180,8 +199,9 @@ def make_hard_image(rng, size, min_visible=0.5):
         if kind == 0:
             cv2.circle(img, (cx, cy), r, color, thickness=int(rng.integers(1, 3)))
         elif kind == 1:
-            cv2.rectangle(img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), color,
-                          thickness=int(rng.integers(1, 3)))
+            cv2.rectangle(
+                img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), color, thickness=int(rng.integers(1, 3))
+            )
         elif kind == 2:
             x2, y2 = (int(v) for v in rng.uniform(0, size, size=2))
             cv2.line(img, (cx, cy), (x2, y2), color, thickness=int(rng.integers(1, 4)))
@@ -200,8 +220,9 @@ def make_hard_image(rng, size, min_visible=0.5):
             if full.sum() < 12:
                 continue
             visible = [vis & ~full for _, f, vis in objects]
-            if all(v.sum() >= min_visible * f.sum() and v.sum() >= 12
-                   for v, (_, f, _) in zip(visible, objects)):
+            if all(
+                v.sum() >= min_visible * f.sum() and v.sum() >= 12 for v, (_, f, _) in zip(visible, objects)
+            ):
                 break
         else:
             continue
@@ -222,8 +243,11 @@ def _mask_annotation(mask):
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    return {"bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-            "area": float(mask.sum()), "segmentation": rle}
+    return {
+        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        "area": float(mask.sum()),
+        "segmentation": rle,
+    }
 
 
 def generate_split(root, name, num_images, seed, size, kind="easy"):
@@ -277,9 +301,7 @@ def generate_split(root, name, num_images, seed, size, kind="easy"):
             "info": {"description": f"d2norm synthetic shapes, split {name}, seed {seed}"},
             "images": images,
             "annotations": annotations,
-            "categories": [
-                {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(classes)
-            ],
+            "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(classes)],
         }
         with open(os.path.join(tmp, "annotations.json"), "w") as f:
             json.dump(coco, f)

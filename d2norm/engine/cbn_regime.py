@@ -12,6 +12,7 @@ post-ReLU RoI features with large means, are where the difference is largest.
 :func:`cbn_regime_warning` is a pure function of the config; :func:`warn_cbn_regime` logs its
 message once (called by the trainer).
 """
+
 import logging
 
 __all__ = ["cbn_regime_warning", "warn_cbn_regime"]
@@ -68,7 +69,7 @@ def cbn_regime_warning(cfg):
         "once burn-in ends (the mask loss stops falling; measured with d2norm's and the official "
         "CBN layer alike, docs/cbn_diagnosis.md). Fix: set "
         "D2NORM.CBN.GRAD_THROUGH_COMPENSATION True (the exact gradient of the window statistics), "
-        f"or use another norm for {', '.join(keys)} (e.g. \"GN\" or \"BN\") and keep CBN in the "
+        f'or use another norm for {", ".join(keys)} (e.g. "GN" or "BN") and keep CBN in the '
         "backbone / FPN."
     )
 

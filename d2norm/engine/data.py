@@ -22,6 +22,7 @@ skipped stream is split among them differently from the uninterrupted run.
 ``tools/train_net.py`` does; the COCO evaluator uses pycocotools when detectron2's compiled ops are
 absent.
 """
+
 import itertools
 import logging
 import os
@@ -68,17 +69,22 @@ def build_sampler(cfg, dataset, seed, skip, rank, world_size):
     if name == "RepeatFactorTrainingSampler":
         sqrt = {"sqrt": cfg.DATALOADER.REPEAT_SQRT} if "REPEAT_SQRT" in cfg.DATALOADER else {}
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset, cfg.DATALOADER.REPEAT_THRESHOLD, **sqrt)
+            dataset, cfg.DATALOADER.REPEAT_THRESHOLD, **sqrt
+        )
         return SkippingSampler(RepeatFactorTrainingSampler(factors, seed=seed), skip)
     if name == "RandomSubsetTrainingSampler":
-        sampler = RandomSubsetTrainingSampler(len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO,
-                                              seed_shuffle=seed, seed_subset=seed)
+        sampler = RandomSubsetTrainingSampler(
+            len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO, seed_shuffle=seed, seed_subset=seed
+        )
         return SkippingSampler(sampler, skip)
     # another sampler of the installed detectron2; unknown names raise detectron2's ValueError
     sampler = build_detection_train_loader.from_config(cfg, dataset=dataset)["sampler"]
     if skip:
-        logger.warning("DATALOADER.SAMPLER_TRAIN %r is seeded by detectron2, not by the checkpoint: "
-                       "the resumed run skips the samples already seen in a new random order.", name)
+        logger.warning(
+            "DATALOADER.SAMPLER_TRAIN %r is seeded by detectron2, not by the checkpoint: "
+            "the resumed run skips the samples already seen in a new random order.",
+            name,
+        )
     return SkippingSampler(sampler, skip)
 
 
@@ -93,10 +99,12 @@ def build_resumable_train_loader(cfg, mapper=None):
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
     def build(start_iter, seed):
-        sampler = build_sampler(cfg, dataset, seed, start_iter * batch_per_rank,
-                                comm.get_rank(), comm.get_world_size())
+        sampler = build_sampler(
+            cfg, dataset, seed, start_iter * batch_per_rank, comm.get_rank(), comm.get_world_size()
+        )
         return build_detection_train_loader(
-            cfg, mapper=mapper or DatasetMapper(cfg, True), dataset=dataset, sampler=sampler)
+            cfg, mapper=mapper or DatasetMapper(cfg, True), dataset=dataset, sampler=sampler
+        )
 
     return DeferredTrainLoader(build, seed)
 
@@ -112,10 +120,16 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if kind in ("sem_seg", "coco_panoptic_seg"):
         evaluators.append(ev.SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
     if kind in ("coco", "coco_panoptic_seg"):
-        tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (
-            ("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
-        evaluators.append(ev.COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                                           use_fast_impl=compiled_ops_available()))
+        tasks = (
+            ("bbox",)
+            + (("segm",) if cfg.MODEL.MASK_ON else ())
+            + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+        )
+        evaluators.append(
+            ev.COCOEvaluator(
+                dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=compiled_ops_available()
+            )
+        )
     if kind == "coco_panoptic_seg":
         evaluators.append(ev.COCOPanopticEvaluator(dataset_name, output_folder))
     if kind == "cityscapes_instance":
@@ -131,5 +145,6 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {kind!r} (DATASETS.TEST). "
             "Fix: register the dataset with an evaluator_type detectron2 evaluates ('coco', "
             "'lvis', 'pascal_voc', 'sem_seg', 'coco_panoptic_seg', 'cityscapes_*'; "
-            "register_coco_instances sets 'coco'), or override Trainer.build_evaluator.")
+            "register_coco_instances sets 'coco'), or override Trainer.build_evaluator."
+        )
     return evaluators[0] if len(evaluators) == 1 else ev.DatasetEvaluators(evaluators)

@@ -38,6 +38,7 @@ the middle of the forward leaves the others in a SyncBN all-reduce until the pro
 timeout. In practice SyncBN spreads the non-finite statistics to every process, so all raise at
 the same point.
 """
+
 import contextlib
 import logging
 import math
@@ -58,8 +59,11 @@ _CBN_RINGS = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
 
 
 def _unwrap(model):
-    return getattr(model, "module", model) if isinstance(
-        model, torch.nn.parallel.DistributedDataParallel) else model
+    return (
+        getattr(model, "module", model)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        else model
+    )
 
 
 def _all_finite(tensors):
@@ -123,8 +127,12 @@ class NonFiniteGuard:
                 region = self._region(module, name, buf)
                 key = (id(module), name)
                 store = self._store.get(key)
-                if (store is None or store.shape != region.shape or store.dtype != region.dtype
-                        or store.device != region.device):
+                if (
+                    store is None
+                    or store.shape != region.shape
+                    or store.dtype != region.dtype
+                    or store.device != region.device
+                ):
                     store = self._store[key] = torch.empty_like(region)
                 dst.append(store)
                 src.append(region)
@@ -223,13 +231,17 @@ class NonFiniteGuard:
         logger.warning(
             "Iteration %d: skipped a non-finite training step (%s). Norm running statistics and "
             "buffers were restored, no optimizer step was taken (%d skipped so far).",
-            iteration, why, self.skipped)
+            iteration,
+            why,
+            self.skipped,
+        )
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             raise FloatingPointError(
                 f"{self.consecutive} consecutive training steps had a non-finite loss (last at "
                 f"iteration {iteration}: {why}); training has diverged. Fix: lower SOLVER.BASE_LR "
                 "or raise SOLVER.WARMUP_ITERS, enable gradient clipping (SOLVER.CLIP_GRADIENTS), "
-                "or check the input images for NaN/Inf values.")
+                "or check the input images for NaN/Inf values."
+            )
 
 
 def _first_param_device(model):
@@ -325,7 +337,8 @@ def check_datasets(names, key):
             raise ValueError(
                 f"Dataset {name!r} ({key}) is not registered. Fix: register it before training "
                 "(e.g. detectron2.data.datasets.register_coco_instances(name, {}, json_file, "
-                f"image_root)), or use one of d2norm's synthetic splits: {', '.join(SPLITS)}.")
+                f"image_root)), or use one of d2norm's synthetic splits: {', '.join(SPLITS)}."
+            )
         meta = MetadataCatalog.get(name)
         for attr, what in (("json_file", "annotation file"), ("image_root", "image folder")):
             path = meta.get(attr, None)
@@ -334,4 +347,5 @@ def check_datasets(names, key):
                     f"The {what} of dataset {name!r} ({key}) does not exist: {path!r}. Fix: "
                     "create it or register the dataset with the right path; for d2norm's "
                     "synthetic splits, delete the split folder and let it be regenerated under "
-                    "D2NORM.DATA.ROOT.")
+                    "D2NORM.DATA.ROOT."
+                )

@@ -1,6 +1,6 @@
 """The body of ``train_net.py``: config setup, the train / eval-only entry point, and
 ``launch`` (detectron2's, plus multi-process CPU training with gloo)."""
-import logging
+
 import os
 from datetime import timedelta
 
@@ -84,8 +84,16 @@ def config_device(args):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0, dist_url=None,
-           args=(), timeout=DEFAULT_TIMEOUT, device=None):
+def launch(
+    main_func,
+    num_processes_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    timeout=DEFAULT_TIMEOUT,
+    device=None,
+):
     """Run ``main_func(*args)`` in ``num_machines × num_processes_per_machine`` processes.
 
     ``device`` (``MODEL.DEVICE``; default: "cuda" if available) picks the backend: a CUDA device
@@ -94,16 +102,31 @@ def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if num_machines * num_processes_per_machine > 1 and str(device).startswith("cpu"):
-        return launch_cpu(main_func, num_processes_per_machine, num_machines, machine_rank,
-                          dist_url, args, timeout)
+        return launch_cpu(
+            main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args, timeout
+        )
     from detectron2.engine import launch as d2_launch
 
-    return d2_launch(main_func, num_processes_per_machine, num_machines=num_machines,
-                     machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    return d2_launch(
+        main_func,
+        num_processes_per_machine,
+        num_machines=num_machines,
+        machine_rank=machine_rank,
+        dist_url=dist_url,
+        args=args,
+        timeout=timeout,
+    )
 
 
-def launch_cpu(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
-               dist_url=None, args=(), timeout=DEFAULT_TIMEOUT):
+def launch_cpu(
+    main_func,
+    num_processes_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    timeout=DEFAULT_TIMEOUT,
+):
     """detectron2's ``launch`` for CPU processes: spawn, init a gloo process group, run.
 
     detectron2 v0.6's worker requires CUDA and NCCL. Here each process joins a gloo group
@@ -117,8 +140,10 @@ def launch_cpu(main_func, num_processes_per_machine, num_machines=1, machine_ran
         return main_func(*args)
     if dist_url in (None, "auto"):
         if num_machines != 1:
-            raise ValueError("--dist-url auto only works on one machine. Fix: pass --dist-url "
-                             "tcp://<address of machine 0>:<port> on every machine.")
+            raise ValueError(
+                "--dist-url auto only works on one machine. Fix: pass --dist-url "
+                "tcp://<address of machine 0>:<port> on every machine."
+            )
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     mp.spawn(
         _cpu_worker,
@@ -136,13 +161,11 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
-                timeout):
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     import d2norm  # noqa: F401  (a spawned process starts fresh: the _C stand-in, norm names)
 
     rank = machine_rank * num_per_machine + local_rank
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank,
-                            timeout=timeout)
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
     try:
         with local_process_group(num_per_machine, machine_rank):  # d2norm.patches
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))

@@ -11,13 +11,14 @@
 - A step with a non-finite loss is skipped and undone, norm statistics included
   (:mod:`d2norm.engine.guards`).
 """
+
 import logging
-import os
 import random
 import weakref
 
 import numpy as np
 import torch
+
 from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
 
 from ..checkpoint import D2NormCheckpointer
@@ -79,8 +80,11 @@ class NormMilestoneHook(HookBase):
         it = self.trainer.iter
         if not self._cbn_done and not any(m.in_burnin for m in self._cbn):
             self._cbn_done = True
-            logger.info("CBN burn-in ended at iteration %d: %d layers now use cross-iteration "
-                        "statistics.", it, len(self._cbn))
+            logger.info(
+                "CBN burn-in ended at iteration %d: %d layers now use cross-iteration statistics.",
+                it,
+                len(self._cbn),
+            )
             self.trainer.storage.put_scalar("cbn_burnin_ended_iter", it, smoothing_hint=False)
 
 
@@ -149,8 +153,10 @@ class Trainer(DefaultTrainer):
         if "_trainer" not in state_dict:
             # A checkpoint written without the optimizer state (e.g. by detectron2 v0.6's own
             # DefaultTrainer): resume the iteration and hooks; the optimizer starts fresh.
-            logger.warning("The checkpoint has no optimizer state ('_trainer'): resuming the "
-                           "iteration count and hooks with a fresh optimizer state.")
+            logger.warning(
+                "The checkpoint has no optimizer state ('_trainer'): resuming the "
+                "iteration count and hooks with a fresh optimizer state."
+            )
             TrainerBase.load_state_dict(self, state_dict)
             return
         super().load_state_dict(state_dict)

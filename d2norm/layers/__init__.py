@@ -1,4 +1,5 @@
 """Normalization layers. One module per method; each docstring states its equations."""
+
 from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList

@@ -33,6 +33,7 @@ Batch statistics are those of the process's own batch (as detectron2's ``"BN"``;
 The counter ``iters`` is a buffer (in the state dict, so a resumed run continues the ramp) and
 advances once per training forward; every schedule decision is a tensor op (no host sync).
 """
+
 import torch
 from torch import nn
 
@@ -52,25 +53,34 @@ def check_brn_options(r_max, d_max, ramp_start, r_max_end, d_max_end, momentum, 
     if not _is_number(r_max) or not r_max >= 1.0:
         raise ValueError(
             f"D2NORM.BRN.R_MAX must be a number >= 1 (r is clipped to [1/R_MAX, R_MAX]), got "
-            f"{r_max!r}. Fix: set D2NORM.BRN.R_MAX to 3 (the paper's value) or 1 for plain BN.")
+            f"{r_max!r}. Fix: set D2NORM.BRN.R_MAX to 3 (the paper's value) or 1 for plain BN."
+        )
     if not _is_number(d_max) or not d_max >= 0.0:
         raise ValueError(
             f"D2NORM.BRN.D_MAX must be a number >= 0 (d is clipped to [-D_MAX, D_MAX]), got "
-            f"{d_max!r}. Fix: set D2NORM.BRN.D_MAX to 5 (the paper's value) or 0 for no shift.")
-    for key, v in (("RAMP_START_ITER", ramp_start), ("R_MAX_END_ITER", r_max_end),
-                   ("D_MAX_END_ITER", d_max_end)):
+            f"{d_max!r}. Fix: set D2NORM.BRN.D_MAX to 5 (the paper's value) or 0 for no shift."
+        )
+    for key, v in (
+        ("RAMP_START_ITER", ramp_start),
+        ("R_MAX_END_ITER", r_max_end),
+        ("D_MAX_END_ITER", d_max_end),
+    ):
         if not _is_count(v):
-            raise ValueError(f"D2NORM.BRN.{key} must be an integer >= 0, got {v!r}. Fix: set it to "
-                             "an iteration count (paper: 5000 / 40000 / 25000).")
+            raise ValueError(
+                f"D2NORM.BRN.{key} must be an integer >= 0, got {v!r}. Fix: set it to "
+                "an iteration count (paper: 5000 / 40000 / 25000)."
+            )
     for key, v in (("R_MAX_END_ITER", r_max_end), ("D_MAX_END_ITER", d_max_end)):
         if v < ramp_start:
             raise ValueError(
                 f"D2NORM.BRN.{key}={v} is before D2NORM.BRN.RAMP_START_ITER={ramp_start}: the ramp "
-                f"would end before it starts. Fix: set D2NORM.BRN.{key} >= RAMP_START_ITER.")
+                f"would end before it starts. Fix: set D2NORM.BRN.{key} >= RAMP_START_ITER."
+            )
     if not _is_number(momentum) or not 0.0 < momentum <= 1.0:
         raise ValueError(
             f"D2NORM.BRN.MOMENTUM must be in (0, 1] (the update rate α of the running mean / std), "
-            f"got {momentum!r}. Fix: set D2NORM.BRN.MOMENTUM to 0.01 (default).")
+            f"got {momentum!r}. Fix: set D2NORM.BRN.MOMENTUM to 0.01 (default)."
+        )
     if not _is_number(eps) or not eps > 0:
         raise ValueError(f"D2NORM.BRN.EPS must be > 0, got {eps!r}. Fix: set D2NORM.BRN.EPS to 1e-5.")
 
@@ -97,8 +107,17 @@ class BatchRenorm2d(nn.Module):
     (μ), ``running_std`` (σ, which includes ε), ``iters`` (int64, training forwards so far).
     """
 
-    def __init__(self, num_features, r_max=3.0, d_max=5.0, ramp_start=5000, r_max_end=40000,
-                 d_max_end=25000, momentum=0.01, eps=1e-5):
+    def __init__(
+        self,
+        num_features,
+        r_max=3.0,
+        d_max=5.0,
+        ramp_start=5000,
+        r_max_end=40000,
+        d_max_end=25000,
+        momentum=0.01,
+        eps=1e-5,
+    ):
         super().__init__()
         check_brn_options(r_max, d_max, ramp_start, r_max_end, d_max_end, momentum, eps)
         self.num_features = int(num_features)
@@ -112,8 +131,10 @@ class BatchRenorm2d(nn.Module):
         self.register_buffer("iters", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self):
-        return (f"{self.num_features}, r_max={self.r_max}, d_max={self.d_max}, ramp=({self.ramp_start}, "
-                f"r: {self.r_max_end}, d: {self.d_max_end}), momentum={self.momentum}, eps={self.eps}")
+        return (
+            f"{self.num_features}, r_max={self.r_max}, d_max={self.d_max}, ramp=({self.ramp_start}, "
+            f"r: {self.r_max_end}, d: {self.d_max_end}), momentum={self.momentum}, eps={self.eps}"
+        )
 
     def limits(self):
         """``(r_max(t), d_max(t))`` for the next training forward, as 0-dim float tensors."""
@@ -150,5 +171,14 @@ class BatchRenorm2d(nn.Module):
             self.running_std.lerp_(std_b, self.momentum)
             self.iters.add_(1)
         # y = γ·((x − μ_B)/σ_B·r + d) + β = BN_train(x; weight γ·r, bias β + γ·d), r and d constant
-        return torch.batch_norm(x, self.weight * r, torch.addcmul(self.bias, self.weight, d), None, None,
-                                True, 0.0, self.eps, torch.backends.cudnn.enabled)
+        return torch.batch_norm(
+            x,
+            self.weight * r,
+            torch.addcmul(self.bias, self.weight, d),
+            None,
+            None,
+            True,
+            0.0,
+            self.eps,
+            torch.backends.cudnn.enabled,
+        )

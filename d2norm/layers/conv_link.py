@@ -15,10 +15,17 @@ directly is the caller's to pair with its conv; CBN checks its binding itself.)
 :class:`ModuleRef` and :class:`TensorRef` are weak references that survive ``copy.deepcopy`` and
 pickling, for links that must not own what they point at.
 """
+
 import weakref
 
-__all__ = ["ModuleRef", "TensorRef", "require_prepared_conv", "mark_conv_prepared",
-           "is_conv_prepared", "remove_hook"]
+__all__ = [
+    "ModuleRef",
+    "TensorRef",
+    "require_prepared_conv",
+    "mark_conv_prepared",
+    "is_conv_prepared",
+    "remove_hook",
+]
 
 _PREPARED_KEY = "_d2norm_conv_prepared"  # norm.__dict__: set by mark_conv_prepared
 
@@ -96,7 +103,8 @@ def _check_prepared(norm, args):
             "training would silently use another normalization. Fix: build the model with "
             "d2norm.build_model(cfg) (detectron2.modeling.build_model does not prepare it), or call "
             "d2norm.prepare_model(model) after building it; for a standalone layer, call "
-            "norm.prepare_preceding_conv(conv) with the conv whose output it normalizes.")
+            "norm.prepare_preceding_conv(conv) with the conv whose output it normalizes."
+        )
     remove_hook(norm._forward_pre_hooks, _check_prepared)
     return None
 

@@ -22,6 +22,7 @@ No weights are stored: for a conv without bias, <dmu/dW, W_{t-r}> = mu_{t-r} and
     mu_{t-r}(W_t) = <pbar_{t-r}, W_t>,   nu_{t-r}(W_t) = <dnu_{t-r}/dW, W_t> - nu_{t-r},
 one dot product per channel and stored iteration.
 """
+
 import warnings
 import weakref
 
@@ -139,35 +140,56 @@ class CrossIterationBatchNorm2d(nn.Module):
       included, overwrite the others' at every forward.
     """
 
-    def __init__(self, num_features, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1,
-                 grad_through_compensation=False):
+    def __init__(
+        self, num_features, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1, grad_through_compensation=False
+    ):
         super().__init__()
-        _check_int(num_features, "num_features", "the conv's out_channels", 1,
-                   "Pass the number of output channels of the preceding conv.")
-        _check_int(buffer_size, "buffer_size", "D2NORM.CBN.BUFFER_SIZE", 1,
-                   "Set D2NORM.CBN.BUFFER_SIZE to the number of iterations to average over, "
-                   "including the current one (the paper uses 3; 1 is plain BN).")
-        _check_int(burnin, "burnin", "D2NORM.CBN.BURNIN_ITERS", 0,
-                   "Set D2NORM.CBN.BURNIN_ITERS to the number of initial training iterations that "
-                   "use plain BN (0 for none).")
+        _check_int(
+            num_features,
+            "num_features",
+            "the conv's out_channels",
+            1,
+            "Pass the number of output channels of the preceding conv.",
+        )
+        _check_int(
+            buffer_size,
+            "buffer_size",
+            "D2NORM.CBN.BUFFER_SIZE",
+            1,
+            "Set D2NORM.CBN.BUFFER_SIZE to the number of iterations to average over, "
+            "including the current one (the paper uses 3; 1 is plain BN).",
+        )
+        _check_int(
+            burnin,
+            "burnin",
+            "D2NORM.CBN.BURNIN_ITERS",
+            0,
+            "Set D2NORM.CBN.BURNIN_ITERS to the number of initial training iterations that "
+            "use plain BN (0 for none).",
+        )
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"CrossIterationBatchNorm2d: eps (config key D2NORM.CBN.EPS) must be a "
-                             f"number > 0, got {eps!r}. Set D2NORM.CBN.EPS, e.g. to 1e-5.")
-        if (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                or not 0.0 <= momentum <= 1.0):
-            raise ValueError(f"CrossIterationBatchNorm2d: momentum (config key D2NORM.CBN.MOMENTUM) "
-                             f"must be a number in [0, 1], got {momentum!r}. Set "
-                             f"D2NORM.CBN.MOMENTUM, e.g. to 0.1.")
+            raise ValueError(
+                f"CrossIterationBatchNorm2d: eps (config key D2NORM.CBN.EPS) must be a "
+                f"number > 0, got {eps!r}. Set D2NORM.CBN.EPS, e.g. to 1e-5."
+            )
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"CrossIterationBatchNorm2d: momentum (config key D2NORM.CBN.MOMENTUM) "
+                f"must be a number in [0, 1], got {momentum!r}. Set "
+                f"D2NORM.CBN.MOMENTUM, e.g. to 0.1."
+            )
         self.num_features = num_features
         self.buffer_size = buffer_size
         self.burnin = burnin
         self.eps = float(eps)
         self.momentum = float(momentum)
         if not isinstance(grad_through_compensation, bool):
-            raise ValueError("CrossIterationBatchNorm2d: grad_through_compensation (config key "
-                             "D2NORM.CBN.GRAD_THROUGH_COMPENSATION) must be True or False, got "
-                             f"{grad_through_compensation!r}. Set "
-                             "D2NORM.CBN.GRAD_THROUGH_COMPENSATION to True or False.")
+            raise ValueError(
+                "CrossIterationBatchNorm2d: grad_through_compensation (config key "
+                "D2NORM.CBN.GRAD_THROUGH_COMPENSATION) must be True or False, got "
+                f"{grad_through_compensation!r}. Set "
+                "D2NORM.CBN.GRAD_THROUGH_COMPENSATION to True or False."
+            )
         self.grad_through_compensation = grad_through_compensation
 
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -202,9 +224,11 @@ class CrossIterationBatchNorm2d(nn.Module):
         return self._conv_ref()
 
     def extra_repr(self):
-        return (f"{self.num_features}, buffer_size={self.buffer_size}, burnin={self.burnin}, "
-                f"eps={self.eps}, momentum={self.momentum}, "
-                f"grad_through_compensation={self.grad_through_compensation}")
+        return (
+            f"{self.num_features}, buffer_size={self.buffer_size}, burnin={self.burnin}, "
+            f"eps={self.eps}, momentum={self.momentum}, "
+            f"grad_through_compensation={self.grad_through_compensation}"
+        )
 
     def reset_running_stats(self):
         self.running_mean.zero_()
@@ -233,28 +257,39 @@ class CrossIterationBatchNorm2d(nn.Module):
         if current is conv:
             return self
         if current is not None:
-            raise RuntimeError(f"{self._layer_name()} is already bound to another conv ({current!r}); "
-                               "a CrossIterationBatchNorm2d normalizes the output of exactly one conv.")
+            raise RuntimeError(
+                f"{self._layer_name()} is already bound to another conv ({current!r}); "
+                "a CrossIterationBatchNorm2d normalizes the output of exactly one conv."
+            )
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"{self._layer_name()}: bind() expects an nn.Conv2d (or a subclass such "
-                            f"as detectron2.layers.Conv2d), got {type(conv).__name__}.")
+            raise TypeError(
+                f"{self._layer_name()}: bind() expects an nn.Conv2d (or a subclass such "
+                f"as detectron2.layers.Conv2d), got {type(conv).__name__}."
+            )
         if getattr(conv, "transposed", False):
             raise ValueError(f"{self._layer_name()}: transposed convs are not supported.")
         if conv.bias is not None:
-            raise ValueError(f"{self._layer_name()}: the conv before a CrossIterationBatchNorm2d must "
-                             "have no bias (bias=False); a bias before a BN-type norm is redundant.")
+            raise ValueError(
+                f"{self._layer_name()}: the conv before a CrossIterationBatchNorm2d must "
+                "have no bias (bias=False); a bias before a BN-type norm is redundant."
+            )
         if conv.padding_mode != "zeros":
-            raise ValueError(f"{self._layer_name()}: only padding_mode='zeros' is supported, the conv "
-                             f"has padding_mode={conv.padding_mode!r}.")
+            raise ValueError(
+                f"{self._layer_name()}: only padding_mode='zeros' is supported, the conv "
+                f"has padding_mode={conv.padding_mode!r}."
+            )
         _conv_padding(conv)  # raises for unsupported 'same' padding
         if conv.out_channels != self.num_features:
-            raise ValueError(f"{self._layer_name()}: num_features={self.num_features} but the conv has "
-                             f"out_channels={conv.out_channels}.")
+            raise ValueError(
+                f"{self._layer_name()}: num_features={self.num_features} but the conv has "
+                f"out_channels={conv.out_channels}."
+            )
         owner = conv.__dict__.get(_OWNER_KEY)
         other = owner() if owner is not None else None
         if other is not None and other is not self and not (shared and getattr(other, "_shared_bind", False)):
-            raise RuntimeError(f"{self._layer_name()}: {conv!r} is already bound to another "
-                               "CrossIterationBatchNorm2d.")
+            raise RuntimeError(
+                f"{self._layer_name()}: {conv!r} is already bound to another CrossIterationBatchNorm2d."
+            )
         conv.__dict__[_OWNER_KEY] = _ModuleRef(self)
         if not any(h is _stash_conv_input for h in conv._forward_pre_hooks.values()):
             conv.register_forward_pre_hook(_stash_conv_input)
@@ -304,17 +339,21 @@ class CrossIterationBatchNorm2d(nn.Module):
         if fits and 0 <= self._count <= h and 0 <= self._pos < max(h, 1):
             return
         if self._count != 0:
-            warnings.warn(f"{self._layer_name()}: the stored CBN history does not fit the bound conv "
-                          "(different buffer_size or conv shape, or history dropped while loading a "
-                          "checkpoint); restarting the window.")
+            warnings.warn(
+                f"{self._layer_name()}: the stored CBN history does not fit the bound conv "
+                "(different buffer_size or conv shape, or history dropped while loading a "
+                "checkpoint); restarting the window.",
+                stacklevel=2,
+            )
         if not fits:
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             for name, shape in shapes.items():
                 setattr(self, name, torch.zeros(shape, dtype=dtype, device=weight.device))
         self.reset_history()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Accept a history of any shape (checked against the conv at the next forward / bind).
         for name in _UNUSED_HISTORY:
             state_dict.pop(prefix + name, None)
@@ -323,8 +362,9 @@ class CrossIterationBatchNorm2d(nn.Module):
             mine = self._buffers[name]
             if isinstance(value, torch.Tensor) and value.shape != mine.shape:
                 self._buffers[name] = torch.zeros(value.shape, dtype=mine.dtype, device=mine.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._iter = int(self.num_iterations.item())
         self._count = int(self.hist_count.item())
         self._pos = int(self.hist_pos.item())
@@ -338,20 +378,30 @@ class CrossIterationBatchNorm2d(nn.Module):
         if y.dim() != 4:
             raise ValueError(f"{self._layer_name()}: expected a 4D input (N, C, H, W), got {y.dim()}D.")
         if y.shape[1] != self.num_features:
-            raise ValueError(f"{self._layer_name()}: expected {self.num_features} channels, "
-                             f"got {y.shape[1]}.")
+            raise ValueError(
+                f"{self._layer_name()}: expected {self.num_features} channels, got {y.shape[1]}."
+            )
         conv = self._conv_ref()
         x = conv.__dict__.pop(_STASH_KEY, None) if conv is not None else None
         if not self.training:  # the affine map of the running statistics
             yr = y if y.dtype == self.running_mean.dtype else y.to(self.running_mean.dtype)
-            out = F.batch_norm(yr, self.running_mean, self.running_var, self.weight.to(yr.dtype),
-                               self.bias.to(yr.dtype), False, 0.0, self.eps)
+            out = F.batch_norm(
+                yr,
+                self.running_mean,
+                self.running_var,
+                self.weight.to(yr.dtype),
+                self.bias.to(yr.dtype),
+                False,
+                0.0,
+                self.eps,
+            )
             return out.to(y.dtype)
         if conv is None:
             raise RuntimeError(
                 f"{self._layer_name()} is not bound to the conv whose output it normalizes. Call "
                 "d2norm.prepare_model(model) after building the model (d2norm.build_model does), or "
-                "cbn.bind(conv) for a standalone conv + CBN pair.")
+                "cbn.bind(conv) for a standalone conv + CBN pair."
+            )
         if y.numel() == 0:  # empty batch: connected to the graph, no state change
             return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(y.dtype)
         with torch.autocast(y.device.type, enabled=False):
@@ -365,11 +415,14 @@ class CrossIterationBatchNorm2d(nn.Module):
             raise RuntimeError(
                 f"{self._layer_name()} did not receive the input of its bound conv: the conv "
                 "must run right before this layer, as in cbn(conv(x)) or detectron2's "
-                "Conv2d(..., norm=cbn).")
+                "Conv2d(..., norm=cbn)."
+            )
         if x is not None and (x.shape[0] != y.shape[0] or x.shape[1] != conv.in_channels):
-            raise RuntimeError(f"{self._layer_name()}: the stashed conv input {tuple(x.shape)} does "
-                               f"not match this layer's input {tuple(y.shape)}; the bound conv must "
-                               "run right before this layer.")
+            raise RuntimeError(
+                f"{self._layer_name()}: the stashed conv input {tuple(x.shape)} does "
+                f"not match this layer's input {tuple(y.shape)}; the bound conv must "
+                "run right before this layer."
+            )
         if not self._history_checked:
             self._ensure_history(conv.weight)
         sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -378,8 +431,9 @@ class CrossIterationBatchNorm2d(nn.Module):
         comp = None
         n = h + 1
         if n * m_count <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {tuple(y.shape)}")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
+            )
         with torch.no_grad():
             mu_t, var_t = _batch_mean_var(y.to(sdt))
             if h == 0:
@@ -389,19 +443,30 @@ class CrossIterationBatchNorm2d(nn.Module):
                 var_p = nu_p - mu_p * mu_p
                 if self.grad_through_compensation:
                     # d/dW of the stored entries (the history slots are overwritten below)
-                    comp = (self.hist_grad_mean[:h].to(sdt, copy=True),
-                            self.hist_grad_sqmean[:h].to(sdt, copy=True), mu_p, var_p >= 0)
+                    comp = (
+                        self.hist_grad_mean[:h].to(sdt, copy=True),
+                        self.hist_grad_sqmean[:h].to(sdt, copy=True),
+                        mu_p,
+                        var_p >= 0,
+                    )
                 var_p = var_p.clamp_min(0)  # the paper's max(nu, mu^2)
                 mu_bar = (mu_t + mu_p.sum(0)) / n
                 # = mean_i max(nu_i, mu_i^2) - mubar^2, free of cancellation
-                var_bar = (var_t + var_p.sum(0) + (mu_t - mu_bar) ** 2
-                           + ((mu_p - mu_bar) ** 2).sum(0)) / n
+                var_bar = (var_t + var_p.sum(0) + (mu_t - mu_bar) ** 2 + ((mu_p - mu_bar) ** 2).sum(0)) / n
             total = n * m_count
             self.running_mean.mul_(1 - self.momentum).add_(mu_bar, alpha=self.momentum)
-            self.running_var.mul_(1 - self.momentum).add_(
-                var_bar, alpha=self.momentum * total / (total - 1))
-        out = _WindowBatchNorm.apply(y, self.weight, self.bias, mu_bar, var_bar, n, self.eps,
-                                     conv.weight if comp is not None else None, comp)
+            self.running_var.mul_(1 - self.momentum).add_(var_bar, alpha=self.momentum * total / (total - 1))
+        out = _WindowBatchNorm.apply(
+            y,
+            self.weight,
+            self.bias,
+            mu_bar,
+            var_bar,
+            n,
+            self.eps,
+            conv.weight if comp is not None else None,
+            comp,
+        )
         if record:
             with torch.no_grad():
                 self._record(x, y, conv, mu_t, var_t, sdt)
@@ -430,8 +495,9 @@ class CrossIterationBatchNorm2d(nn.Module):
         g_nu = sqmean_weight_gradient(xf, y.to(sdt), w4, stride, padding, dilation, conv.groups)
         self.hist_grad_sqmean[i].copy_(g_nu.reshape(c_out, -1))
         # dmu_c/dW_c = pbar: the mean input patch of the group of channel c
-        self.hist_grad_mean[i].copy_(_mean_patch(xf, w4.shape, stride, padding, dilation,
-                                                 conv.groups, y.shape[2:]))
+        self.hist_grad_mean[i].copy_(
+            _mean_patch(xf, w4.shape, stride, padding, dilation, conv.groups, y.shape[2:])
+        )
         self.hist_sqmean[i].copy_(var_t + mu_t * mu_t)
         self._pos = (i + 1) % (self.buffer_size - 1)
         self._count = min(self._count + 1, self.buffer_size - 1)
@@ -455,8 +521,9 @@ class _WindowBatchNorm(torch.autograd.Function):
         ctx.n, ctx.eps = n, eps
         ctx.comp = comp
         ctx.weight_meta = None if conv_weight is None else (conv_weight.shape, conv_weight.dtype)
-        return F.batch_norm(y, mu_bar, var_bar, gamma.to(mu_bar.dtype), beta.to(mu_bar.dtype),
-                            False, 0.0, eps).to(y.dtype)
+        return F.batch_norm(
+            y, mu_bar, var_bar, gamma.to(mu_bar.dtype), beta.to(mu_bar.dtype), False, 0.0, eps
+        ).to(y.dtype)
 
     @staticmethod
     @once_differentiable
@@ -468,11 +535,23 @@ class _WindowBatchNorm(torch.autograd.Function):
         if want_w:
             mask[1] = mask[2] = True  # sum(g * yhat) and sum(g) feed the compensation gradient
         gamma_s = gamma.to(mu_bar.dtype)
-        fmt = (torch.channels_last if not y.is_contiguous() and y.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format)
+        fmt = (
+            torch.channels_last
+            if not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
         gy, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=fmt), y, gamma_s, None, None, mu_bar, invstd, True,
-            ctx.eps, mask)
+            grad_out.contiguous(memory_format=fmt),
+            y,
+            gamma_s,
+            None,
+            None,
+            mu_bar,
+            invstd,
+            True,
+            ctx.eps,
+            mask,
+        )
         if gy is not None and n > 1:
             coef = (gamma_s * invstd).to(gy.dtype).view(1, -1, 1, 1)
             gy = gy.mul_(1.0 / n).addcmul_(grad_out, coef, value=1.0 - 1.0 / n)
@@ -500,7 +579,8 @@ def _compensation_weight_grad(comp, gamma, mu_bar, invstd, sum_g_yhat, sum_g, n)
     d_var_bar = -0.5 * gamma * invstd * invstd * sum_g_yhat
     d_nu = torch.where(unclamped, d_var_bar / n, torch.zeros_like(mu_p))
     d_mu = (d_mu_bar - 2.0 * mu_bar * d_var_bar) / n + torch.where(
-        unclamped, torch.zeros_like(mu_p), 2.0 * mu_p * d_var_bar / n)
+        unclamped, torch.zeros_like(mu_p), 2.0 * mu_p * d_var_bar / n
+    )
     h, groups, k = pbar.shape
     c_out = mu_p.shape[1]
     gw = torch.einsum("hc,hck->ck", d_nu, g_nu)
@@ -513,8 +593,8 @@ def sqmean_weight_gradient(x, y, weight, stride, padding, dilation, groups):
     the conv weight gradient for grad_output 2y/M, M = N*H_out*W_out; shaped like ``weight``."""
     m = y.shape[0] * y.shape[2] * y.shape[3]
     return torch.ops.aten.convolution_backward(
-        y, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [False, True, False])[1].mul_(2.0 / m)
+        y, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
+    )[1].mul_(2.0 / m)
 
 
 def _batch_mean_var(y):
@@ -532,8 +612,8 @@ def _mean_patch(x, weight_shape, stride, padding, dilation, groups, out_hw):
     _, c_in_g, kh, kw = weight_shape
     (sh, sw), (ph, pw), (dh, dw), (ho, wo) = stride, padding, dilation, tuple(out_hw)
     xs = F.pad(x.sum(0), (pw, pw, ph, ph))  # (Cin, H + 2ph, W + 2pw)
-    rows = torch.stack([xs[:, i * dh: i * dh + sh * (ho - 1) + 1: sh].sum(1) for i in range(kh)], 1)
-    p = torch.stack([rows[:, :, j * dw: j * dw + sw * (wo - 1) + 1: sw].sum(-1) for j in range(kw)], 2)
+    rows = torch.stack([xs[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh].sum(1) for i in range(kh)], 1)
+    p = torch.stack([rows[:, :, j * dw : j * dw + sw * (wo - 1) + 1 : sw].sum(-1) for j in range(kw)], 2)
     return p.reshape(groups, c_in_g * kh * kw).div_(x.shape[0] * ho * wo)
 
 
@@ -547,8 +627,10 @@ def _conv_padding(conv):
         for d, kk in zip(conv.dilation, conv.kernel_size):
             total = d * (kk - 1)
             if total % 2:
-                raise ValueError("CrossIterationBatchNorm2d: padding='same' with an even effective "
-                                 "kernel (asymmetric padding) is not supported; use explicit padding.")
+                raise ValueError(
+                    "CrossIterationBatchNorm2d: padding='same' with an even effective "
+                    "kernel (asymmetric padding) is not supported; use explicit padding."
+                )
             pads.append(total // 2)
         return tuple(pads)
     return tuple(p)

@@ -7,6 +7,7 @@ norm, one per call: call i of a forward uses copy ``i mod L``, so each copy sees
 advances once per step. The affine parameters γ, β are shared (the copies hold the same
 ``nn.Parameter`` objects), as in detectron2's ``CycleBatchNormList`` for "BN".
 """
+
 import copy
 
 from torch import nn

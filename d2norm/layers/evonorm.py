@@ -18,6 +18,7 @@ convs keep detectron2's functional ReLU after EvoNorm (ReLU(x·σ(v·x)/std·γ 
 part the Swish lets through is cut off there); sites without a ReLU (residual-branch ends,
 shortcuts, FPN) use the layer without its nonlinearity.
 """
+
 import torch
 from torch import nn
 
@@ -28,12 +29,14 @@ def check_evonorm_options(num_groups, num_channels, eps):
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(
             f"D2NORM.EVONORM.NUM_GROUPS must be a positive integer, got {num_groups!r}. Fix: set "
-            "D2NORM.EVONORM.NUM_GROUPS (default 32, the paper's value).")
+            "D2NORM.EVONORM.NUM_GROUPS (default 32, the paper's value)."
+        )
     if num_channels % num_groups != 0:
         raise ValueError(
             f"EvoNorm-S0: D2NORM.EVONORM.NUM_GROUPS={num_groups} does not divide the {num_channels} "
             f"channels of a layer. Fix: choose D2NORM.EVONORM.NUM_GROUPS dividing every normalized "
-            f"channel count (e.g. 32, 16 or 8 for widths that are multiples of 32).")
+            f"channel count (e.g. 32, 16 or 8 for widths that are multiples of 32)."
+        )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"D2NORM.EVONORM.EPS must be > 0, got {eps!r}. Fix: set it to 1e-5 (default).")
 
@@ -80,13 +83,16 @@ class EvoNormS0(nn.Module):
         ``d2norm.prepare_model`` reports with the module's path if it ends up in a model."""
         check_evonorm_options(num_groups, num_groups, kwargs.get("eps", 1e-5))
         if num_channels >= num_groups:
-            raise ValueError(f"type_probe is for fewer channels than groups, got {num_channels} "
-                             f"channels and {num_groups} groups")
+            raise ValueError(
+                f"type_probe is for fewer channels than groups, got {num_channels} "
+                f"channels and {num_groups} groups"
+            )
         layer = cls(num_channels, num_groups=num_channels, **kwargs)
         layer.unusable = (
             f"EvoNorm-S0: D2NORM.EVONORM.NUM_GROUPS={num_groups} groups cannot split the "
             f"{num_channels} channel(s) of this layer. Fix: choose D2NORM.EVONORM.NUM_GROUPS dividing "
-            f"every normalized channel count.")
+            f"every normalized channel count."
+        )
         layer.register_forward_pre_hook(_refuse_unusable)
         return layer
 
@@ -102,8 +108,9 @@ class EvoNormS0(nn.Module):
         return self
 
     def extra_repr(self):
-        return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
-                f"nonlinear={self.activation}")
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, nonlinear={self.activation}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:

@@ -31,6 +31,7 @@ pass (:func:`d2norm.layers.norm_sites.prepare_norm_sites`) places the activation
 
 A layer built outside :func:`d2norm.build_model` keeps its TLU.
 """
+
 import torch
 from torch import nn
 
@@ -41,14 +42,19 @@ def check_frn_options(eps, learnable_eps, learned_eps_init):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(
             f"D2NORM.FRN.EPS must be > 0, got {eps!r}. Fix: set D2NORM.FRN.EPS to 1e-6 (the paper's "
-            "value; with LEARNABLE_EPS it is the lower bound of ε).")
+            "value; with LEARNABLE_EPS it is the lower bound of ε)."
+        )
     if not isinstance(learnable_eps, bool):
         raise ValueError(f"D2NORM.FRN.LEARNABLE_EPS must be True or False, got {learnable_eps!r}.")
-    if isinstance(learned_eps_init, bool) or not isinstance(learned_eps_init, (int, float)) or not (
-            learned_eps_init >= 0):
+    if (
+        isinstance(learned_eps_init, bool)
+        or not isinstance(learned_eps_init, (int, float))
+        or not (learned_eps_init >= 0)
+    ):
         raise ValueError(
             f"D2NORM.FRN.LEARNED_EPS_INIT must be a number >= 0, got {learned_eps_init!r}. Fix: set "
-            "it to 1e-4 (the paper's initial value of the learned part of ε).")
+            "it to 1e-4 (the paper's initial value of the learned part of ε)."
+        )
 
 
 class FilterResponseNorm2d(nn.Module):
@@ -67,8 +73,15 @@ class FilterResponseNorm2d(nn.Module):
     ``eps_learned`` (ε_l; only with ``learnable_eps``).
     """
 
-    def __init__(self, num_features, eps=1e-6, learnable_eps=False, learned_eps_init=1e-4,
-                 activation=True, replace_relu=True):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-6,
+        learnable_eps=False,
+        learned_eps_init=1e-4,
+        activation=True,
+        replace_relu=True,
+    ):
         super().__init__()
         check_frn_options(eps, learnable_eps, learned_eps_init)
         self.num_features = int(num_features)
@@ -98,13 +111,13 @@ class FilterResponseNorm2d(nn.Module):
         return self
 
     def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, learnable_eps={self.learnable_eps}, "
-                f"tlu={self.activation}")
+        return (
+            f"{self.num_features}, eps={self.eps}, learnable_eps={self.learnable_eps}, tlu={self.activation}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(
-                f"FilterResponseNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ValueError(f"FilterResponseNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         if x.numel() == 0:  # nothing to normalize: an empty output connected to the parameters
             y = x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
             return y if self.tau is None else torch.maximum(y, self.tau.view(1, -1, 1, 1))

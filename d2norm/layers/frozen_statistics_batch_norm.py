@@ -24,6 +24,7 @@ detectron2's optimizer gives its γ/β ``SOLVER.WEIGHT_DECAY_NORM``, detectron2'
 it stays in eval mode when the model trains (``training`` is always False), so Precise BN, which
 recomputes the statistics of training-mode BN layers, leaves it alone.
 """
+
 from torch import nn
 from torch.nn import functional as F
 
@@ -38,8 +39,15 @@ class FrozenStatisticsBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, device=None, dtype=None):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True, device=device, dtype=dtype)
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=True,
+            device=device,
+            dtype=dtype,
+        )
         self.training = False  # see train()
 
     def train(self, mode=True):
@@ -51,8 +59,9 @@ class FrozenStatisticsBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         self._check_input_dim(x)
         # training=False: normalize with the running statistics and never update them
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
     def extra_repr(self):
         return super().extra_repr() + ", statistics=frozen"

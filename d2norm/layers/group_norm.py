@@ -4,6 +4,7 @@ For each sample n and group g of C/G channels: ŷ = (x − μ_{n,g})/√(σ²_{n
 over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and eval; computed by
 ``torch.nn.GroupNorm``.
 """
+
 from torch import nn
 
 from .conv_link import mark_conv_prepared
@@ -44,13 +45,16 @@ class GroupNorm(nn.GroupNorm):
         module's path if such a layer ends up in a model."""
         check_num_groups(num_groups, num_groups)  # a valid count (positive integer) or a clear error
         if num_channels >= num_groups:
-            raise ValueError(f"type_probe is for fewer channels than groups, got {num_channels} "
-                             f"channels and {num_groups} groups")
+            raise ValueError(
+                f"type_probe is for fewer channels than groups, got {num_channels} "
+                f"channels and {num_groups} groups"
+            )
         layer = cls(num_channels, num_channels, **kwargs)
         layer.unusable = (
             f"GroupNorm: D2NORM.GN.NUM_GROUPS={num_groups} groups cannot split the {num_channels} "
             f"channel(s) of this layer. Fix: choose D2NORM.GN.NUM_GROUPS dividing every normalized "
-            f"channel count (e.g. 32, 16 or 8 for widths that are multiples of 32).")
+            f"channel count (e.g. 32, 16 or 8 for widths that are multiples of 32)."
+        )
         layer.register_forward_pre_hook(_refuse_unusable)
         return layer
 

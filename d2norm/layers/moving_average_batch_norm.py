@@ -53,6 +53,7 @@ previous entry, so one overflow does not poison later steps.
 The conv before each MABN must use centralized weights (``W - mean(W)`` per output channel);
 :meth:`MovingAverageBatchNorm2d.prepare_preceding_conv` installs that parametrization.
 """
+
 import torch
 from torch import nn
 
@@ -122,8 +123,9 @@ class _MABNFunction(torch.autograd.Function):
         scale = st["grad_scale"]
         psi_u = psi if scale is None else psi / scale
         idx = st["idx"]
-        buffer_gz.index_copy_(0, idx, torch.where(torch.isfinite(psi_u), psi_u.unsqueeze(0),
-                                                  buffer_gz.index_select(0, idx)))
+        buffer_gz.index_copy_(
+            0, idx, torch.where(torch.isfinite(psi_u), psi_u.unsqueeze(0), buffer_gz.index_select(0, idx))
+        )
         psi_mean = buffer_gz.mean(dim=0)
         psi_bar = torch.where(st["use_sma"], psi_mean if scale is None else psi_mean * scale, psi)
 
@@ -170,8 +172,10 @@ class MovingAverageBatchNorm2d(nn.Module):
                 f"{warmup_iters!r}. Set D2NORM.MABN.WARMUP_ITERS to a non-negative iteration "
                 f"count (default 100)."
             )
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
-            0.0 <= momentum < 1.0
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not (0.0 <= momentum < 1.0)
         ):
             raise ValueError(
                 f"MovingAverageBatchNorm2d: momentum must be in [0, 1), got {momentum!r}. Set "
@@ -228,15 +232,20 @@ class MovingAverageBatchNorm2d(nn.Module):
             )
         if x.numel() == 0:
             # Empty batch: an empty output that is still connected to gamma/beta; no state update.
-            return x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(
-                x.dtype
-            )
+            return x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
 
         if not self.training:
             # y = gamma * x / sqrt(running_var + eps) + beta: an inference batch norm with mean 0
             zeros, _ = self._constants(x.device)
             return torch.batch_norm(
-                x, self.weight, self.bias, zeros, self.running_var, False, 0.0, self.eps,
+                x,
+                self.weight,
+                self.bias,
+                zeros,
+                self.running_var,
+                False,
+                0.0,
+                self.eps,
                 torch.backends.cudnn.enabled,
             )
 
@@ -263,9 +272,17 @@ class MovingAverageBatchNorm2d(nn.Module):
             )
             self.running_var.lerp_(var, 1.0 - self.momentum)
             st = {
-                "var": var, "inv_std": inv_var.sqrt(), "inv_var": inv_var, "r": r,
-                "zeros": zeros, "ones": ones, "idx": idx, "use_sma": use_sma,
-                "buffer_gz": self.buffer_gz, "eps": self.eps, "inv_num": 1.0 / num,
+                "var": var,
+                "inv_std": inv_var.sqrt(),
+                "inv_var": inv_var,
+                "r": r,
+                "zeros": zeros,
+                "ones": ones,
+                "idx": idx,
+                "use_sma": use_sma,
+                "buffer_gz": self.buffer_gz,
+                "eps": self.eps,
+                "inv_num": 1.0 / num,
                 "grad_scale": self.grad_scale,
             }
         return _MABNFunction.apply(x, self.weight, self.bias, st)
@@ -276,8 +293,11 @@ class MovingAverageBatchNorm2d(nn.Module):
         key = (device, dtype)
         cached = self.__dict__.get("_const_cache")
         if cached is None or cached[0] != key:
-            cached = (key, torch.zeros(self.num_features, dtype=dtype, device=device),
-                      torch.ones(self.num_features, dtype=dtype, device=device))
+            cached = (
+                key,
+                torch.zeros(self.num_features, dtype=dtype, device=device),
+                torch.ones(self.num_features, dtype=dtype, device=device),
+            )
             self.__dict__["_const_cache"] = cached
         return cached[1], cached[2]
 

@@ -28,6 +28,7 @@
 
 Idempotent (a second call changes nothing).
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -90,10 +91,10 @@ def frozen_batch_norm_of_brn(norm):
 def prepare_norm_sites(model):
     """Apply the per-site rules of the module docstring to ``model`` in place; returns it."""
     parents = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         for attr, child in module.named_children():
             parents[id(child)] = (module, attr)
-    for name, conv in list(model.named_modules()):
+    for conv in list(model.modules()):
         norm = getattr(conv, "norm", None)
         if not isinstance(conv, nn.Conv2d) or not isinstance(norm, nn.Module):
             continue
@@ -116,7 +117,11 @@ def prepare_norm_sites(model):
         names = list(seq._modules)
         for i, name in enumerate(names[:-1]):
             norm, nxt = seq._modules[name], seq._modules[names[i + 1]]
-            if isinstance(norm, ACTIVATION_NORMS) and norm.activation and norm.replace_relu and (
-                    isinstance(nxt, nn.ReLU)):
+            if (
+                isinstance(norm, ACTIVATION_NORMS)
+                and norm.activation
+                and norm.replace_relu
+                and (isinstance(nxt, nn.ReLU))
+            ):
                 seq._modules[names[i + 1]] = nn.Identity()
     return model

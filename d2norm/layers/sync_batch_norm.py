@@ -7,10 +7,10 @@ Weighting by n_r makes ranks with different (or zero) batch sizes correct, and e
 part in the all-reduce even with an empty batch, so nothing hangs. In a single process, or when
 no process group is initialized, it is exactly ``nn.BatchNorm2d``.
 """
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 
 __all__ = ["SyncBatchNorm2d", "all_reduce_sum"]
 

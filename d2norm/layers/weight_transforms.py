@@ -20,6 +20,7 @@ The transforms are applied with :mod:`torch.nn.utils.parametrize`, so the conv k
 :func:`bake_weight_transforms` removes the parametrizations for deployment, leaving the
 transformed weight as a plain parameter.
 """
+
 from typing import Tuple
 
 import torch
@@ -53,8 +54,7 @@ def check_ws_options(eps, convention):
         )
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(
-            f"D2NORM.WS.EPS must be a number >= 0, got {eps!r}. Fix: set D2NORM.WS.EPS "
-            "(default 1e-5)."
+            f"D2NORM.WS.EPS must be a number >= 0, got {eps!r}. Fix: set D2NORM.WS.EPS (default 1e-5)."
         )
 
 
@@ -72,9 +72,7 @@ def centralize_weight(w: torch.Tensor) -> torch.Tensor:
     return w - w.mean(dim=_reduce_dims(w), keepdim=True)
 
 
-def standardize_weight(
-    w: torch.Tensor, eps: float = 1e-5, convention: str = "sqrt_var"
-) -> torch.Tensor:
+def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sqrt_var") -> torch.Tensor:
     """Weight standardization, per output channel over all other dims.
 
     ``convention="sqrt_var"`` (default): ``(W - mean) / sqrt(var_biased + eps)``.

@@ -7,6 +7,7 @@
 
 ``tools/small_batch_study.py`` is the command line.
 """
+
 from .records import append_record, load_records, pending_runs, run_key
 from .report import write_plot, write_report
 from .run import execute_run, run_grid
@@ -14,7 +15,22 @@ from .settings import FULL, QUICK, StudySettings, available_norms, build_cfg, pl
 from .stats import aggregate, paired_difference, t_quantile
 
 __all__ = [
-    "StudySettings", "QUICK", "FULL", "available_norms", "build_cfg", "plan", "settings_id",
-    "run_grid", "execute_run", "append_record", "load_records", "pending_runs", "run_key",
-    "aggregate", "paired_difference", "t_quantile", "write_report", "write_plot",
+    "StudySettings",
+    "QUICK",
+    "FULL",
+    "available_norms",
+    "build_cfg",
+    "plan",
+    "settings_id",
+    "run_grid",
+    "execute_run",
+    "append_record",
+    "load_records",
+    "pending_runs",
+    "run_key",
+    "aggregate",
+    "paired_difference",
+    "t_quantile",
+    "write_report",
+    "write_plot",
 ]

@@ -1,4 +1,5 @@
 """The study's per-run records: one JSON object per line, appended atomically, resumable."""
+
 import json
 import os
 
@@ -35,7 +36,7 @@ def load_records(path):
     records, bad = [], 0
     if not os.path.exists(path):
         return records, bad
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line:

@@ -1,4 +1,5 @@
 """The study's report: Markdown tables (AP, paired differences, convergence, cost) and the plot."""
+
 import os
 import platform
 import statistics
@@ -6,8 +7,18 @@ import statistics
 from .records import latest_records
 from .stats import aggregate, convergence, paired_difference, point_values
 
-__all__ = ["norm_order", "ap_table", "difference_tables", "convergence_table", "cost_table",
-           "invariants", "machine_line", "write_plot", "write_report", "atomic_write_text"]
+__all__ = [
+    "norm_order",
+    "ap_table",
+    "difference_tables",
+    "convergence_table",
+    "cost_table",
+    "invariants",
+    "machine_line",
+    "write_plot",
+    "write_report",
+    "atomic_write_text",
+]
 
 _ORDER = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
 
@@ -34,14 +45,19 @@ def ap_table(records, metric="box_ap", total_batch=8):
     """Rows: norms; columns: images per process b (P = total_batch / b); mean ± sample std (n)."""
     recs, norms, bs = _points(records)
     agg = aggregate(recs, metric)
-    lines = ["| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
-             "|---|" + "---|" * len(bs)]
+    lines = [
+        "| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
+        "|---|" + "---|" * len(bs),
+    ]
     for norm in norms:
         cells = []
         for b in bs:
             cell = _cell(agg.get((norm, b)))
-            bad = [r["status"] for r in recs if r["norm"] == norm and int(r["per_proc"]) == b
-                   and r.get("status", "ok") != "ok"]
+            bad = [
+                r["status"]
+                for r in recs
+                if r["norm"] == norm and int(r["per_proc"]) == b and r.get("status", "ok") != "ok"
+            ]
             if bad:
                 cell += f" ({len(bad)} {'/'.join(sorted(set(bad)))})"
             if cell == "–" and norm == "SyncBN" and b == total_batch:
@@ -67,24 +83,36 @@ def difference_tables(records, metric="box_ap", total_batch=8):
     vals = point_values(recs, metric)
     ref_b = max(bs) if bs else total_batch
     small = [b for b in bs if b != ref_b]
-    t1 = ["| norm | " + " | ".join(f"AP(b={ref_b}) − AP(b={b})" for b in small) + " |",
-          "|---|" + "---|" * len(small)]
+    t1 = [
+        "| norm | " + " | ".join(f"AP(b={ref_b}) − AP(b={b})" for b in small) + " |",
+        "|---|" + "---|" * len(small),
+    ]
     for norm in norms:
         ref = vals.get((norm, ref_b))
         if norm == "SyncBN" and ref is None:
             ref = vals.get(("BN", ref_b))  # SyncBN in one process is BN
-        t1.append(f"| {norm} | " + " | ".join(
-            _interval(paired_difference(ref, vals[(norm, b)]) if ref and (norm, b) in vals else None)
-            for b in small) + " |")
+        t1.append(
+            f"| {norm} | "
+            + " | ".join(
+                _interval(paired_difference(ref, vals[(norm, b)]) if ref and (norm, b) in vals else None)
+                for b in small
+            )
+            + " |"
+        )
     others = [n for n in norms if n != "BN"]
     if not others or not any(n == "BN" for n in norms):
         return "\n".join(t1), "(needs BN and another norm)"
     t2 = ["| b (P) | " + " | ".join(f"{n} − BN" for n in others) + " |", "|---|" + "---|" * len(others)]
     for b in bs:
         bn = vals.get(("BN", b))
-        t2.append(f"| {b} ({total_batch // b}) | " + " | ".join(
-            _interval(paired_difference(vals[(n, b)], bn) if bn and (n, b) in vals else None)
-            for n in others) + " |")
+        t2.append(
+            f"| {b} ({total_batch // b}) | "
+            + " | ".join(
+                _interval(paired_difference(vals[(n, b)], bn) if bn and (n, b) in vals else None)
+                for n in others
+            )
+            + " |"
+        )
     return "\n".join(t1), "\n".join(t2)
 
 
@@ -92,33 +120,46 @@ def convergence_table(records, metric="box_ap", tail_from=0.8, max_rows=None):
     """AP at the evaluated fractions of the schedule, per run with a curve, and the tail change."""
     rows = convergence(records, metric, tail_from)
     fracs = sorted({f for row in rows for f in row[3]})
-    lines = ["| norm | b | seed | " + " | ".join(f"{f:.0%}" for f in fracs)
-             + f" | AP(100%) − AP({tail_from:.0%}) |", "|---|---|---|" + "---|" * (len(fracs) + 1)]
+    lines = [
+        "| norm | b | seed | "
+        + " | ".join(f"{f:.0%}" for f in fracs)
+        + f" | AP(100%) − AP({tail_from:.0%}) |",
+        "|---|---|---|" + "---|" * (len(fracs) + 1),
+    ]
     for norm, b, seed, pts, change in rows[:max_rows]:
-        lines.append(f"| {norm} | {b} | {seed} | " + " | ".join(
-            f"{pts[f]:.1f}" if f in pts else "–" for f in fracs)
-            + f" | {'–' if change is None else f'{change:+.1f}'} |")
+        lines.append(
+            f"| {norm} | {b} | {seed} | "
+            + " | ".join(f"{pts[f]:.1f}" if f in pts else "–" for f in fracs)
+            + f" | {'–' if change is None else f'{change:+.1f}'} |"
+        )
     changes = [r[4] for r in rows if r[4] is not None]
     summary = ""
     if len(changes) >= 2:
-        summary = (f"Over these {len(changes)} runs, AP(100%) − AP({tail_from:.0%}) has mean "
-                   f"{statistics.fmean(changes):+.2f} and standard deviation {statistics.stdev(changes):.2f} "
-                   f"AP (range {min(changes):+.1f} to {max(changes):+.1f}).")
+        summary = (
+            f"Over these {len(changes)} runs, AP(100%) − AP({tail_from:.0%}) has mean "
+            f"{statistics.fmean(changes):+.2f} and standard deviation {statistics.stdev(changes):.2f} "
+            f"AP (range {min(changes):+.1f} to {max(changes):+.1f})."
+        )
     return "\n".join(lines), summary
 
 
 def cost_table(records, total_batch=8):
     """Median CPU seconds (all processes, training + evaluation) and wall seconds per run."""
     recs, norms, bs = _points(records)
-    lines = ["| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
-             "|---|" + "---|" * len(bs)]
+    lines = [
+        "| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
+        "|---|" + "---|" * len(bs),
+    ]
     for norm in norms:
         cells = []
         for b in bs:
             rs = [r for r in recs if r["norm"] == norm and int(r["per_proc"]) == b and "cpu_s" in r]
-            cells.append(f"{statistics.median(r['cpu_s'] for r in rs):.0f} / "
-                         f"{statistics.median(r.get('wall_s', r.get('wall_train_s', 0)) for r in rs):.0f}"
-                         if rs else "–")
+            cells.append(
+                f"{statistics.median(r['cpu_s'] for r in rs):.0f} / "
+                f"{statistics.median(r.get('wall_s', r.get('wall_train_s', 0)) for r in rs):.0f}"
+                if rs
+                else "–"
+            )
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     total = sum(r.get("cpu_s", 0.0) for r in recs)
     return "\n".join(lines), total
@@ -134,8 +175,12 @@ def invariants(records, total_batch=8):
     for r in recs:
         by_seed.setdefault(int(r["seed"]), set()).add(r["images_digest"])
     same_images = all(len(d) == 1 for d in by_seed.values())
-    return dict(runs=len(recs), images_per_iteration_ok=per_iter_ok, images_per_process_ok=per_proc_ok,
-                same_images_per_seed=same_images)
+    return dict(
+        runs=len(recs),
+        images_per_iteration_ok=per_iter_ok,
+        images_per_process_ok=per_proc_ok,
+        same_images_per_seed=same_images,
+    )
 
 
 def machine_line():
@@ -151,8 +196,9 @@ def machine_line():
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def atomic_write_text(path, text):
@@ -182,8 +228,14 @@ def write_plot(path, records, metric="box_ap", title="", total_batch=8):
         if not pts:
             continue
         shift = 2 ** ((i - (len(norms) - 1) / 2) * 0.025)  # small offset so the bars don't overlap
-        ax.errorbar([b * shift for b, _ in pts], [v[0] for _, v in pts],
-                    yerr=[v[1] or 0.0 for _, v in pts], marker="o", capsize=3, label=norm)
+        ax.errorbar(
+            [b * shift for b, _ in pts],
+            [v[0] for _, v in pts],
+            yerr=[v[1] or 0.0 for _, v in pts],
+            marker="o",
+            capsize=3,
+            label=norm,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(bs)
     ax.set_xticklabels([f"{b}\n(P={total_batch // b})" for b in bs])
@@ -215,23 +267,43 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
     parts += ["## Box AP (mean ± sample std over seeds)", "", ap_table(records, total_batch=total_batch), ""]
     if plot_name:
         parts += [f"![AP vs images per process]({plot_name})", ""]
-    parts += ["## Does AP drop with fewer images per process?", "",
-              "Paired by seed (same initialization, same images), mean difference and 95% t-interval; "
-              "positive = the norm loses AP at b images per process.", "", d1, "",
-              "## Each norm against BN at equal images per process", "",
-              "Paired by seed, mean and 95% t-interval of AP(norm) − AP(BN); positive = better than BN.",
-              "", d2, "",
-              "## Convergence", "", "Box AP of the runs evaluated along the schedule "
-              "(fraction of the iterations); the last column is the change over the last 20%.", "",
-              conv, "", conv_summary, "",
-              "## Design checks (computed from the records)", "",
-              f"* runs with image records: {inv['runs']}; every iteration trained {total_batch} images: "
-              f"{'yes' if inv['images_per_iteration_ok'] else 'NO'}; every process trained b images: "
-              f"{'yes' if inv['images_per_process_ok'] else 'NO'}; runs of the same seed trained on the same "
-              f"images at every point: {'yes' if inv['same_images_per_seed'] else 'NO'}.", "",
-              "## Cost per run (CPU seconds of all processes / wall seconds, median over seeds)", "",
-              cost, "", f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.",
-              ""]
+    parts += [
+        "## Does AP drop with fewer images per process?",
+        "",
+        "Paired by seed (same initialization, same images), mean difference and 95% t-interval; "
+        "positive = the norm loses AP at b images per process.",
+        "",
+        d1,
+        "",
+        "## Each norm against BN at equal images per process",
+        "",
+        "Paired by seed, mean and 95% t-interval of AP(norm) − AP(BN); positive = better than BN.",
+        "",
+        d2,
+        "",
+        "## Convergence",
+        "",
+        "Box AP of the runs evaluated along the schedule "
+        "(fraction of the iterations); the last column is the change over the last 20%.",
+        "",
+        conv,
+        "",
+        conv_summary,
+        "",
+        "## Design checks (computed from the records)",
+        "",
+        f"* runs with image records: {inv['runs']}; every iteration trained {total_batch} images: "
+        f"{'yes' if inv['images_per_iteration_ok'] else 'NO'}; every process trained b images: "
+        f"{'yes' if inv['images_per_process_ok'] else 'NO'}; runs of the same seed trained on the same "
+        f"images at every point: {'yes' if inv['same_images_per_seed'] else 'NO'}.",
+        "",
+        "## Cost per run (CPU seconds of all processes / wall seconds, median over seeds)",
+        "",
+        cost,
+        "",
+        f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.",
+        "",
+    ]
     if footer:
         parts += [footer.strip(), ""]
     atomic_write_text(path, "\n".join(parts))

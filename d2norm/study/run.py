@@ -15,6 +15,7 @@ Many runs (:func:`run_grid`): runs start while their processes fit in ``jobs`` s
 with P processes takes min(P, jobs) slots), each process with ``threads`` torch threads.
 Each finished run is appended to the JSONL file; a progress bar shows iterations and the ETA.
 """
+
 import datetime
 import hashlib
 import json
@@ -47,11 +48,12 @@ def _eval_iters(s, seed):
 
 
 def _study_trainer(snapshot_iters, run_dir):
-    from detectron2.engine import HookBase, hooks
-    from detectron2.utils import comm
     from torch.nn.parallel import DistributedDataParallel
 
     from d2norm.engine import Trainer
+
+    from detectron2.engine import HookBase, hooks
+    from detectron2.utils import comm
 
     class Snapshots(HookBase):
         """Rank 0 saves the model at ``snapshot_iters`` and writes the iteration for the progress
@@ -87,8 +89,11 @@ def _study_trainer(snapshot_iters, run_dir):
         """d2norm's Trainer without checkpoint files or evaluation hooks, plus :class:`Snapshots`."""
 
         def build_hooks(self):
-            ret = [h for h in super().build_hooks()
-                   if not isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))]
+            ret = [
+                h
+                for h in super().build_hooks()
+                if not isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+            ]
             self.snapshots = Snapshots()
             return ret + [self.snapshots]
 
@@ -99,13 +104,18 @@ def _setup_logging(run_dir, rank):
     from detectron2.utils.logger import setup_logger
 
     for name in ("detectron2", "d2norm"):
-        setup_logger(os.path.join(run_dir, f"log_rank{rank}.txt"), distributed_rank=rank, name=name,
-                     abbrev_name="d2" if name == "detectron2" else name)
+        setup_logger(
+            os.path.join(run_dir, f"log_rank{rank}.txt"),
+            distributed_rank=rank,
+            name=name,
+            abbrev_name="d2" if name == "detectron2" else name,
+        )
 
 
 def _rank_main(s, spec, run_dir):
     """Training in one of the run's P processes (or in the run's process when P = 1)."""
     import torch
+
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
 
@@ -130,7 +140,7 @@ def _rank_main(s, spec, run_dir):
     batches = comm.all_gather(trainer.snapshots.image_ids)
     if comm.is_main_process():
         losses = [v for v, _ in trainer.storage.history("total_loss").values()]
-        tail = losses[-max(1, len(losses) // 10):]
+        tail = losses[-max(1, len(losses) // 10) :]
         info["final_loss"] = float(statistics.median(tail)) if tail else None
         guard = getattr(trainer, "_nonfinite_guard", None)
         info["skipped_steps"] = int(getattr(guard, "skipped", 0)) if guard is not None else 0
@@ -231,8 +241,9 @@ class _Bar:
         elif self.enabled and n != self.n:
             el = time.time() - self.t0
             eta = el / n * (self.total - n) if n else float("nan")
-            sys.stderr.write(f"\rstudy: {n}/{self.total} it, {el / 60:.1f} min, "
-                             f"ETA {eta / 60:.1f} min {note}  ")
+            sys.stderr.write(
+                f"\rstudy: {n}/{self.total} it, {el / 60:.1f} min, ETA {eta / 60:.1f} min {note}  "
+            )
             sys.stderr.flush()
         self.n = n
 
@@ -259,8 +270,9 @@ def _read_progress(run_dir):
         return 0
 
 
-def run_grid(s: StudySettings, output, jobs=1, resume=False, progress=True, keep_outputs=False,
-             on_record=None):
+def run_grid(
+    s: StudySettings, output, jobs=1, resume=False, progress=True, keep_outputs=False, on_record=None
+):
     """Run every planned run of ``s`` that ``<output>/results.jsonl`` does not hold yet.
 
     ``on_record(records)`` is called with all of this study's records after each finished run
@@ -275,13 +287,17 @@ def run_grid(s: StudySettings, output, jobs=1, resume=False, progress=True, keep
     keys = {run_key(p) for p in planned}
     mine = [r for r in records if run_key(r) in keys]
     if records and not resume:
-        raise SystemExit(f"{results} already holds {len(records)} record(s). Fix: pass --resume to "
-                         "continue that study, --report-only to redraw it, or choose another --output.")
+        raise SystemExit(
+            f"{results} already holds {len(records)} record(s). Fix: pass --resume to "
+            "continue that study, --report-only to redraw it, or choose another --output."
+        )
     todo = pending_runs(planned, records)
     if todo:  # generate the synthetic splits once, not in every concurrent run
         register_datasets(build_cfg(s, todo[0]["norm"], todo[0]["procs"], todo[0]["seed"], output))
-    print(f"{len(planned)} runs planned, {len(planned) - len(todo)} already done, {len(todo)} to go; "
-          f"up to {jobs} processes at once, {s.threads} thread(s) each")
+    print(
+        f"{len(planned)} runs planned, {len(planned) - len(todo)} already done, {len(todo)} to go; "
+        f"up to {jobs} processes at once, {s.threads} thread(s) each"
+    )
     # the largest runs first, so that small ones fill the gaps at the end
     todo.sort(key=lambda p: (-p["procs"], p["seed"], p["norm"]))
     ctx = multiprocessing.get_context("spawn")
@@ -319,8 +335,10 @@ def run_grid(s: StudySettings, output, jobs=1, resume=False, progress=True, keep
                     rec["wall_s"] = time.time() - r["t0"]
                     append_record(results, rec)
                     mine.append(rec)
-                    bar.write(f"{name}: box AP {rec.get('box_ap', float('nan')):.1f} ({rec['status']}, "
-                              f"{rec['wall_s']:.0f} s, {rec['cpu_s']:.0f} CPU s)")
+                    bar.write(
+                        f"{name}: box AP {rec.get('box_ap', float('nan')):.1f} ({rec['status']}, "
+                        f"{rec['wall_s']:.0f} s, {rec['cpu_s']:.0f} CPU s)"
+                    )
                     if not keep_outputs:
                         shutil.rmtree(r["dir"], ignore_errors=True)
                         os.remove(res)
@@ -341,6 +359,8 @@ def run_grid(s: StudySettings, output, jobs=1, resume=False, progress=True, keep
         raise
     finally:
         bar.close()
-    print(f"{len(mine)} records in {results}; this invocation {(time.time() - t_start) / 60:.1f} min"
-          + (f"; {failed} run(s) FAILED (see their logs; --resume retries them)" if failed else ""))
+    print(
+        f"{len(mine)} records in {results}; this invocation {(time.time() - t_start) / 60:.1f} min"
+        + (f"; {failed} run(s) FAILED (see their logs; --resume retries them)" if failed else "")
+    )
     return mine, failed

@@ -17,13 +17,26 @@ b (applied by :func:`apply_norm_rules`):
 ``simulated`` defaults to ``total_batch``: CBN and MABN aim at the statistics of the batch that
 SyncBN (the control) and BN at b = total_batch (the reference) normalize over.
 """
+
 import dataclasses
 import hashlib
 import json
 import os
 
-__all__ = ["StudySettings", "NORM_SITES", "NORM_RULES", "available_norms", "check_norms",
-           "schedule", "apply_norm_rules", "build_cfg", "plan", "settings_id", "QUICK", "FULL"]
+__all__ = [
+    "StudySettings",
+    "NORM_SITES",
+    "NORM_RULES",
+    "available_norms",
+    "check_norms",
+    "schedule",
+    "apply_norm_rules",
+    "build_cfg",
+    "plan",
+    "settings_id",
+    "QUICK",
+    "FULL",
+]
 
 #: the config keys that receive the study's norm (every normalized call site of the model)
 NORM_SITES = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
@@ -34,20 +47,20 @@ STUDY_VERSION = 2
 class StudySettings:
     """Everything that defines a study's runs (see the module docstring)."""
 
-    config: str                               # the study's base YAML
+    config: str  # the study's base YAML
     norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN")
-    procs: tuple = (8, 4, 1)                  # P, processes per run; b = total_batch / P
+    procs: tuple = (8, 4, 1)  # P, processes per run; b = total_batch / P
     seeds: tuple = (0, 1, 2)
     iters: int = 400
     total_batch: int = 8
-    simulated_batch: int = 0                  # CBN / MABN target; 0 = total_batch
+    simulated_batch: int = 0  # CBN / MABN target; 0 = total_batch
     warmup_frac: float = 0.1
-    step_fracs: tuple = (0.75, 0.9)           # LR x0.1 at these fractions of the schedule
-    curve_fracs: tuple = (0.6, 0.8, 0.9)      # extra evaluations (convergence), 1.0 always
-    curve_seeds: tuple = (0,)                 # seeds whose runs get the extra evaluations
-    skip_redundant: bool = True               # SyncBN at P = 1 is BN at b = total_batch exactly
-    threads: int = 1                          # torch threads per process
-    opts: tuple = ()                          # config overrides (KEY VALUE ...)
+    step_fracs: tuple = (0.75, 0.9)  # LR x0.1 at these fractions of the schedule
+    curve_fracs: tuple = (0.6, 0.8, 0.9)  # extra evaluations (convergence), 1.0 always
+    curve_seeds: tuple = (0,)  # seeds whose runs get the extra evaluations
+    skip_redundant: bool = True  # SyncBN at P = 1 is BN at b = total_batch exactly
+    threads: int = 1  # torch threads per process
+    opts: tuple = ()  # config overrides (KEY VALUE ...)
     data_root: str = ""
 
     def __post_init__(self):
@@ -57,8 +70,10 @@ class StudySettings:
             self.simulated_batch = self.total_batch
         bad = [p for p in self.procs if p < 1 or self.total_batch % p]
         if bad:
-            raise ValueError(f"processes {bad} do not divide the total batch {self.total_batch}. Fix: "
-                             f"use divisors of {self.total_batch} (--procs) or change --total-batch.")
+            raise ValueError(
+                f"processes {bad} do not divide the total batch {self.total_batch}. Fix: "
+                f"use divisors of {self.total_batch} (--procs) or change --total-batch."
+            )
         if self.iters < 1 or self.threads < 1:
             raise ValueError("--iters and --threads must be >= 1")
         if len(self.opts) % 2:
@@ -69,8 +84,14 @@ class StudySettings:
 
 
 # quick: the machinery end to end on the 2 extreme points, for tests and a first look
-QUICK = dict(norms=("BN", "SyncBN", "GN"), procs=(2, 1), seeds=(0,), iters=30, curve_fracs=(0.5,),
-             opts=("DATASETS.TEST", "('d2norm_shapes_hard_quick_val',)"))
+QUICK = dict(
+    norms=("BN", "SyncBN", "GN"),
+    procs=(2, 1),
+    seeds=(0,),
+    iters=30,
+    curve_fracs=(0.5,),
+    opts=("DATASETS.TEST", "('d2norm_shapes_hard_quick_val',)"),
+)
 FULL = dict()
 
 
@@ -85,9 +106,11 @@ def check_norms(norms):
     valid = available_norms()
     bad = [n for n in norms if n not in valid]
     if bad:
-        raise ValueError(f"Unknown norm(s) {bad} for the study. Valid names in this d2norm: "
-                         f"{', '.join(valid)}. Fix: pick from them (names added by a newer d2norm "
-                         "become available when it is installed).")
+        raise ValueError(
+            f"Unknown norm(s) {bad} for the study. Valid names in this d2norm: "
+            f"{', '.join(valid)}. Fix: pick from them (names added by a newer d2norm "
+            "become available when it is installed)."
+        )
 
 
 def schedule(s):
@@ -127,13 +150,15 @@ def apply_norm_rules(cfg, s, norm, b):
 
 
 def _base_cfg(s):
-    from detectron2.config import get_cfg
-
     from d2norm import add_d2norm_config
 
+    from detectron2.config import get_cfg
+
     if not os.path.isfile(s.config):
-        raise FileNotFoundError(f"Study config not found: {s.config!r}. Fix: pass --config "
-                                "configs/synthetic/study/Base-Study.yaml (relative to the repository).")
+        raise FileNotFoundError(
+            f"Study config not found: {s.config!r}. Fix: pass --config "
+            "configs/synthetic/study/Base-Study.yaml (relative to the repository)."
+        )
     cfg = get_cfg()
     add_d2norm_config(cfg)
     cfg.merge_from_file(s.config)
@@ -163,8 +188,7 @@ def settings_id(s):
     (all its _BASE_ files and overrides), the schedule, batch sizes and the study version."""
     cfg = _base_cfg(s)
     cfg.D2NORM.DATA.ROOT = ""
-    blob = json.dumps({"cfg": cfg.dump(), "sim": s.simulated_batch, "version": STUDY_VERSION},
-                      sort_keys=True)
+    blob = json.dumps({"cfg": cfg.dump(), "sim": s.simulated_batch, "version": STUDY_VERSION}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -178,6 +202,9 @@ def plan(s, sid=None):
             for p in s.procs:
                 if s.skip_redundant and norm == "SyncBN" and p == 1:
                     continue
-                out.append(dict(norm=norm, procs=p, per_proc=s.per_proc(p), seed=seed,
-                                iters=s.iters, settings_id=sid))
+                out.append(
+                    dict(
+                        norm=norm, procs=p, per_proc=s.per_proc(p), seed=seed, iters=s.iters, settings_id=sid
+                    )
+                )
     return out

@@ -7,6 +7,7 @@ and summarized by a Student-t interval:
     d_s = AP(point A, seed s) - AP(point B, seed s),   s in the seeds both points have
     mean(d) +- t_{0.975, n-1} * sd(d) / sqrt(n)        (n >= 2; sd = sample standard deviation)
 """
+
 import math
 import statistics
 

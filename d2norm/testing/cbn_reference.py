@@ -8,6 +8,7 @@ sigma2bar = mean(nubar) - mubar^2, sqrt(sigma2bar + eps), burn-in = plain BN wit
 during its last k-1 iterations, running stats tracking the window statistics with the factor
 nM/(nM-1)). Dtype-agnostic: the tests run it in float64, the benchmark in float32.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +19,9 @@ __all__ = ["ReferenceConvCBN"]
 class ReferenceConvCBN(nn.Module):
     """conv (no bias) + CBN; ``forward(x)`` runs both. ``conv.weight`` may be parametrized."""
 
-    def __init__(self, conv, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1,
-                 grad_through_compensation=False):
+    def __init__(
+        self, conv, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1, grad_through_compensation=False
+    ):
         super().__init__()
         assert conv.bias is None
         c = conv.out_channels
@@ -43,7 +45,8 @@ class ReferenceConvCBN(nn.Module):
         shape = (1, -1, 1, 1)
         if not self.training:
             return (y - self.running_mean.view(shape)) / torch.sqrt(
-                self.running_var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+                self.running_var.view(shape) + self.eps
+            ) * self.weight.view(shape) + self.bias.view(shape)
         t, k = self.iteration, self.buffer_size
         m = y.shape[0] * y.shape[2] * y.shape[3]
         mu = y.mean(dim=(0, 2, 3))
@@ -76,6 +79,6 @@ class ReferenceConvCBN(nn.Module):
             self.running_var.mul_(1 - a).add_(a * var * (n * m) / (n * m - 1))
         if record:
             self.history.insert(0, (mu.detach(), nu.detach(), dmu, dnu, w.detach().clone()))
-            del self.history[k - 1:]
+            del self.history[k - 1 :]
         self.iteration = t + 1
         return out

@@ -11,6 +11,7 @@
 Iteration convention (the official one): the counter starts at 0 and is incremented before each
 training forward, so the first step is t = 1 and writes ring-buffer slot t % B.
 """
+
 import torch
 from torch import nn
 
@@ -111,8 +112,20 @@ class _OfficialStyleFunction(torch.autograd.Function):
     """Official-style MABN: host reads of the counter and Python branches (syncs on GPU)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_var, buffer_x2, buffer_gz, iters, buffer_size,
-                warmup_iters, momentum, eps):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_var,
+        buffer_x2,
+        buffer_gz,
+        iters,
+        buffer_size,
+        warmup_iters,
+        momentum,
+        eps,
+    ):
         t = iters.item()  # host read, as in the official code
         C = x.size(1)
         x2 = (x * x).mean(dim=(0, 2, 3))
@@ -170,7 +183,17 @@ class OfficialStyleMABN2d(nn.Module):
         if self.training:
             self.iters.add_(1)
             return _OfficialStyleFunction.apply(
-                x, self.weight, self.bias, self.running_var, self.buffer_x2, self.buffer_gz,
-                self.iters, self.buffer_size, self.warmup_iters, self.momentum, self.eps)
+                x,
+                self.weight,
+                self.bias,
+                self.running_var,
+                self.buffer_x2,
+                self.buffer_gz,
+                self.iters,
+                self.buffer_size,
+                self.warmup_iters,
+                self.momentum,
+                self.eps,
+            )
         x = x / (self.running_var.view(1, C, 1, 1) + self.eps).sqrt()
         return self.weight.view(1, C, 1, 1) * x + self.bias.view(1, C, 1, 1)

@@ -9,6 +9,7 @@
 * :func:`evonorm_s0` — EvoNorm-S0 (Liu et al. 2020), a loop over samples and groups; gradients
   by float64 autograd.
 """
+
 import math
 
 import torch
@@ -18,6 +19,7 @@ F64 = torch.float64
 
 def ramp_limits(t, r_max, d_max, start, r_end, d_end):
     """The paper's relaxation of the bounds, linear between ``start`` and each end iteration."""
+
     def frac(end):
         if t <= start:
             return 0.0 if (end > start or t < start) else 1.0
@@ -74,7 +76,7 @@ class BatchRenormReference:
         for c, (xc, mu_b, sigma_b, r, xhat, g, m) in enumerate(self._cache):
             dyc = dy[:, c]
             dxhat = dyc * g
-            dsigma = float((dxhat * (xc - mu_b)).sum()) * (-r / sigma_b ** 2)
+            dsigma = float((dxhat * (xc - mu_b)).sum()) * (-r / sigma_b**2)
             dmu = float(dxhat.sum()) * (-r / sigma_b)
             dx[:, c] = dxhat * r / sigma_b + dsigma * (xc - mu_b) / (m * sigma_b) + dmu / m
             dgamma.append(float((dyc * xhat).sum()))
@@ -120,7 +122,7 @@ def evonorm_s0(x, gamma, beta, v, groups, eps):
     for n in range(n_):
         chans = []
         for g in range(groups):
-            block = x[n, g * cg:(g + 1) * cg]
+            block = x[n, g * cg : (g + 1) * cg]
             mean = block.sum() / block.numel()
             std = torch.sqrt(((block - mean) ** 2).sum() / block.numel() + eps)
             for k in range(cg):
