@@ -24,17 +24,18 @@ one dot product per channel and stored iteration.
 """
 
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .conv_link import ModuleRef
+
 __all__ = ["CrossIterationBatchNorm2d", "sqmean_weight_gradient"]
 
 _STASH_KEY = "_d2norm_cbn_input"  # conv.__dict__ key holding the conv's input until the CBN runs
-_OWNER_KEY = "_d2norm_cbn_owner"  # conv.__dict__ key: _ModuleRef to the CBN bound to this conv
+_OWNER_KEY = "_d2norm_cbn_owner"  # conv.__dict__ key: ModuleRef to the CBN bound to this conv
 _HISTORY = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
 _UNUSED_HISTORY = ("hist_weight", "hist_mean")  # stored by an earlier layout; not needed (see top)
 
@@ -48,26 +49,7 @@ def _stash_conv_input(module, args):
         module.__dict__[_STASH_KEY] = args[0].detach()
 
 
-class _ModuleRef:
-    """A weak reference to a module that deep-copies/pickles sensibly.
-
-    ``copy.deepcopy`` of a model re-targets it to the copy of the referenced module (or to
-    nothing when that module is not part of the copy); pickling stores the module itself."""
-
-    __slots__ = ("_ref",)
-
-    def __init__(self, module=None):
-        self._ref = None if module is None else weakref.ref(module)
-
-    def __call__(self):
-        return None if self._ref is None else self._ref()
-
-    def __deepcopy__(self, memo):
-        target = self()
-        return _ModuleRef(None if target is None else memo.get(id(target)))
-
-    def __reduce__(self):
-        return (_ModuleRef, (self(),))
+_ModuleRef = ModuleRef  # the name earlier pickles refer to
 
 
 def _check_int(value, name, key, minimum, fix):
@@ -205,7 +187,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._iter = 0  # host mirrors of the three long buffers (no .item() per forward)
         self._count = 0
         self._pos = 0
-        self._conv_ref = _ModuleRef()
+        self._conv_ref = ModuleRef()
         self._history_checked = False
 
     # ------------------------------------------------------------------ public state
@@ -290,10 +272,10 @@ class CrossIterationBatchNorm2d(nn.Module):
             raise RuntimeError(
                 f"{self._layer_name()}: {conv!r} is already bound to another CrossIterationBatchNorm2d."
             )
-        conv.__dict__[_OWNER_KEY] = _ModuleRef(self)
+        conv.__dict__[_OWNER_KEY] = ModuleRef(self)
         if not any(h is _stash_conv_input for h in conv._forward_pre_hooks.values()):
             conv.register_forward_pre_hook(_stash_conv_input)
-        self._conv_ref = _ModuleRef(conv)
+        self._conv_ref = ModuleRef(conv)
         self._shared_bind = bool(shared)
         self._ensure_history(conv.weight)
         return self
@@ -302,7 +284,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         """Undo :meth:`bind`: remove the conv's input hand-over (e.g. when this layer is replaced
         by a frozen one). Returns the conv that was bound, or None."""
         conv = self._conv_ref()
-        self._conv_ref = _ModuleRef()
+        self._conv_ref = ModuleRef()
         if conv is None:
             return None
         owner = conv.__dict__.get(_OWNER_KEY)
