@@ -127,7 +127,7 @@ def test_torchvision_weights_load_into_a_frozen_statistics_backbone(tmp_path):
     import torchvision
     from helpers import synthetic_cfg
 
-    from d2norm.weights import load_pretrained_backbone
+    from d2norm.checkpoint import load_pretrained_backbone
 
     torch.manual_seed(0)
     tv = torchvision.models.resnet18()

@@ -4,6 +4,7 @@ import os
 import platform
 import statistics
 
+from ..checkpoint import atomic_write_bytes
 from .records import latest_records
 from .stats import aggregate, convergence, paired_difference, point_values
 
@@ -17,7 +18,6 @@ __all__ = [
     "machine_line",
     "write_plot",
     "write_report",
-    "atomic_write_text",
 ]
 
 _ORDER = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
@@ -201,16 +201,6 @@ def machine_line():
     )
 
 
-def atomic_write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_plot(path, records, metric="box_ap", title="", total_batch=8):
     """AP vs images per process (log2 axis), one line per norm, error bars = sample std over seeds."""
     import matplotlib
@@ -248,11 +238,8 @@ def write_plot(path, records, metric="box_ap", title="", total_batch=8):
     ax.legend(fontsize=8)
     ax.set_title(title or "AP vs images per process (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(path, records, header="", settings_text="", footer="", total_batch=8, plot_name=None):
@@ -306,4 +293,5 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
     ]
     if footer:
         parts += [footer.strip(), ""]
-    atomic_write_text(path, "\n".join(parts))
+    text = "\n".join(parts)
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
