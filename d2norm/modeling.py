@@ -302,7 +302,7 @@ def _as_d2norm_sync_bn(bn, cls):
 
 # ------------------------------------------------------------------ freezing
 def _freezable_types():
-    from .layers import BatchNormWS, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+    from .layers import BatchNormWS, BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 
     return (
         nn.BatchNorm2d,
@@ -310,6 +310,7 @@ def _freezable_types():
         BatchNormWS,
         CrossIterationBatchNorm2d,
         MovingAverageBatchNorm2d,
+        BatchRenorm2d,
     )
 
 
@@ -324,9 +325,20 @@ def _is_frozen_d2norm_norm(module):
 
 
 def frozen_batch_norm_of(norm):
-    """detectron2 ``FrozenBatchNorm2d`` computing the eval map of a BN-type, CBN or MABN layer."""
+    """detectron2 ``FrozenBatchNorm2d`` computing the eval map of a BN-type, CBN, MABN or BRN layer."""
     from detectron2.layers import FrozenBatchNorm2d
 
+    from .layers import BatchRenorm2d
+
+    if isinstance(norm, BatchRenorm2d):
+        # BRN keeps the running sigma (eps included): FrozenBN's sqrt(var + eps) must equal it
+        frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
+        with torch.no_grad():
+            frozen.weight.copy_(norm.weight)
+            frozen.bias.copy_(norm.bias)
+            frozen.running_mean.copy_(norm.running_mean)
+            frozen.running_var.copy_((norm.running_std.double().square() - norm.eps).clamp_min(0.0))
+        return frozen.to(norm.running_std.device)
     if getattr(norm, "running_var", None) is None:
         raise ValueError(
             f"{type(norm).__name__} has no running statistics (track_running_stats="
@@ -372,7 +384,7 @@ def _freeze_norm(model, modules, path, norm):
 def convert_frozen_norms(module):
     """d2norm's ``FrozenBatchNorm2d.convert_frozen_batchnorm``, for every norm.
 
-    Each BN, SyncBN (torch's and d2norm's), BN+WS, CBN and MABN layer in ``module`` becomes the
+    Each BN, SyncBN (torch's and d2norm's), BN+WS, CBN, MABN and BRN layer in ``module`` becomes the
     ``FrozenBatchNorm2d`` of its eval map (:func:`frozen_batch_norm_of`), so it no longer
     normalizes with batch statistics nor updates any state, and has no trainable parameter. The
     conv before a BN+WS / MABN keeps (or gets) its weight transform; CBN lets go of its conv.

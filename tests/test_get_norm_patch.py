@@ -148,9 +148,9 @@ def test_options_do_not_leak_outside_the_build():
     assert d2norm.build_norm("GN", 64).num_groups == 32
 
 
-@pytest.mark.parametrize("name", ["CBN", "MABN"])
-def test_frozen_stages_use_the_eval_map_of_cbn_and_mabn(name):
-    """FREEZE_AT stages: a CBN / MABN layer becomes the FrozenBatchNorm2d of its eval map."""
+@pytest.mark.parametrize("name", ["CBN", "MABN", "BRN"])
+def test_frozen_stages_use_the_eval_map_of_cbn_mabn_brn(name):
+    """FREEZE_AT stages: a CBN / MABN / BRN layer becomes the FrozenBatchNorm2d of its eval map."""
     from d2norm.modeling import frozen_batch_norm_of
 
     from detectron2.layers import FrozenBatchNorm2d
@@ -162,14 +162,17 @@ def test_frozen_stages_use_the_eval_map_of_cbn_and_mabn(name):
     assert isinstance(bottom_up.stem.conv1.norm, FrozenBatchNorm2d)
     assert all(isinstance(b.conv1.norm, FrozenBatchNorm2d) for b in bottom_up.res2)
     layer_type = type(bottom_up.res3[0].conv1.norm)
-    assert layer_type.__name__ in ("CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d")
+    assert layer_type.__name__ in ("CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "BatchRenorm2d")
     # the replacement computes the layer's own eval map
     torch.manual_seed(0)
-    layer = layer_type(8, buffer_size=2)
+    layer = layer_type(8) if name == "BRN" else layer_type(8, buffer_size=2)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 2)
         layer.bias.uniform_(-1, 1)
-        layer.running_var.uniform_(0.5, 3)
+        if name == "BRN":
+            layer.running_std.uniform_(0.5, 3)
+        else:
+            layer.running_var.uniform_(0.5, 3)
         if hasattr(layer, "running_mean"):
             layer.running_mean.uniform_(-1, 1)
     layer.eval()

@@ -18,6 +18,7 @@ from torch import nn
 import d2norm
 from d2norm.layers import (
     BatchNormWS,
+    BatchRenorm2d,
     CrossIterationBatchNorm2d,
     CycleNormList,
     GroupNormWS,
@@ -422,7 +423,7 @@ def _two_layer_net(name):
     )
 
 
-@pytest.mark.parametrize("name", ["BN", "SyncBN", "BN+WS", "CBN", "MABN"])
+@pytest.mark.parametrize("name", ["BN", "SyncBN", "BN+WS", "CBN", "MABN", "BRN"])
 def test_convert_frozen_norms_every_norm(name):
     """Every norm becomes FrozenBatchNorm2d computing its eval map (float64 reference from the
     layer's statistics before freezing); WS / centralization stay on the convs."""
@@ -449,8 +450,11 @@ def test_convert_frozen_norms_every_norm(name):
                 n.weight.detach().clone(),
                 n.bias.detach().clone(),
                 None if mean is None else mean.clone(),
-                n.running_var.detach().clone().flatten(),
-                n.eps,
+                # BRN keeps the running sigma, eps included: var = sigma^2 with eps 0
+                n.running_std.double().square()
+                if name == "BRN"
+                else n.running_var.detach().clone().flatten(),
+                0.0 if name == "BRN" else n.eps,
             )
         )
     out = d2norm.convert_frozen_norms(net)
@@ -458,7 +462,10 @@ def test_convert_frozen_norms_every_norm(name):
     assert all(isinstance(c.norm, FrozenBatchNorm2d) for c in convs)
     assert not any(p.requires_grad for c in convs for p in c.norm.parameters())
     assert not any(
-        isinstance(m, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, nn.BatchNorm2d, BatchNormWS))
+        isinstance(
+            m,
+            (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, nn.BatchNorm2d, BatchNormWS, BatchRenorm2d),
+        )
         for m in net.modules()
     )
 

@@ -298,8 +298,9 @@ def run_grid(
         f"{len(planned)} runs planned, {len(planned) - len(todo)} already done, {len(todo)} to go; "
         f"up to {jobs} processes at once, {s.threads} thread(s) each"
     )
-    # the largest runs first, so that small ones fill the gaps at the end
-    todo.sort(key=lambda p: (-p["procs"], p["seed"], p["norm"]))
+    # seed by seed (an interrupted study has whole seeds), within a seed the largest runs first,
+    # so that small ones fill the gaps at its end
+    todo.sort(key=lambda p: (p["seed"], -p["procs"], p["norm"]))
     ctx = multiprocessing.get_context("spawn")
     runs_dir = os.path.join(output, "runs")
     os.makedirs(runs_dir, exist_ok=True)

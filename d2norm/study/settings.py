@@ -40,7 +40,7 @@ __all__ = [
 
 #: the config keys that receive the study's norm (every normalized call site of the model)
 NORM_SITES = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
-STUDY_VERSION = 2
+STUDY_VERSION = 3
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ class StudySettings:
     norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN")
     procs: tuple = (8, 4, 1)  # P, processes per run; b = total_batch / P
     seeds: tuple = (0, 1, 2)
-    iters: int = 400
+    iters: int = 300
     total_batch: int = 8
     simulated_batch: int = 0  # CBN / MABN target; 0 = total_batch
     warmup_frac: float = 0.1
@@ -185,10 +185,16 @@ def build_cfg(s, norm, procs, seed, output_dir):
 
 def settings_id(s):
     """A hash of everything but (norm, P, seed) that changes a run's result: the merged config
-    (all its _BASE_ files and overrides), the schedule, batch sizes and the study version."""
+    (all its _BASE_ files and overrides), the schedule, batch sizes, the study version and the
+    version of the hard synthetic generator."""
     cfg = _base_cfg(s)
     cfg.D2NORM.DATA.ROOT = ""
-    blob = json.dumps({"cfg": cfg.dump(), "sim": s.simulated_batch, "version": STUDY_VERSION}, sort_keys=True)
+    from ..data.synthetic_shapes import HARD_VERSION
+
+    blob = json.dumps(
+        {"cfg": cfg.dump(), "sim": s.simulated_batch, "version": STUDY_VERSION, "data": HARD_VERSION},
+        sort_keys=True,
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
