@@ -3,7 +3,7 @@
 
     python tools/check_synthetic_recipes.py --train            # trains the missing ones (~5-10 min each)
     python tools/check_synthetic_recipes.py                    # only reads finished runs
-    python tools/check_synthetic_recipes.py --norms GN CBN --margin 10 --output-root output/synthetic
+    python tools/check_synthetic_recipes.py --norms GN CBN --margin 12 --output-root output/synthetic
 
 Each recipe ``configs/synthetic/mask_rcnn_R_18_FPN_<NORM>.yaml`` is trained with
 ``train_net.py --config-file <recipe> OUTPUT_DIR <output-root>/mask_rcnn_R_18_FPN_<NORM>`` (unless
@@ -24,7 +24,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORMS = ("GN", "BN", "SyncBN", "GN_WS", "CBN", "MABN")
-DEFAULT_MARGIN = 10.0
+# 12 AP: above the spread of the recipes that train (BN, SyncBN, GN+WS, CBN, MABN, BRN, FRN end
+# 3-10 box AP below GN), below the failures this check exists for (MABN with a 16-iteration
+# buffer: 17 below; CBN in the RoI heads with the paper's gradient: 45-55 below).
+DEFAULT_MARGIN = 12.0
 
 
 def recipe_path(norm):
