@@ -86,7 +86,7 @@ def _table_rows(md, heading):
     return head, {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
 
 
-@pytest.mark.parametrize("name", ["small_batch_study_quick"])
+@pytest.mark.parametrize("name", ["small_batch_study"])
 def test_committed_table_is_rederived_from_the_committed_jsonl(name):
     """The published table equals the mean / sample std recomputed here (numpy) from the JSONL."""
     md = open(os.path.join(DOCS, f"{name}.md"), encoding="utf-8").read()
