@@ -72,6 +72,15 @@ def machine_line(device):
     )
 
 
+def command_note(cmd):
+    """The "Command: `cmd`" text, with the process's niceness where it was raised (read at run time)."""
+    try:
+        niceness = os.nice(0)
+    except OSError:
+        niceness = 0
+    return f"Command: `{cmd}`" + (f" (run under `nice -n {niceness}`)" if niceness > 0 else "")
+
+
 def load_note():
     try:
         return "load average " + " / ".join(f"{v:.1f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"

@@ -19,6 +19,7 @@ import d2norm  # noqa: F401  (must precede detectron2.layers)
 from benchmarks.common import (
     ROOT,
     add_nu_gradient_hooks,
+    command_note,
     machine_line,
     median_ms,
     peak_bytes,
@@ -301,7 +302,7 @@ def markdown_section(
     lines = [
         "## Model",
         "",
-        f"Command: `{cmd}` (run under `nice -n 15`). Machine: {machine_line(device)}; fp32. "
+        f"{command_note(cmd)}. Machine: {machine_line(device)}; fp32. "
         f"Date {datetime.date.today().isoformat()}; wall time {wall_s / 60:.1f} min; "
         f"{load_before or 'load unknown'} at the start — shared machine: absolute times are noisy, "
         "the norms were interleaved and the ratios are medians.",
@@ -385,9 +386,10 @@ def markdown_section(
     if not fold_error:
         lines += [
             "",
-            "Folding (`d2norm.deploy.fold`) merges BN, SyncBN, BN*, CBN and MABN into the "
-            "preceding convs and bakes the GN+WS / MABN weight transforms; GN normalizes with "
-            "per-sample statistics and stays (its row measures noise only).",
+            "Folding (`d2norm.deploy.fold`) merges BN, SyncBN, BN*, CBN, MABN and BRN into the "
+            "preceding convs and bakes the GN+WS / MABN weight transforms; GN, FRN and EvoNorm-S0 "
+            "normalize with per-sample statistics and stay (their fold speed-up measures noise "
+            "only).",
         ]
     return lines
 

@@ -50,6 +50,7 @@ from benchmarks.common import (
     DOCS_MD,
     DOCS_PNG,
     BatchNormWithNuGradient,
+    command_note,
     draw_chart,
     load_note,
     mabn_steady,
@@ -348,7 +349,7 @@ def main(argv=None):
     body = [
         "## Layers",
         "",
-        f"Command: `{cmd}` (run under `nice -n 15`). Machine: {machine_line(device)}; fp32. "
+        f"{command_note(cmd)}. Machine: {machine_line(device)}; fp32. "
         f"Date {datetime.date.today().isoformat()}; wall time {wall / 60:.1f} min; "
         f"{load_before or 'load unknown'} at the start — the machine was shared, so absolute "
         "times are noisy; variants were interleaved and the ratios are medians.",

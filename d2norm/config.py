@@ -43,7 +43,9 @@ def add_d2norm_config(cfg):
     # Batch Renormalization ("BRN"): r clipped to [1/r_max(t), r_max(t)], d to [-d_max(t), d_max(t)];
     # r_max ramps linearly 1 -> R_MAX and d_max 0 -> D_MAX from RAMP_START_ITER to R_MAX_END_ITER /
     # D_MAX_END_ITER (the paper's schedule: 5000 -> 40000 / 25000 steps). MOMENTUM is the update
-    # rate of the running mean / std (the paper's fast update, 0.01).
+    # rate of the running mean / std (the paper's fast update, 0.01). In schedules of a few hundred
+    # iterations from scratch, 0.01 lags the weights and the r / d correction costs AP: use BN's
+    # 0.1 there (docs/small_batch_study.md, "BRN's update rate").
     _C.D2NORM.BRN = CN()
     _C.D2NORM.BRN.R_MAX = 3.0
     _C.D2NORM.BRN.D_MAX = 5.0

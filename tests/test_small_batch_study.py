@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from helpers import REPO
 
 from d2norm import study
@@ -195,6 +196,11 @@ def test_per_norm_rules_follow_images_per_process():
             (75, 90),
         )
         assert {cbn.MODEL[k].NORM for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")} == {"CBN"}
+        # BRN: the paper's ramp (plain BN first, then r_max / d_max relaxed) inside the schedule,
+        # after the LR warm-up; the running statistics updated at BN's rate (torch's default)
+        brn = study.build_cfg(s, "BRN", procs, 0, "/tmp/x").D2NORM.BRN
+        assert bn.SOLVER.WARMUP_ITERS == brn.RAMP_START_ITER < brn.D_MAX_END_ITER < brn.R_MAX_END_ITER < 100
+        assert brn.MOMENTUM == torch.nn.BatchNorm2d(1).momentum
 
 
 def test_tiny_study_end_to_end(tmp_path, data_root):

@@ -49,8 +49,7 @@ def parse_args(argv=None):
         "--norms",
         nargs="+",
         default=None,
-        help=f"default: {' '.join(d.norms)} (any name "
-        "this d2norm can build, e.g. BRN FRN EvoNorm-S0 where present)",
+        help=f"default: {' '.join(d.norms)} (any name this d2norm can build)",
     )
     p.add_argument(
         "--procs",

@@ -186,6 +186,7 @@ def execute_run(s, spec, run_dir):
     rec["lr"] = cfg.SOLVER.BASE_LR
     rec["cbn_window"] = cfg.D2NORM.CBN.BUFFER_SIZE if spec["norm"] == "CBN" else None
     rec["mabn_buffer"] = cfg.D2NORM.MABN.BUFFER_SIZE if spec["norm"] == "MABN" else None
+    rec["brn_momentum"] = cfg.D2NORM.BRN.MOMENTUM if spec["norm"] == "BRN" else None
     t0, cpu0 = time.perf_counter(), time.process_time()
     if rec["status"] == "ok":
         _setup_logging(run_dir, 0)

@@ -11,7 +11,9 @@ b (applied by :func:`apply_norm_rules`):
 * MABN: buffer (``D2NORM.MABN.BUFFER_SIZE``) = simulated / b, the MABN paper's rule "buffer =
   simulated batch / real batch" (its detection code: 32 / 2); warm-up = the LR warm-up.
 * BRN (where the installed d2norm has it): the r_max / d_max ramps start after the LR warm-up
-  and end at 50% / 30% of the schedule (the paper's 5k -> 40k / 25k steps, scaled).
+  and end at 50% / 30% of the schedule (the paper's 5k -> 40k / 25k steps, scaled); the running
+  mean / std update at BN's rate (0.1), not the paper's 0.01, which over a 300-iteration
+  from-scratch schedule corrects toward statistics of weights ~100 iterations old.
 * other norms: nothing depends on b.
 
 ``simulated`` defaults to ``total_batch``: CBN and MABN aim at the statistics of the batch that
@@ -48,7 +50,7 @@ class StudySettings:
     """Everything that defines a study's runs (see the module docstring)."""
 
     config: str  # the study's base YAML
-    norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN")
+    norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
     procs: tuple = (8, 4, 1)  # P, processes per run; b = total_batch / P
     seeds: tuple = (0, 1, 2)
     iters: int = 300
@@ -130,11 +132,19 @@ def _mabn(cfg, s, b, warmup):
     cfg.D2NORM.MABN.WARMUP_ITERS = warmup
 
 
+#: BRN's running-statistic update rate in the study (see ``_brn``)
+BRN_STUDY_MOMENTUM = 0.1
+
+
 def _brn(cfg, s, b, warmup):
     if "BRN" in cfg.D2NORM:
         cfg.D2NORM.BRN.RAMP_START_ITER = warmup
         cfg.D2NORM.BRN.R_MAX_END_ITER = max(warmup + 1, int(s.iters * 0.5))
         cfg.D2NORM.BRN.D_MAX_END_ITER = max(warmup + 1, int(s.iters * 0.3))
+        # BN's update rate of the running statistics (torch's 0.1): with the paper's 0.01 the
+        # running mean / std average over ~100 of the 300 iterations of weights trained from
+        # scratch, and BRN corrects toward (and evaluates with) statistics of weights that are gone
+        cfg.D2NORM.BRN.MOMENTUM = BRN_STUDY_MOMENTUM
 
 
 #: norm name -> rule(cfg, settings, b, warmup) setting its b-dependent options
