@@ -35,6 +35,22 @@ def synthetic_cfg(norm="GN", **overrides):
     return cfg
 
 
+def retinanet_cfg(head_norm, backbone_norm="GN"):
+    """The synthetic config turned into a small RetinaNet (P3-P7, 2-conv heads) with ``head_norm``
+    in its heads."""
+    cfg = synthetic_cfg(backbone_norm)
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.MASK_ON = False
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[s] for s in (16, 32, 64, 128, 256)]
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.RETINANET.NORM = head_norm
+    return cfg
+
+
 def convs_with_norm(module):
     """The detectron2 ``Conv2d`` modules of ``module`` that carry a norm (a model's count of
     normalized convs, read from the model rather than written down)."""

@@ -88,7 +88,7 @@ def _run(cfg, max_iter):
     return {it: v for v, it in trainer.storage.history("total_loss").values()}, trainer
 
 
-@pytest.mark.parametrize("norm", ["GN", "BN", "CBN", "MABN"])
+@pytest.mark.parametrize("norm", ["GN", "BN", "CBN", "MABN", "BRN"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
     from helpers import synthetic_cfg
 
@@ -100,6 +100,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
             "D2NORM.CBN.BURNIN_ITERS": 1,
             "D2NORM.MABN.WARMUP_ITERS": 2,
             "D2NORM.MABN.BUFFER_SIZE": 2,
+            # BRN's ramp runs through the resumed iterations
+            "D2NORM.BRN.RAMP_START_ITER": 1,
+            "D2NORM.BRN.R_MAX_END_ITER": 5,
+            "D2NORM.BRN.D_MAX_END_ITER": 4,
         },
     )
     cfg.OUTPUT_DIR = str(tmp_path / "full")
@@ -120,3 +124,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
     assert sorted(resumed) == [3, 4, 5]
     for it in (3, 4, 5):
         assert resumed[it] == full[it], f"iteration {it}: {resumed[it]} != {full[it]}"
+    # and ends in the same weights and norm state (running statistics, histories, step counters)
+    a, b = full_trainer.model.state_dict(), trainer.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    if norm == "BRN":
+        assert int(trainer.model.backbone.bottom_up.stem.conv1.norm.iters) == 6

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import synthetic_cfg
+from helpers import retinanet_cfg, synthetic_cfg
 from torch import nn
 
 import d2norm
@@ -52,20 +52,6 @@ def _get_norm(name, c):
 
 # ------------------------------------------------------------------ RetinaNet
 LEVELS = 5  # P3-P7
-
-
-def _retinanet_cfg(head_norm, backbone_norm="GN"):
-    cfg = synthetic_cfg(backbone_norm)
-    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-    cfg.MODEL.MASK_ON = False
-    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[s] for s in (16, 32, 64, 128, 256)]
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.MODEL.RETINANET.NUM_CONVS = 2
-    cfg.MODEL.RETINANET.NORM = head_norm
-    return cfg
 
 
 def _batch(n=2, size=64):
@@ -109,7 +95,7 @@ def _head_pairs(model):
 @pytest.mark.parametrize("name", ["GN+WS", "CBN", "MABN"])
 def test_retinanet_head_norms_are_prepared_and_train(name):
     torch.manual_seed(0)
-    model = d2norm.build_model(_retinanet_cfg(name))
+    model = d2norm.build_model(retinanet_cfg(name))
     pairs = _head_pairs(model)
     assert len(pairs) == 4
     for conv, norm in pairs:
@@ -150,7 +136,7 @@ def test_retinanet_head_norms_are_prepared_and_train(name):
 def test_retinanet_syncbn_is_d2norm_syncbn():
     from detectron2.layers.batch_norm import CycleBatchNormList
 
-    model = d2norm.build_model(_retinanet_cfg("SyncBN"))
+    model = d2norm.build_model(retinanet_cfg("SyncBN"))
     lists = [n for _, n in _head_pairs(model)]
     assert all(isinstance(n, CycleBatchNormList) and len(n) == LEVELS for n in lists)
     assert all(type(bn) is SyncBatchNorm2d for n in lists for bn in n)
@@ -160,7 +146,7 @@ def test_retinanet_gn_head_builds_with_the_configured_groups():
     """detectron2 v0.6's RetinaNetHead probes get_norm(norm, 1) for the layer type; a GN of 32
     groups cannot have 1 channel, which used to fail the build with a message about a key that
     cannot fix it."""
-    cfg = _retinanet_cfg("GN")
+    cfg = retinanet_cfg("GN")
     model = d2norm.build_model(cfg)
     gns = [n for _, n in _head_pairs(model)]
     assert all(type(n).__name__ == "GroupNorm" and n.num_groups == 32 and n.num_channels == 64 for n in gns)
@@ -346,7 +332,7 @@ def test_link_check_survives_deepcopy_and_pickle(name):
 
 
 def test_prepare_model_is_idempotent_on_retinanet():
-    model = d2norm.build_model(_retinanet_cfg("CBN"))
+    model = d2norm.build_model(retinanet_cfg("CBN"))
     before = {k: v.shape for k, v in model.state_dict().items()}
     d2norm.prepare_model(model)
     assert {k: v.shape for k, v in model.state_dict().items()} == before

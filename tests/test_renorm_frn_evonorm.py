@@ -431,73 +431,16 @@ def test_every_new_norm_trains_a_few_iterations_without_unused_parameters():
             assert len(heads) == 6 and any(torch.count_nonzero(g) > 0 for g in heads)
 
 
-def test_brn_trainer_resume_reproduces_the_uninterrupted_run(tmp_path, data_root):
-    """BRN's running statistics and step counter (the ramp runs during these iterations)
-    continue exactly through a trainer checkpoint."""
-    import shutil
-
-    from helpers import synthetic_cfg
-
-    from d2norm.engine import Trainer
-
-    from detectron2.utils.env import seed_all_rng
-
-    def run(cfg, max_iter):
-        cfg = cfg.clone()
-        cfg.SOLVER.MAX_ITER = max_iter
-        seed_all_rng(cfg.SEED)
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=True)
-        trainer.train()
-        return {it: v for v, it in trainer.storage.history("total_loss").values()}, trainer
-
-    cfg = synthetic_cfg(
-        "BRN",
-        **{
-            "SOLVER.CHECKPOINT_PERIOD": 3,
-            "D2NORM.DATA.ROOT": data_root,
-            "D2NORM.BRN.RAMP_START_ITER": 1,
-            "D2NORM.BRN.R_MAX_END_ITER": 5,
-            "D2NORM.BRN.D_MAX_END_ITER": 4,
-        },
-    )
-    cfg.OUTPUT_DIR = str(tmp_path / "full")
-    full, full_trainer = run(cfg, 6)
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copy(tmp_path / "full" / "model_0000002.pth", resumed_dir)
-    (resumed_dir / "last_checkpoint").write_text("model_0000002.pth")
-    cfg.OUTPUT_DIR = str(resumed_dir)
-    torch.manual_seed(12345)
-    resumed, trainer = run(cfg, 6)
-    assert trainer.start_iter == 3 and sorted(resumed) == [3, 4, 5]
-    for it in (3, 4, 5):
-        assert resumed[it] == full[it], f"iteration {it}: {resumed[it]} != {full[it]}"
-    a, b = full_trainer.model.state_dict(), trainer.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert int(trainer.model.backbone.bottom_up.stem.conv1.norm.iters) == 6
-
-
 @pytest.mark.parametrize("name", ["FRN", "EvoNorm-S0"])
 def test_retinanet_head_relu_after_the_norm_is_replaced(name):
     """RetinaNet's head subnets are nn.Sequential(conv, norm, ReLU, ...): the ReLU goes, the
     norm keeps its activation, and the model trains."""
-    from helpers import synthetic_cfg
+    from helpers import retinanet_cfg
 
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    cfg = synthetic_cfg("GN")
-    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-    cfg.MODEL.MASK_ON = False
-    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[s] for s in (16, 32, 64, 128, 256)]
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.MODEL.RETINANET.NUM_CONVS = 2
-    cfg.MODEL.RETINANET.NORM = name
+    cfg = retinanet_cfg(name)
     torch.manual_seed(0)
     model = d2norm.build_model(cfg)
     for subnet in (model.head.cls_subnet, model.head.bbox_subnet):
