@@ -19,7 +19,7 @@ from ..data.synthetic_shapes import register_datasets
 from ..patches import local_process_group
 from .trainer import Trainer
 
-__all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device"]
+__all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device", "cli"]
 
 
 def parse_args(argv=None):
@@ -65,6 +65,21 @@ def main(args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def cli(argv=None):
+    """``train_net.py`` (and the ``d2norm-train`` command of an installed package): parse the
+    command line and launch :func:`main` in ``--num-gpus`` processes."""
+    args = parse_args(argv)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=config_device(args),  # "cpu": gloo processes; CUDA: detectron2's launch (NCCL)
+    )
 
 
 # ---------------------------------------------------------------------------------- launching
