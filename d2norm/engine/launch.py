@@ -19,7 +19,16 @@ from ..data.synthetic_shapes import register_datasets
 from ..patches import local_process_group
 from .trainer import Trainer
 
-__all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device", "cli"]
+__all__ = [
+    "setup",
+    "main",
+    "parse_args",
+    "launch",
+    "launch_cpu",
+    "config_device",
+    "cli",
+    "setup_d2norm_logger",
+]
 
 
 def parse_args(argv=None):
@@ -47,7 +56,18 @@ def setup(args):
         ) from None
     cfg.freeze()
     default_setup(cfg, args)
+    setup_d2norm_logger(cfg.OUTPUT_DIR)
     return cfg
+
+
+def setup_d2norm_logger(output_dir):
+    """Send d2norm's messages (every logger under ``"d2norm"``: the CBN regime warning, skipped
+    non-finite steps, weight loading, the model printout) where detectron2's ``default_setup``
+    sends its own: the console and ``<output_dir>/log.txt`` (``log.txt.rank<N>`` on other ranks),
+    with detectron2's ``setup_logger``."""
+    from detectron2.utils.logger import setup_logger
+
+    return setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2norm", abbrev_name="d2norm")
 
 
 def main(args):
