@@ -37,6 +37,8 @@ advances once per training forward; every schedule decision is a tensor op (no h
 import torch
 from torch import nn
 
+from .base import EvalStatistics
+
 __all__ = ["BatchRenorm2d", "check_brn_options"]
 
 
@@ -142,6 +144,12 @@ class BatchRenorm2d(nn.Module):
         r_lim = 1.0 + (self.r_max - 1.0) * _ramp(t, self.ramp_start, self.r_max_end)
         d_lim = self.d_max * _ramp(t, self.ramp_start, self.d_max_end)
         return r_lim, d_lim
+
+    def eval_statistics(self):
+        """The eval map γ·(x − μ)/σ + β in batch-norm form (σ² = var + ε; see
+        :mod:`d2norm.layers.base`); ``var`` in float64, so that var + ε gives σ back."""
+        var = (self.running_std.detach().double().square() - self.eps).clamp_min(0.0)
+        return EvalStatistics(self.weight, self.bias, self.running_mean, var, self.eps)
 
     def eval_scale_shift(self):
         """``(γ/σ, β − μ·γ/σ)``: the eval map as a per-channel affine (detached)."""

@@ -87,6 +87,7 @@ class FilterResponseNorm2d(nn.Module):
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.learnable_eps = learnable_eps
+        self.learned_eps_init = float(learned_eps_init)
         self.replace_relu = bool(replace_relu)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
