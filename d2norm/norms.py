@@ -40,10 +40,11 @@ import dataclasses
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Tuple
 
-import detectron2.layers.batch_norm as d2bn
 import torch
-from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
+
+import detectron2.layers.batch_norm as d2bn
+from detectron2.layers import FrozenBatchNorm2d
 
 from .layers import (
     BatchNormWS,
@@ -244,7 +245,9 @@ _SPECS = (
     NormSpec("FrozenStatsBN", FrozenStatisticsBatchNorm2d, foldable=True, frozen=frozen_batch_norm_of),
     NormSpec("SyncBN", SyncBatchNorm2d, **_BN_LIKE),
     NormSpec("GN", GroupNorm, _GN, build=_grouped(GroupNorm), per_sample=True),
-    NormSpec("GN+WS", GroupNormWS, {**_GN, **_WS}, build=_grouped(GroupNormWS), needs_conv=True, per_sample=True),
+    NormSpec(
+        "GN+WS", GroupNormWS, {**_GN, **_WS}, build=_grouped(GroupNormWS), needs_conv=True, per_sample=True
+    ),
     NormSpec("BN+WS", BatchNormWS, _WS, needs_conv=True, **_BN_LIKE),
     NormSpec(
         "CBN",

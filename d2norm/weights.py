@@ -227,7 +227,9 @@ def adapt_method_state(model, state_dict):
                 state_dict.pop(prefix + leaf, None)
             for leaf in spec.history_counters:
                 state_dict[prefix + leaf] = torch.zeros_like(mine[leaf])
-            sizes = ", ".join(f"D2NORM.{k}={getattr(module, kw)}" for kw, k in spec.options.items() if hasattr(module, kw))
+            sizes = ", ".join(
+                f"D2NORM.{k}={getattr(module, kw)}" for kw, k in spec.options.items() if hasattr(module, kw)
+            )
             notes.append(
                 f"{prefix[:-1]}: {spec.name} history of the file ({misfit}) does not fit this layer "
                 f"({sizes}; its conv); it restarts ({', '.join(spec.history_counters)} set to 0; "

@@ -16,7 +16,7 @@ train, for any batch size (including 1); nothing folds into the conv.
 **The TLU and detectron2's ReLUs.** In the paper, FRN + TLU *replaces* BN + ReLU. detectron2
 applies its own ReLU after most norms, and ReLU(max(y, τ)) = max(y, max(τ, 0)): a TLU whose
 threshold is floored at 0 (τ < 0 has no effect and gets no gradient). d2norm's model-preparation
-pass (:func:`d2norm.layers.norm_sites.prepare_norm_sites`) places the activation per call site:
+pass (:func:`d2norm.modeling.sites.prepare_norm_sites`) places the activation per call site:
 
 * box / mask head convs (``Conv2d(activation=ReLU)``, a module attribute): the conv's ReLU is
   removed and the TLU is the activation (``D2NORM.FRN.REPLACE_RELU True``, default; ``False``

@@ -7,8 +7,9 @@ the shared conv), and the ``nn.SyncBatchNorm`` layers detectron2 builds there fo
 become d2norm's ``SyncBatchNorm2d``.
 """
 
-from detectron2.layers.batch_norm import CycleBatchNormList
 from torch import nn
+
+from detectron2.layers.batch_norm import CycleBatchNormList
 
 from ..layers import CycleNormList, SyncBatchNorm2d
 from ..norms import spec_of

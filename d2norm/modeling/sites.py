@@ -39,6 +39,7 @@ def _carries_activation(module):
     spec = spec_of(module)
     return spec is not None and spec.activation
 
+
 # detectron2 ResNet modules and the attributes whose output goes through F.relu_ in forward()
 # (detectron2/modeling/backbone/resnet.py: BasicStem, BasicBlock, BottleneckBlock,
 # DeformBottleneckBlock)
