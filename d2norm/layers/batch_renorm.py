@@ -152,9 +152,10 @@ class BatchRenorm2d(nn.Module):
         return EvalStatistics(self.weight, self.bias, self.running_mean, var, self.eps)
 
     def eval_scale_shift(self):
-        """``(γ/σ, β − μ·γ/σ)``: the eval map as a per-channel affine (detached)."""
-        scale = self.weight.detach() / self.running_std
-        return scale, self.bias.detach() - self.running_mean * scale
+        """``(γ/σ, β − μ·γ/σ)``: :meth:`eval_statistics` as a per-channel affine (detached, in
+        the dtype of the running statistics)."""
+        scale, shift = self.eval_statistics().scale_shift()
+        return scale.to(self.running_std.dtype), shift.to(self.running_std.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
