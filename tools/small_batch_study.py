@@ -64,6 +64,20 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help=f"iterations per run (default {d.iters})")
     p.add_argument("--total-batch", type=int, default=d.total_batch, help="images per iteration")
     p.add_argument(
+        "--tail-evals",
+        type=int,
+        default=d.tail_evals,
+        help="evaluate the last K checkpoints (every iters // 30 iterations) of every run; AP is "
+        f"also reported averaged over them (default {d.tail_evals})",
+    )
+    p.add_argument(
+        "--precise-images",
+        type=int,
+        default=d.precise_images,
+        help="training images over which running statistics are re-estimated for the second "
+        f"evaluation of BN / SyncBN / CBN / MABN / BRN models (default {d.precise_images})",
+    )
+    p.add_argument(
         "--curve-fracs",
         nargs="*",
         type=float,
@@ -119,6 +133,8 @@ def parse_args(argv=None):
             config=args.config,
             total_batch=args.total_batch,
             threads=args.threads,
+            tail_evals=args.tail_evals,
+            precise_images=args.precise_images,
             opts=tuple(preset.get("opts", ())) + tuple(args.opts),
             data_root=args.data_root,
             **kw,
