@@ -15,13 +15,10 @@ study's total batch, and every running-statistics norm
 
 after which the running buffers are set to them, in the form each layer's eval map reads:
 
-=============================================  ==============================================
-layer                                          eval map / buffers set
-=============================================  ==============================================
-BN, SyncBN, BN+WS (``_BatchNorm``), CBN        ``gamma (x - running_mean) / sqrt(running_var + eps) + beta``
-BRN                                            ``gamma (x - running_mean) / running_std + beta``, ``running_std = sqrt(var + eps)``
-MABN                                           ``gamma x / sqrt(running_var + eps) + beta``, ``running_var = E[x^2]``
-=============================================  ==============================================
+* BN, SyncBN, BN+WS (``_BatchNorm``), CBN: ``gamma (x - running_mean) / sqrt(running_var + eps) + beta``;
+  ``running_mean = mu``, ``running_var = var``;
+* BRN: ``gamma (x - running_mean) / running_std + beta``; ``running_std = sqrt(var + eps)``;
+* MABN: ``gamma x / sqrt(running_var + eps) + beta``; ``running_var = E[x^2]``.
 
 MABN normalizes by the second moment (its convs are weight-centralized), so its batch pass uses
 ``x / sqrt(E_batch[x^2] + eps)``. Frozen norms (BN*, FrozenStatsBN) and statistic-free norms are

@@ -188,13 +188,18 @@ def _evaluate(s, spec, cfg, run_dir):
 
     model = Trainer.build_model(cfg)
     precise = bool(running_statistics_norms(model))
-    train_batches = fixed_batches(cfg, cfg.DATASETS.TRAIN[0], s.precise_images, s.total_batch) if precise else []
+    train_batches = []
+    if precise:
+        train_batches = fixed_batches(cfg, cfg.DATASETS.TRAIN[0], s.precise_images, s.total_batch)
     val_batches = fixed_batches(cfg, cfg.DATASETS.TEST[0], 0, s.total_batch)
     pred_dir = os.path.join(os.path.dirname(os.path.dirname(run_dir)), "predictions")
-    results_json = os.path.join(cfg.OUTPUT_DIR, "inference", cfg.DATASETS.TEST[0], "coco_instances_results.json")
+    results_json = os.path.join(
+        cfg.OUTPUT_DIR, "inference", cfg.DATASETS.TEST[0], "coco_instances_results.json"
+    )
     out, curve = {}, {}
     for it in _eval_iters(s, spec["seed"]):
-        state = torch.load(os.path.join(run_dir, f"model_{it:06d}.pth"), map_location="cpu", weights_only=True)
+        path = os.path.join(run_dir, f"model_{it:06d}.pth")
+        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         final = it == s.iters
         curve[str(it)] = _box_ap(Trainer.test(cfg, model))
@@ -226,7 +231,6 @@ def execute_run(s, spec, run_dir):
     import torch
 
     import d2norm  # noqa: F401  (the _C stand-in and the norm names)
-    from d2norm.engine import Trainer
     from d2norm.engine.launch import launch_cpu
 
     torch.set_num_threads(s.threads)
