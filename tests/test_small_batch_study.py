@@ -204,17 +204,18 @@ def test_per_norm_rules_follow_images_per_process():
 
 
 def test_tiny_study_end_to_end(tmp_path, data_root):
-    """GN with 2 images per iteration in P = 2 and P = 1 processes, through the command line: both
+    """BN with 2 images per iteration in P = 2 and P = 1 processes, through the command line: both
     runs train exactly the same images per iteration (digest of the per-iteration image ids),
-    each process b of them; the report and plot are written; a second call resumes without
-    training."""
+    each process b of them; every run is also evaluated with re-estimated statistics, over its
+    last checkpoints, with a val loss and kept predictions; the report and plot are written; a
+    second call resumes without training."""
     import subprocess
     import sys
 
     out = tmp_path / "study"
     argv = [
         "--norms",
-        "GN",
+        "BN",
         "--procs",
         "2",
         "1",
@@ -226,6 +227,8 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
         "2",
         "--jobs",
         "2",
+        "--precise-images",
+        "4",
         "--output",
         str(out),
         "--data-root",
@@ -256,7 +259,17 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
     assert by_p[2]["images_per_proc"] == [1] and by_p[1]["images_per_proc"] == [2]
     assert by_p[2]["images_per_iter"] == by_p[1]["images_per_iter"] == [2]
     assert by_p[2]["images_digest"] == by_p[1]["images_digest"]
-    assert sorted(int(k) for k in by_p[1]["curve"]) == [2, 3]  # 0.6 / 0.8 / 0.9 / 1.0 of 3 iterations
+    # 0.6 / 0.8 / 0.9 / 1.0 of 3 iterations, and the last three checkpoints (every iteration here)
+    assert sorted(int(k) for k in by_p[1]["curve"]) == [1, 2, 3] and by_p[1]["tail_iters"] == [1, 2, 3]
+    for r in records:
+        curve = r["curve"]
+        assert all("box_ap" in v and "precise_box_ap" in v for v in curve.values())
+        assert r["box_ap_last3"] == pytest.approx(np.mean([curve[k]["box_ap"] for k in "123"]))
+        assert r["precise_box_ap"] == curve["3"]["precise_box_ap"] and r["precise_images"] == 4
+        assert math.isfinite(r["val_loss"]) and math.isfinite(r["precise_val_loss"])
+        for suffix in ("", "_precise"):
+            name = f"BN_P{r['procs']}_s0_i3{suffix}.json.gz"
+            assert (out / "predictions" / name).stat().st_size > 0
     assert (out / "small_batch_study.md").is_file() and (out / "small_batch_study.png").stat().st_size > 1000
     assert not any((out / "runs").iterdir())  # cleaned up
     refused = cli()  # refuses to mix into an existing study without --resume
