@@ -30,8 +30,10 @@ class Net(nn.Module):
 
 
 def _population(xs, dims=(0, 2, 3)):
-    allx = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in xs], 0).transpose(0, 1).reshape(
-        xs[0].shape[1], -1
+    allx = (
+        torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in xs], 0)
+        .transpose(0, 1)
+        .reshape(xs[0].shape[1], -1)
     )
     mean = allx.mean(1)
     return mean, ((allx - mean[:, None]) ** 2).mean(1), (allx**2).mean(1)
