@@ -146,6 +146,9 @@ def test_lazy_config_instantiate_passes_the_options():
     )
     assert stem.conv1.norm.num_groups == 4
     d2norm.prepare_model(stem)
+    # the bound norm itself as a LazyConfig value (kept as the object, options included)
+    stem = instantiate(L(BasicStem)(in_channels=3, out_channels=16, norm=d2norm.norm("GN", num_groups=2)))
+    assert stem.conv1.norm.num_groups == 2
     stem = instantiate(
         L(BasicStem)(in_channels=3, out_channels=16, norm=L(d2norm.norm)(name="GN+WS", num_groups=8))
     )
