@@ -56,6 +56,43 @@ def test_lazy_and_yacs_gn_recipe_build_and_train_the_same(data_root):
     assert a == b and len(a) == 2
 
 
+_LAZY_RECIPES = [
+    "synthetic/mask_rcnn_R_18_FPN_GN",
+    "synthetic/mask_rcnn_R_18_FPN_CBN",
+    "synthetic/mask_rcnn_R_18_FPN_MABN",
+    "synthetic/mask_rcnn_R_18_FPN_GN_WS",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn_ws",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _LAZY_RECIPES)
+def test_lazy_recipe_builds_the_yacs_recipe_model(name):
+    """Each LazyConfig recipe builds the model of its YAML twin: the same modules (printout), the
+    same d2norm options on every layer, the same trainable / frozen parameters and input format."""
+    from d2norm.norms import layer_options
+
+    cfg = model_zoo.get_config(name + ".yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    yacs_model = d2norm.build_model(cfg)
+    lazy_model = instantiate(LazyConfig.load(model_zoo.get_config_file("lazy/" + name + ".py")).model)
+    assert repr(lazy_model) == repr(yacs_model)
+    a, b = dict(lazy_model.named_modules()), dict(yacs_model.named_modules())
+    assert list(a) == list(b)
+    assert [layer_options(a[k]) for k in a] == [layer_options(b[k]) for k in b]
+    grads = lambda m: [(k, p.requires_grad, tuple(p.shape)) for k, p in m.named_parameters()]  # noqa: E731
+    assert grads(lazy_model) == grads(yacs_model)
+    assert lazy_model.input_format == yacs_model.input_format == cfg.INPUT.FORMAT
+    assert torch.equal(lazy_model.pixel_mean, yacs_model.pixel_mean)
+    assert torch.equal(lazy_model.pixel_std, yacs_model.pixel_std)
+    assert lazy.is_prepared(lazy_model)
+
+
 def test_bound_norm_in_a_lazy_config_and_an_unprepared_model_is_refused():
     conf = LazyConfig.load(LAZY_GN)
     conf.model.model.backbone.norm = d2norm.norm("CBN", buffer_size=3)

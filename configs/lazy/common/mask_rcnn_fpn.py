@@ -121,3 +121,19 @@ def set_norm(model, norm, backbone=True, fpn=True, box_head=True, mask_head=True
         m.roi_heads.box_head.conv_norm = norm
     if mask_head:
         m.roi_heads.mask_head.conv_norm = norm
+
+
+def four_conv_one_fc_heads(model):
+    """The box head of the norm recipes (``NUM_CONV 4``, ``NUM_FC 1``: mmdetection's
+    ``ConvFCBBoxHead`` with 4 shared convs, 1 fc)."""
+    model.model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
+    model.model.roi_heads.box_head.fc_dims = [1024]
+
+
+def torchvision_input(model):
+    """RGB input with torchvision's ImageNet mean / std and the stride in the 3x3 conv: what
+    torchvision-layout backbones (``pretrained/resnet50-19c8e357.pth``, ...) were trained with."""
+    model.model.pixel_mean = [123.675, 116.280, 103.530]
+    model.model.pixel_std = [58.395, 57.120, 57.375]
+    model.model.input_format = "RGB"
+    model.model.backbone.bottom_up.stages.stride_in_1x1 = False
