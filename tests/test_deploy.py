@@ -223,6 +223,12 @@ def _load_tool():
     return mod
 
 
+def _run_tool(recipe, out, *args):
+    """tools/deploy.py on the synthetic ``recipe``, 2 images, 1 timing round, to ``out``."""
+    argv = ["--config-file", os.path.join(REPO, "configs", "synthetic", recipe), "--output", str(out)]
+    return _load_tool().main([*argv, "--num-images", "2", "--rounds", "1", *args])
+
+
 def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     from d2norm.checkpoint import D2NormCheckpointer
 
@@ -249,19 +255,7 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
         "D2NORM.CBN.BUFFER_SIZE",
         "3",
     ]
-    report = _load_tool().main(
-        [
-            "--config-file",
-            os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R_18_FPN_CBN.yaml"),
-            "--output",
-            str(out),
-            "--num-images",
-            "2",
-            "--rounds",
-            "1",
-            *opts,
-        ]
-    )
+    report = _run_tool("mask_rcnn_R_18_FPN_CBN.yaml", out, *opts)
     det = report["detections"]
     assert det["ok"] and det["counts"]["matched"] == det["counts"]["reference"] > 0
     assert report["folded_layers"] == len(convs_with_norm(model)) > 0
@@ -312,36 +306,24 @@ def test_tools_deploy_exports_frn_to_onnx_and_the_ts_loads_with_torchvision(tmp_
     cfg, model = _trained_model("FRN", data_root, n_train=1)
     D2NormCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     out = tmp_path / "deploy"
-    report = _load_tool().main(
-        [
-            "--config-file",
-            os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R_18_FPN_FRN.yaml"),
-            "--output",
-            str(out),
-            "--num-images",
-            "2",
-            "--rounds",
-            "1",
-            "--format",
-            "torchscript",
-            "--format",
-            "onnx",
-            "MODEL.WEIGHTS",
-            str(tmp_path / "model_final.pth"),
-            "D2NORM.DATA.ROOT",
-            data_root,
-            "DATASETS.TEST",
-            "('d2norm_shapes_tiny_val',)",
-            "INPUT.MIN_SIZE_TEST",
-            "96",
-            "INPUT.MAX_SIZE_TEST",
-            "96",
-            *[
-                x
-                for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
-                for x in (f"MODEL.{k}.NORM", "FRN")
-            ],
-        ]
+    report = _run_tool(
+        "mask_rcnn_R_18_FPN_FRN.yaml",
+        out,
+        "--format",
+        "torchscript",
+        "--format",
+        "onnx",
+        "MODEL.WEIGHTS",
+        str(tmp_path / "model_final.pth"),
+        "D2NORM.DATA.ROOT",
+        data_root,
+        "DATASETS.TEST",
+        "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TEST",
+        "96",
+        "INPUT.MAX_SIZE_TEST",
+        "96",
+        *[x for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD") for x in (f"MODEL.{k}.NORM", "FRN")],
     )
     onnx_det = report["onnx"]["detections_vs_eager"]
     assert onnx_det["ok"], onnx_det

@@ -30,6 +30,17 @@ from detectron2.modeling.roi_heads import (
 
 _FEATURES = ["p2", "p3", "p4", "p5", "p6"]
 
+
+def _pooler(size):
+    """RoIAlignV2 over P2-P5 (``POOLER_TYPE``, ``POOLER_SAMPLING_RATIO 0``)."""
+    return L(ROIPooler)(
+        output_size=size,
+        scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32),
+        sampling_ratio=0,
+        pooler_type="ROIAlignV2",
+    )
+
+
 model = L(d2norm.lazy.prepared)(
     model=L(GeneralizedRCNN)(
         backbone=L(FPN)(
@@ -69,12 +80,7 @@ model = L(d2norm.lazy.prepared)(
             positive_fraction=0.25,
             proposal_matcher=L(Matcher)(thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False),
             box_in_features=["p2", "p3", "p4", "p5"],
-            box_pooler=L(ROIPooler)(
-                output_size=7,
-                scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32),
-                sampling_ratio=0,
-                pooler_type="ROIAlignV2",
-            ),
+            box_pooler=_pooler(7),
             box_head=L(FastRCNNConvFCHead)(
                 input_shape=ShapeSpec(channels=256, height=7, width=7),
                 conv_dims=[],
@@ -88,12 +94,7 @@ model = L(d2norm.lazy.prepared)(
                 num_classes="${..num_classes}",
             ),
             mask_in_features=["p2", "p3", "p4", "p5"],
-            mask_pooler=L(ROIPooler)(
-                output_size=14,
-                scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32),
-                sampling_ratio=0,
-                pooler_type="ROIAlignV2",
-            ),
+            mask_pooler=_pooler(14),
             mask_head=L(MaskRCNNConvUpsampleHead)(
                 input_shape=ShapeSpec(channels=256, width=14, height=14),
                 num_classes="${..num_classes}",
