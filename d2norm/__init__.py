@@ -33,4 +33,5 @@ __all__ = [
     "patch_get_norm",
     "compiled_ops_available",
     "NORMS",
+    "lazy",
 ]
