@@ -223,10 +223,21 @@ def _load_tool():
     return mod
 
 
-def _run_tool(recipe, out, *args):
-    """tools/deploy.py on the synthetic ``recipe``, 2 images, 1 timing round, to ``out``."""
+def _run_tool(recipe, out, weights, data_root, *opts, flags=()):
+    """tools/deploy.py on the synthetic ``recipe`` with ``weights``: 2 tiny val images (96 px),
+    1 timing round, to ``out``; ``flags``: more options; ``opts``: config overrides."""
     argv = ["--config-file", os.path.join(REPO, "configs", "synthetic", recipe), "--output", str(out)]
-    return _load_tool().main([*argv, "--num-images", "2", "--rounds", "1", *args])
+    argv += ["--num-images", "2", "--rounds", "1", *flags]
+    argv += ["MODEL.WEIGHTS", weights, "D2NORM.DATA.ROOT", data_root]
+    argv += [
+        "DATASETS.TEST",
+        "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TEST",
+        "96",
+        "INPUT.MAX_SIZE_TEST",
+        "96",
+    ]
+    return _load_tool().main([*argv, *opts])
 
 
 def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
@@ -237,16 +248,6 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     weights = str(tmp_path / "model_final.pth")
     out = tmp_path / "deploy"
     opts = [
-        "MODEL.WEIGHTS",
-        weights,
-        "D2NORM.DATA.ROOT",
-        data_root,
-        "DATASETS.TEST",
-        "('d2norm_shapes_tiny_val',)",
-        "INPUT.MIN_SIZE_TEST",
-        "96",
-        "INPUT.MAX_SIZE_TEST",
-        "96",
         # this model: CBN everywhere with the default window (the recipe: BN heads, window 4)
         "MODEL.ROI_BOX_HEAD.NORM",
         "CBN",
@@ -255,7 +256,7 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
         "D2NORM.CBN.BUFFER_SIZE",
         "3",
     ]
-    report = _run_tool("mask_rcnn_R_18_FPN_CBN.yaml", out, *opts)
+    report = _run_tool("mask_rcnn_R_18_FPN_CBN.yaml", out, weights, data_root, *opts)
     det = report["detections"]
     assert det["ok"] and det["counts"]["matched"] == det["counts"]["reference"] > 0
     assert report["folded_layers"] == len(convs_with_norm(model)) > 0
@@ -309,21 +310,10 @@ def test_tools_deploy_exports_frn_to_onnx_and_the_ts_loads_with_torchvision(tmp_
     report = _run_tool(
         "mask_rcnn_R_18_FPN_FRN.yaml",
         out,
-        "--format",
-        "torchscript",
-        "--format",
-        "onnx",
-        "MODEL.WEIGHTS",
         str(tmp_path / "model_final.pth"),
-        "D2NORM.DATA.ROOT",
         data_root,
-        "DATASETS.TEST",
-        "('d2norm_shapes_tiny_val',)",
-        "INPUT.MIN_SIZE_TEST",
-        "96",
-        "INPUT.MAX_SIZE_TEST",
-        "96",
         *[x for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD") for x in (f"MODEL.{k}.NORM", "FRN")],
+        flags=("--format", "torchscript", "--format", "onnx"),
     )
     onnx_det = report["onnx"]["detections_vs_eager"]
     assert onnx_det["ok"], onnx_det
