@@ -10,6 +10,8 @@
 - COCO evaluation uses pycocotools when detectron2's compiled ops are absent.
 - A step with a non-finite loss is skipped and undone, norm statistics included
   (:mod:`d2norm.engine.guards`).
+- A signal (``D2NORM.PREEMPT.SIGNALS``) stops training after the iteration in progress with a
+  checkpoint and exit status ``D2NORM.PREEMPT.EXIT_CODE`` (:mod:`d2norm.engine.preemption`).
 """
 
 import logging
@@ -19,7 +21,7 @@ import weakref
 import numpy as np
 import torch
 
-from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
+from detectron2.engine import DefaultTrainer, HookBase, TrainerBase, hooks
 
 from ..checkpoint import D2NormCheckpointer
 from ..data.resumable_loader import DeferredTrainLoader
@@ -29,6 +31,7 @@ from ..patches import ddp_for_cpu_models
 from .cbn_regime import warn_cbn_regime
 from .data import build_evaluator, build_resumable_train_loader
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
+from .preemption import PreemptionHook, parse_signals
 
 __all__ = ["Trainer", "RNGState", "NormMilestoneHook"]
 
@@ -135,9 +138,26 @@ class Trainer(DefaultTrainer):
             trainer=weakref.proxy(self),
             rng=self._rng_state,
         )
-        hooks = super().build_hooks()
-        hooks.insert(2, NormMilestoneHook(self._trainer.model))
-        return hooks
+        ret = super().build_hooks()
+        ret.insert(2, NormMilestoneHook(self._trainer.model))
+        signals = parse_signals(self.cfg.D2NORM.PREEMPT.SIGNALS)
+        if signals:  # after the scheduler and periodic checkpointer, before evaluation
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+            preempt = PreemptionHook(self.checkpointer, signals, self.cfg.D2NORM.PREEMPT.EXIT_CODE)
+            ret.insert(at, preempt)
+        return ret
+
+    #: The :class:`~d2norm.engine.preemption.TrainingPreempted` that stopped training, if any.
+    preempted = None
+
+    def after_train(self):
+        if self.preempted is None:
+            return super().after_train()
+        # Stopped on a signal: flush the writers; no final checkpoint or evaluation.
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, (hooks.EvalHook, hooks.PeriodicCheckpointer)):
+                h.after_train()
 
     # detectron2 v0.6's DefaultTrainer leaves the optimizer out of its checkpoints (later versions
     # add it as "_trainer"); add it where the installed version does not.
