@@ -68,14 +68,17 @@ class TrainingPreempted(SystemExit):
 
 
 def parse_signals(names, key="D2NORM.PREEMPT.SIGNALS"):
-    """``signal.Signals`` for names like ``"SIGTERM"`` / ``"TERM"``; a clear error for others."""
+    """``signal.Signals`` for names like ``"SIGTERM"`` / ``"TERM"`` (or signals); a clear error for
+    others."""
     if isinstance(names, str):
         names = (names,)
     result = []
     for name in names:
-        full = str(name).upper()
-        full = full if full.startswith("SIG") else "SIG" + full
-        sig = getattr(signal.Signals, full, None)
+        if isinstance(name, int):  # a signal.Signals or its number
+            sig = signal.Signals(name)
+        else:
+            full = str(name).upper()
+            sig = getattr(signal.Signals, full if full.startswith("SIG") else "SIG" + full, None)
         if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
             raise ValueError(
                 f"{key}: {name!r} is not a signal that can be caught. Fix: use names such as "
@@ -125,8 +128,9 @@ class PreemptionHook(HookBase):
     """The stop on a signal (module docstring). Place it after the LR scheduler and the periodic
     checkpointer and before evaluation; every rank must have it."""
 
-    def __init__(self, checkpointer, signals, exit_code=EX_TEMPFAIL):
+    def __init__(self, checkpointer, signals, exit_code=EX_TEMPFAIL, before_save=None):
         self.checkpointer = checkpointer
+        self.before_save = before_save  # called on every rank before rank 0 saves
         self.stop = StopSignals(signals)
         self.exit_code = int(exit_code)
         self._group = None
@@ -166,6 +170,8 @@ class PreemptionHook(HookBase):
             self.trainer.max_iter,
         )
         path = os.path.join(self.checkpointer.save_dir, f"model_{it:07d}.pth")
+        if self.before_save is not None:
+            self.before_save()
         if comm.is_main_process():
             self.checkpointer.save(f"model_{it:07d}", iteration=it)
         if self._world > 1:
