@@ -10,6 +10,7 @@ SIGTERM and SyncBN is checked against float64 BN on the batch of all 4 processes
 """
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -205,7 +206,7 @@ def test_two_processes_stop_after_the_same_iteration_and_resume_exactly(tmp_path
     from d2norm.engine.launch import launch
 
     at = random.Random(2027).randrange(1, MAX_ITER - 1)
-    watchdog = threading.Timer(600, lambda: [p.kill() for p in __import__("multiprocessing").active_children()])
+    watchdog = threading.Timer(600, lambda: [p.kill() for p in multiprocessing.active_children()])
     watchdog.daemon = True
     watchdog.start()
     try:

@@ -3,9 +3,9 @@
 - ``build_model``: d2norm's norm names and the model-preparation pass (:mod:`d2norm.modeling`).
 - ``build_optimizer``: detectron2's, with ``SOLVER.WEIGHT_DECAY_NORM`` for every norm (:mod:`d2norm.optim`).
 - Checkpoints (atomic, :mod:`d2norm.checkpoint`) also hold the RNG states (of every process)
-  and the data-stream seed, and the training data resumes where it stopped, so ``--resume`` continues a run exactly
-  (on CPU: identical losses). CBN history and MABN buffers are module buffers, hence in the
-  model's state_dict.
+  and the data-stream seed, and the training data resumes where it stopped, so ``--resume``
+  continues a run exactly (on CPU: identical losses). CBN history and MABN buffers are module
+  buffers, hence in the model's state_dict.
 - A hook logs the end of CBN burn-in.
 - COCO evaluation uses pycocotools when detectron2's compiled ops are absent.
 - A step with a non-finite loss is skipped and undone, norm statistics included

@@ -194,7 +194,9 @@ def execute_run(s, spec, run_dir):
         model = Trainer.build_model(cfg)
         curve = {}
         for it in _eval_iters(s, spec["seed"]):
-            state = torch.load(os.path.join(run_dir, f"model_{it:06d}.pth"), map_location="cpu")
+            state = torch.load(
+                os.path.join(run_dir, f"model_{it:06d}.pth"), map_location="cpu", weights_only=True
+            )
             model.load_state_dict(state)
             curve[str(it)] = _box_ap(Trainer.test(cfg, model))
         rec.update(curve[str(s.iters)])
