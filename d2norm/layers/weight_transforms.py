@@ -67,9 +67,91 @@ def _reduce_dims(w: torch.Tensor) -> Tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
+_ONES = {}  # (device, dtype, C) -> a ones vector (never written)
+
+
+def _ones(like, c):
+    key = (like.device, like.dtype, c)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(c, dtype=like.dtype, device=like.device)
+    return t
+
+
+def _apply_affine(w3, mean, scale, ones):
+    """``(w3 - mean) * scale`` per channel of ``w3`` (1, C, K) as one inference-mode batch norm
+    (variance 1, eps 0: the normalizer is exactly 1); ``scale`` None: centralization."""
+    return torch.batch_norm(w3, scale, None, mean, ones, False, 0.0, 0.0, False)
+
+
+class _WeightTransform(torch.autograd.Function):
+    """``W_hat = (W - mean) * scale`` per output channel, with an analytic backward that needs only
+    ``W`` (the parameter itself), ``mean`` and ``scale``; nothing of the size of ``W`` is saved.
+
+    * centralization: ``scale = 1``; ``dW = g - mean(g)``;
+    * ``sqrt_var``: ``scale = 1 / sqrt(var_biased + eps)``; ``dW`` is the training-mode batch-norm
+      input gradient of ``W`` (one fused kernel);
+    * ``std_plus_eps``: ``scale = 1 / (std_unbiased + eps)``; with sigma = std_unbiased and n the
+      fan-in, ``dW = scale * (g - mean(g) - W_hat * sum(g * W_hat) * (sigma + eps) / ((n - 1) sigma))``:
+      the same batch-norm backward kernel, run with ``invstd' = sqrt(n scale / ((n - 1) sigma))``
+      and weight ``scale / invstd'``.
+
+    Each output carries the ``(W, mean, scale)`` it was made from (``_d2norm_recompute``): a conv
+    prepared by :func:`apply_weight_transform` hands autograd that recipe instead of ``W_hat`` and
+    recomputes ``W_hat`` (one kernel) when its backward needs it (see :func:`_pack_weight`)."""
+
+    @staticmethod
+    def forward(ctx, w, kind, eps):
+        c = w.shape[0]
+        w3 = w.detach().reshape(1, c, -1)
+        n = w3.shape[2]
+        ones = _ones(w3, c)
+        bn_weight = bn_invstd = None
+        if kind == "sqrt_var":
+            out, mean, scale = torch.native_batch_norm(w3, None, None, None, None, True, 0.0, eps)
+            bn_invstd = scale
+        else:
+            if kind == "centralization":
+                mean, scale = w3.mean(2)[0], None
+            else:  # std_plus_eps
+                std, mean = torch.std_mean(w3[0], 1, correction=1)
+                scale = torch.add(std, eps).reciprocal_()
+                if w.requires_grad:
+                    # invstd' = sqrt(n scale / ((n - 1) sigma)), weight' = scale / invstd'
+                    bn_weight = torch.mul(std, scale).mul_((n - 1) / n).sqrt_()
+                    bn_invstd = torch.div(scale, bn_weight)
+            out = _apply_affine(w3, mean, scale, ones)
+        out = out.reshape(w.shape)
+        ctx.save_for_backward(w, mean, bn_weight, bn_invstd)
+        ctx.kind, ctx.eps = kind, eps
+        ctx.recipe = (mean, scale, ones)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        w, mean, bn_weight, bn_invstd = ctx.saved_tensors
+        g3 = grad.reshape(1, w.shape[0], -1)
+        if ctx.kind == "centralization":
+            return grad - g3.mean(2, keepdim=True).reshape(w.shape[0], *([1] * (w.dim() - 1))), None, None
+        w3 = w.reshape(1, w.shape[0], -1)
+        gw = torch.ops.aten.native_batch_norm_backward(
+            g3.contiguous(), w3, bn_weight, None, None, mean, bn_invstd, True, 0.0, [True, False, False]
+        )[0]
+        return gw.reshape(w.shape), None, None
+
+
+def _transform(w: torch.Tensor, kind: str, eps: float = 0.0) -> torch.Tensor:
+    _reduce_dims(w)
+    out = _WeightTransform.apply(w, kind, eps)
+    if out.requires_grad:
+        out._d2norm_recompute = (w, out.grad_fn)
+    return out
+
+
 def centralize_weight(w: torch.Tensor) -> torch.Tensor:
     """``W - mean(W)``, the mean taken per output channel over all other dims."""
-    return w - w.mean(dim=_reduce_dims(w), keepdim=True)
+    return _transform(w, "centralization")
 
 
 def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sqrt_var") -> torch.Tensor:
@@ -79,14 +161,70 @@ def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sq
     ``convention="std_plus_eps"``: ``(W - mean) / (std_unbiased + eps)`` (mmcv ``ConvWS2d``,
     original WS code).
     """
-    dims = _reduce_dims(w)
-    if convention == "sqrt_var":
-        var, mean = torch.var_mean(w, dim=dims, correction=0, keepdim=True)
-        return (w - mean) / torch.sqrt(var + eps)
-    if convention == "std_plus_eps":
-        std, mean = torch.std_mean(w, dim=dims, correction=1, keepdim=True)
-        return (w - mean) / (std + eps)
-    raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")
+    if convention not in WS_CONVENTIONS:
+        raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")
+    return _transform(w, convention, float(eps))
+
+
+# ----------------------------------------------------------------------------- recompute in backward
+# A prepared conv saves, for its backward, a recipe (raw weight, mean, scale) in place of the
+# transformed weight W_hat and rebuilds W_hat from it when the backward runs: training keeps no
+# copy of every conv's W_hat alive between forward and backward.
+_HOOKS_KEY = "_d2norm_weight_hooks"  # conv.__dict__: stack of active saved-tensor hook contexts
+
+
+class _Recipe:
+    __slots__ = ("weight", "version", "grad_fn")
+
+    def __init__(self, weight, grad_fn):
+        self.weight, self.version, self.grad_fn = weight, weight._version, grad_fn
+
+
+def _pack_weight(t):
+    made = getattr(t, "_d2norm_recompute", None)
+    if made is None or made[1] is not t.grad_fn:
+        return t
+    return _Recipe(made[0], made[1])
+
+
+def _unpack_weight(p):
+    if not isinstance(p, _Recipe):
+        return p
+    if p.weight._version != p.version:
+        raise RuntimeError(
+            "The raw weight of a weight-transformed conv was modified in place between the forward "
+            "and the backward (e.g. an optimizer step before backward); its gradient would be wrong."
+        )
+    mean, scale, ones = p.grad_fn.recipe
+    w = p.weight
+    with torch.no_grad():
+        return _apply_affine(w.reshape(1, w.shape[0], -1), mean, scale, ones).reshape(w.shape)
+
+
+def _enter_weight_hooks(conv, args):
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack_weight, _unpack_weight)
+    hooks.__enter__()
+    conv.__dict__.setdefault(_HOOKS_KEY, []).append(hooks)
+
+
+def _exit_weight_hooks(conv, args, out):
+    stack = conv.__dict__.get(_HOOKS_KEY)
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def _add_weight_hooks(conv):
+    if not any(h is _enter_weight_hooks for h in conv._forward_pre_hooks.values()):
+        conv.register_forward_pre_hook(_enter_weight_hooks)
+        conv.register_forward_hook(_exit_weight_hooks, always_call=True)
+
+
+def _remove_weight_hooks(conv):
+    for hooks in (conv._forward_pre_hooks, conv._forward_hooks):
+        for key in [k for k, h in hooks.items() if h in (_enter_weight_hooks, _exit_weight_hooks)]:
+            del hooks[key]
+            conv._forward_hooks_always_called.pop(key, None)
+    conv.__dict__.pop(_HOOKS_KEY, None)
 
 
 class WeightCentralization(nn.Module):
@@ -165,6 +303,7 @@ def apply_weight_transform(conv: nn.Module, transform: nn.Module) -> nn.Module:
             f"bake_weight_transforms() / parametrize.remove_parametrizations first."
         )
     parametrize.register_parametrization(conv, "weight", transform)
+    _add_weight_hooks(conv)
     return conv
 
 
@@ -179,4 +318,5 @@ def bake_weight_transforms(module: nn.Module) -> nn.Module:
     targets = [m for m in module.modules() if get_weight_transform(m) is not None]
     for m in targets:
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        _remove_weight_hooks(m)
     return module
