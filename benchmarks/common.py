@@ -229,7 +229,7 @@ def update_section(path, name, body, data):
     if pat.search(text):
         text = pat.sub(lambda _: block, text)
     else:
-        order = ["layers", "model"]  # keep the sections in this order
+        order = ["layers", "kernels", "model"]  # keep the sections in this order
         later = [n for n in order[order.index(name) + 1 :]] if name in order else []
         pos = min(
             (text.find(f"<!-- BEGIN {n} -->") for n in later if f"<!-- BEGIN {n} -->" in text), default=-1

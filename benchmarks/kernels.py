@@ -69,7 +69,11 @@ from d2norm.layers import (
     MovingAverageBatchNorm2d,
     SyncBatchNorm2d,
 )
-from d2norm.layers.weight_transforms import WeightCentralization, WeightStandardization, apply_weight_transform
+from d2norm.layers.weight_transforms import (
+    WeightCentralization,
+    WeightStandardization,
+    apply_weight_transform,
+)
 from d2norm.testing.cbn_reference import ReferenceConvCBN
 from d2norm.testing.mabn_reference import OfficialStyleMABN2d
 
@@ -272,7 +276,9 @@ def build_conv(name, kw):
     elif name == "d2norm WS conv (sqrt_var)":
         conv = apply_weight_transform(nn.Conv2d(bias=False, **kw), WeightStandardization(1e-5, "sqrt_var"))
     elif name == "d2norm WS conv (std_plus_eps)":
-        conv = apply_weight_transform(nn.Conv2d(bias=False, **kw), WeightStandardization(1e-5, "std_plus_eps"))
+        conv = apply_weight_transform(
+            nn.Conv2d(bias=False, **kw), WeightStandardization(1e-5, "std_plus_eps")
+        )
     elif name == "d2norm centralized conv (MABN)":
         conv = _centralized(nn.Conv2d(bias=False, **kw))
     elif name == "timm StdConv2d":
@@ -307,7 +313,7 @@ def _input(shape, device):
     return torch.randn(shape, generator=gen).to(device).requires_grad_(True)
 
 
-def count_pair(name, device=torch.device("cpu")):
+def count_pair(name, device="cpu"):
     """Ops of one steady-state training step of the pair ``name`` at the counting shape."""
     x = _input(COUNT_INPUT, device)
     model = build_pair(name).to(device).train()
@@ -315,10 +321,15 @@ def count_pair(name, device=torch.device("cpu")):
     return count_step(model, x)
 
 
-def count_conv(name, device=torch.device("cpu")):
+def count_conv(name, device="cpu"):
     x = _input(COUNT_INPUT, device)
     model = _warm(build_conv(name, COUNT_CONV).to(device).train(), x)
     return count_step(model, x)
+
+
+def _fwd_bwd(model, x, g):
+    _clear_grads(model, x)
+    model(x).backward(g)
 
 
 def time_convs(rows, device, reps, warmup=2):
@@ -327,15 +338,9 @@ def time_convs(rows, device, reps, warmup=2):
     for shape_name, (x_shape, kw) in CONV_TIME_SHAPES.items():
         x = _input(x_shape, device)
         models = {r: build_conv(r, kw).to(device).train() for r in rows}
-        g = None
-
-        def step(m):
-            _clear_grads(m, x)
-            m(x).backward(g)
-
         with torch.no_grad():
             g = torch.randn_like(models[rows[0]](x))
-        fns = {r: functools.partial(step, m) for r, m in models.items()}
+        fns = {r: functools.partial(_fwd_bwd, m, x, g) for r, m in models.items()}
         t_warm = {r: ts[-1] for r, ts in time_interleaved(fns, warmup, device).items()}
         block = max(1, min(50, int(0.03 / max(min(t_warm.values()), 1e-6))))
         times = time_interleaved(fns, reps, device, block)
@@ -387,13 +392,15 @@ def markdown(pairs, convs, conv_times, timm_note, head):
     ]
     for r, s in convs.items():
         lines.append(
-            f"| {r} | {s['kernel']} | {s['kernel'] - plain:+d} | {s['no_kernel']} | {_ops_line(s['kernel_ops'])} |"
+            f"| {r} | {s['kernel']} | {s['kernel'] - plain:+d} | {s['no_kernel']} | "
+            f"{_ops_line(s['kernel_ops'])} |"
         )
     if conv_times:
         rows = list(next(iter(conv_times.values())))
         lines += [
             "",
-            "Conv side timed (conv + GN fwd+bwd, median of the interleaved repetitions; ratio to the plain conv):",
+            "Conv side timed (conv + GN fwd+bwd, median of the interleaved repetitions; ratio to "
+            "the plain conv):",
             "",
             "| conv | " + " | ".join(conv_times) + " |",
             "|---|" + "---:|" * len(conv_times),
@@ -437,7 +444,8 @@ def main(argv=None):
         cmd += f" --threads {args.threads}"
     head = (
         f"{command_note(cmd)}. Machine: {machine_line(device)}; fp32. Date "
-        f"{datetime.date.today().isoformat()}; wall time {(time.time() - t0) / 60:.1f} min; {load} at the start."
+        f"{datetime.date.today().isoformat()}; wall time {(time.time() - t0) / 60:.1f} min; {load} "
+        "at the start."
     )
     body = markdown(pairs, convs, conv_times, timm_note, head)
     print(body)

@@ -36,19 +36,26 @@ from ``t = max(B + 1, warmup_iters)`` on; the renorm clamp is active from
 (weight of the *old* value, default 0.98), the opposite of ``nn.BatchNorm2d``'s convention.
 
 Unlike the official code, no iteration-dependent decision reads a tensor on the host: the
-counter is a tensor buffer and every choice is a tensor op (``torch.where``, ``index_copy_``
-with a tensor index), so there is no host-device synchronization in forward or backward and
-the layer is CUDA-graph friendly. The counter advances once per training forward (in
-detectron2 every norm runs once per step). Under AMP (autocast) the statistics, buffers and
-parameter gradients stay in the module's dtype (float32) and reductions accumulate in float32;
-the output and the input gradient have the input's dtype.
+layer keeps a host mirror of the counter (advanced with the buffer, re-read once only when
+something else wrote the buffer: a checkpoint load, ``fill_``, the trainer's restore; its version
+counter tells), so forward and backward synchronize nothing. The counter advances once per
+training forward (in detectron2 every norm runs once per step). Few kernels per step: the renorm
+factor is folded into the normalizer (``gamma r z = gamma x / sqrt(d)`` with
+``d = (sigma2 + eps) / r^2 = clamp(running_var + eps, (sigma2 + eps)/25, 25 (sigma2 + eps))``),
+so the forward is one inference-mode batch norm, and one inference-mode batch-norm backward gives
+the input-gradient term, ``dgamma`` and ``dbeta`` together (15 ATen kernel ops per step in the
+steady state, forward and backward, against the official formulation's 37:
+``benchmarks/kernels.py``). Under AMP
+(autocast) the statistics, buffers and parameter gradients stay in the module's dtype (float32)
+and reductions accumulate in float32; the output and the input gradient have the input's dtype.
 
 Under a gradient scaler (``torch.amp.GradScaler``) the backward receives ``S * dL/dy``. Before
 the forward, :func:`set_grad_scale` gives each layer the current scale ``S`` (d2norm's trainer
 does this every AMP step); the backward then stores ``psi / S`` (unscaled) and uses
 ``S * mean(buffer_gz)``, so a change of scale never mixes scales inside the ring. A ``psi`` that
 overflowed (inf/NaN, which makes the scaler skip the step) is never stored: that channel keeps its
-previous entry, so one overflow does not poison later steps.
+previous entry, so one overflow does not poison later steps. Without a scaler psi is stored as
+computed (a non-finite psi comes with non-finite weight gradients: that step is lost anyway).
 
 The conv before each MABN must use centralized weights (``W - mean(W)`` per output channel);
 :meth:`MovingAverageBatchNorm2d.prepare_preceding_conv` installs that parametrization.
@@ -119,8 +126,16 @@ class _MABNFunction(torch.autograd.Function):
         # grad_in = dy * gamma / sqrt(d) = g / sqrt(sigma2 + eps); dgamma = sum(dy x / sqrt(d))
         # = sum(dy r z); dbeta = sum(dy). The weight gradient feeds psi, so it is always computed.
         grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight.to(st["zeros"].dtype), st["zeros"], st["d"], None, None, False,
-            st["d_eps"], [need_x, True, need_b],
+            grad_out,
+            x,
+            weight.to(st["zeros"].dtype),
+            st["zeros"],
+            st["d"],
+            None,
+            None,
+            False,
+            st["d_eps"],
+            [need_x, True, need_b],
         )
         # psi = E[g z] = gamma r E[dy z] = gamma * dgamma / M
         psi = torch.addcmul(st["zeros"], weight, grad_w, value=st["inv_num"])

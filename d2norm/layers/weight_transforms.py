@@ -19,6 +19,15 @@ The transforms are applied with :mod:`torch.nn.utils.parametrize`, so the conv k
 (``conv.parametrizations.weight.original``), and ``conv.weight`` is the transformed weight.
 :func:`bake_weight_transforms` removes the parametrizations for deployment, leaving the
 transformed weight as a plain parameter.
+
+Cost: each transform is one ``autograd.Function`` (``_WeightTransform``) with an analytic
+backward. Weight standardization (``sqrt_var``) is one batch-norm kernel on the weight viewed as
+``(1, out, in*kh*kw)`` forward and one batch-norm backward kernel. The transformed weight is not
+kept for the conv's backward: :func:`apply_weight_transform` also gives the conv saved-tensor
+hooks (active during its forward) that store the recipe ``(W, mean, scale)`` instead and rebuild
+``W_hat`` with one kernel when the backward needs it, so training holds no second copy of every
+conv's weight between forward and backward. A WS conv costs 3 ATen kernel ops per training step
+more than a plain conv (``benchmarks/kernels.py``).
 """
 
 from typing import Tuple
