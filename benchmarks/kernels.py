@@ -35,7 +35,6 @@ detection shapes of ``benchmarks/layers.py``'s res5 pair and at the counting sha
 The script writes (replaces) the "Kernels" section of ``--output``.
 """
 
-import argparse
 import collections
 import datetime
 import functools
@@ -50,6 +49,7 @@ from benchmarks.common import (
     DOCS_MD,
     BatchNormWithNuGradient,
     command_note,
+    doc_parser,
     load_note,
     mabn_steady,
     machine_line,
@@ -412,11 +412,7 @@ def markdown(pairs, convs, conv_times, timm_note, head):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = doc_parser(__doc__)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (counts are the same; times differ)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions of the conv side")

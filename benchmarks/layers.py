@@ -36,7 +36,6 @@ The script writes (replaces) the "Layers" section of ``--output`` (Markdown) and
 bar chart ``--plot`` from all sections (``benchmarks/model.py`` writes the "Model" section).
 """
 
-import argparse
 import datetime
 import functools
 import statistics
@@ -51,6 +50,7 @@ from benchmarks.common import (
     DOCS_PNG,
     BatchNormWithNuGradient,
     command_note,
+    doc_parser,
     draw_chart,
     load_note,
     mabn_steady,
@@ -284,11 +284,7 @@ def table(res, variants):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = doc_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
