@@ -73,6 +73,7 @@ from d2norm.layers.weight_transforms import (
     WeightCentralization,
     WeightStandardization,
     apply_weight_transform,
+    release_transformed_weight,
 )
 from d2norm.testing.cbn_reference import ReferenceConvCBN
 from d2norm.testing.mabn_reference import OfficialStyleMABN2d
@@ -267,6 +268,15 @@ def _timm_args(kw):
     return kw["in_channels"], kw["out_channels"], kw["kernel_size"], 1, kw.get("padding", 0)
 
 
+class _GroupNormAfterTransform(GroupNorm):
+    """GN that, like d2norm's norms after a transformed conv (GN+WS, BN+WS, MABN), has the
+    conv's transformed weight rebuilt in backward instead of kept."""
+
+    def forward(self, x):
+        release_transformed_weight(x)
+        return super().forward(x)
+
+
 def build_conv(name, kw):
     """The conv side alone: conv ``name`` followed by GN (32 groups)."""
     c = kw["out_channels"]
@@ -287,7 +297,8 @@ def build_conv(name, kw):
         conv = ScaledStdConv2d(*_timm_args(kw), bias=False, eps=1e-5)
     else:
         raise KeyError(name)
-    return nn.Sequential(conv, GroupNorm(32, c))
+    norm = _GroupNormAfterTransform if name.startswith("d2norm") else GroupNorm
+    return nn.Sequential(conv, norm(32, c))
 
 
 CONV_ROWS = [

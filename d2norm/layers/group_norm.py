@@ -8,7 +8,12 @@ over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and
 from torch import nn
 
 from .conv_link import mark_conv_prepared
-from .weight_transforms import WeightStandardization, apply_weight_transform, check_ws_options
+from .weight_transforms import (
+    WeightStandardization,
+    apply_weight_transform,
+    check_ws_options,
+    release_transformed_weight,
+)
 
 __all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups", "check_ws_options"]
 
@@ -79,6 +84,10 @@ class _StandardizesPrecedingConv:
         apply_weight_transform(conv, self.conv_transform())
         mark_conv_prepared(self)
         return conv
+
+    def forward(self, x):
+        release_transformed_weight(x)  # the conv's W_hat is rebuilt in backward, not kept
+        return super().forward(x)
 
 
 class GroupNormWS(_StandardizesPrecedingConv, GroupNorm):

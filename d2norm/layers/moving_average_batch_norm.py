@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from .conv_link import mark_conv_prepared
-from .weight_transforms import WeightCentralization, apply_weight_transform
+from .weight_transforms import WeightCentralization, apply_weight_transform, release_transformed_weight
 
 __all__ = ["MovingAverageBatchNorm2d", "set_grad_scale"]
 
@@ -275,6 +275,7 @@ class MovingAverageBatchNorm2d(nn.Module):
                 torch.backends.cudnn.enabled,
             )
 
+        release_transformed_weight(x)  # the centralized conv's weight is rebuilt in backward
         with torch.no_grad():
             num = x.numel() // x.shape[1]
             zeros, ones, inv_num, eps_25, inv_b = self._constants(x.device, num)

@@ -23,11 +23,11 @@ transformed weight as a plain parameter.
 Cost: each transform is one ``autograd.Function`` (``_WeightTransform``) with an analytic
 backward. Weight standardization (``sqrt_var``) is one batch-norm kernel on the weight viewed as
 ``(1, out, in*kh*kw)`` forward and one batch-norm backward kernel. The transformed weight is not
-kept for the conv's backward: :func:`apply_weight_transform` also gives the conv saved-tensor
-hooks (active during its forward) that store the recipe ``(W, mean, scale)`` instead and rebuild
-``W_hat`` with one kernel when the backward needs it, so training holds no second copy of every
-conv's weight between forward and backward. A WS conv costs 3 ATen kernel ops per training step
-more than a plain conv (``benchmarks/kernels.py``).
+kept for the conv's backward: the norm after the conv (GN+WS, BN+WS, MABN) calls
+:func:`release_transformed_weight` on its input, which swaps the ``W_hat`` the conv op saved for
+the recipe ``(W, mean, scale)``, rebuilt with one kernel when the backward needs it; training
+holds no second copy of every conv's weight between forward and backward. A WS conv costs 3 ATen
+kernel ops per training step more than a plain conv (``benchmarks/kernels.py``).
 """
 
 from typing import Tuple
@@ -45,6 +45,7 @@ __all__ = [
     "bake_weight_transforms",
     "get_weight_transform",
     "check_ws_options",
+    "release_transformed_weight",
     "WS_CONVENTIONS",
 ]
 
@@ -154,7 +155,7 @@ def _transform(w: torch.Tensor, kind: str, eps: float = 0.0) -> torch.Tensor:
     _reduce_dims(w)
     out = _WeightTransform.apply(w, kind, eps)
     if out.requires_grad:
-        out._d2norm_recompute = (w, out.grad_fn)
+        out._d2norm_recompute = (w, out.grad_fn, out._version)
     return out
 
 
@@ -176,10 +177,10 @@ def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sq
 
 
 # ----------------------------------------------------------------------------- recompute in backward
-# A prepared conv saves, for its backward, a recipe (raw weight, mean, scale) in place of the
-# transformed weight W_hat and rebuilds W_hat from it when the backward runs: training keeps no
-# copy of every conv's W_hat alive between forward and backward.
-_HOOKS_KEY = "_d2norm_weight_hooks"  # conv.__dict__: stack of active saved-tensor hook contexts
+# A norm that follows a transformed conv hands autograd, in place of the transformed weight W_hat
+# the conv op saved for its backward, the recipe (raw weight, mean, scale), and W_hat is rebuilt
+# (one kernel) when the backward runs: training keeps no copy of every conv's W_hat alive between
+# forward and backward.
 
 
 class _Recipe:
@@ -187,13 +188,6 @@ class _Recipe:
 
     def __init__(self, weight, grad_fn):
         self.weight, self.version, self.grad_fn = weight, weight._version, grad_fn
-
-
-def _pack_weight(t):
-    made = getattr(t, "_d2norm_recompute", None)
-    if made is None or made[1] is not t.grad_fn:
-        return t
-    return _Recipe(made[0], made[1])
 
 
 def _unpack_weight(p):
@@ -210,30 +204,30 @@ def _unpack_weight(p):
         return _apply_affine(w.reshape(1, w.shape[0], -1), mean, scale, ones).reshape(w.shape)
 
 
-def _enter_weight_hooks(conv, args):
-    hooks = torch.autograd.graph.saved_tensors_hooks(_pack_weight, _unpack_weight)
-    hooks.__enter__()
-    conv.__dict__.setdefault(_HOOKS_KEY, []).append(hooks)
+def release_transformed_weight(y: torch.Tensor) -> None:
+    """Called by a norm on its input ``y``: if ``y`` is the output of a conv whose weight is a
+    d2norm weight transform (and the conv op saved that weight for its backward), store the
+    recipe of the weight instead, to be rebuilt in the backward. Anything else: no change."""
+    fn = y.grad_fn
+    if fn is None or not hasattr(fn, "_raw_saved_weight"):
+        return
+    try:
+        w = fn._saved_weight
+    except RuntimeError:  # not saved / already released
+        return
+    made = getattr(w, "_d2norm_recompute", None) if w is not None else None
+    if made is None or made[2] != w._version:  # not a transform output, or changed in place
+        return
+    recipe, ptr = _Recipe(made[0], made[1]), w.data_ptr()
+    del w
 
+    def pack(t):  # called at once, with the saved W_hat (detached)
+        return recipe if t.data_ptr() == ptr else t
 
-def _exit_weight_hooks(conv, args, out):
-    stack = conv.__dict__.get(_HOOKS_KEY)
-    if stack:
-        stack.pop().__exit__(None, None, None)
-
-
-def _add_weight_hooks(conv):
-    if not any(h is _enter_weight_hooks for h in conv._forward_pre_hooks.values()):
-        conv.register_forward_pre_hook(_enter_weight_hooks)
-        conv.register_forward_hook(_exit_weight_hooks, always_call=True)
-
-
-def _remove_weight_hooks(conv):
-    for hooks in (conv._forward_pre_hooks, conv._forward_hooks):
-        for key in [k for k, h in hooks.items() if h in (_enter_weight_hooks, _exit_weight_hooks)]:
-            del hooks[key]
-            conv._forward_hooks_always_called.pop(key, None)
-    conv.__dict__.pop(_HOOKS_KEY, None)
+    try:
+        fn._raw_saved_weight.register_hooks(pack, _unpack_weight)
+    except RuntimeError:  # hooks already registered (the norm ran twice on one output)
+        pass
 
 
 class WeightCentralization(nn.Module):
@@ -312,7 +306,6 @@ def apply_weight_transform(conv: nn.Module, transform: nn.Module) -> nn.Module:
             f"bake_weight_transforms() / parametrize.remove_parametrizations first."
         )
     parametrize.register_parametrization(conv, "weight", transform)
-    _add_weight_hooks(conv)
     return conv
 
 
@@ -327,5 +320,4 @@ def bake_weight_transforms(module: nn.Module) -> nn.Module:
     targets = [m for m in module.modules() if get_weight_transform(m) is not None]
     for m in targets:
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-        _remove_weight_hooks(m)
     return module
