@@ -38,7 +38,7 @@ else
   quick=(--quick)
   model_small=(--device cpu --quick --reps 1 --warmup 1 --norms BN GN GN+WS CBN "CBN floor" MABN)
   model_coco=()  # no COCO-size run on the CPU
-  kern=(--device cpu --reps 3)
+  kern=(--device cpu --no-time)
 fi
 budget=${BUDGET_S:-450}
 work=$(mktemp -d)

@@ -406,7 +406,9 @@ def markdown(pairs, convs, conv_times, timm_note, head):
             f"| {r} | {s['kernel']} | {s['kernel'] - plain:+d} | {s['no_kernel']} | "
             f"{_ops_line(s['kernel_ops'])} |"
         )
-    if conv_times:
+    if not conv_times:
+        lines += ["", "The conv side was not timed in this run (`--no-time`)."]
+    else:
         rows = list(next(iter(conv_times.values())))
         lines += [
             "",
@@ -449,6 +451,8 @@ def main(argv=None):
     cmd = "python benchmarks/kernels.py" + (f" --device {args.device}" if device.type != "cpu" else "")
     if args.threads:
         cmd += f" --threads {args.threads}"
+    if args.no_time:
+        cmd += " --no-time"
     head = (
         f"{command_note(cmd)}. Machine: {machine_line(device)}; fp32. Date "
         f"{datetime.date.today().isoformat()}; wall time {(time.time() - t0) / 60:.1f} min; {load} "
