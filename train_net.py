@@ -8,7 +8,7 @@ python train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU pr
 """
 
 import d2norm  # noqa: F401  (must precede detectron2.layers: registers norms / the _C stand-in)
-from d2norm.engine.launch import config_device, launch, main, parse_args
+from d2norm.engine.launch import config_device, config_stop_signals, launch, main, parse_args
 
 if __name__ == "__main__":
     args = parse_args()
@@ -20,4 +20,5 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
         device=config_device(args),  # "cpu": gloo processes; CUDA: detectron2's launch (NCCL)
+        stop_signals=config_stop_signals(args),  # D2NORM.PREEMPT.SIGNALS, passed on to the workers
     )

@@ -105,14 +105,11 @@ def test_mabn_buffer_below_one(tmp_path, data_root):
 
 def test_cbn_unbound():
     """A CBN model built without d2norm's preparation pass (detectron2's own build_model)."""
-    from d2norm.norms import norm_options_from_config
-
     from detectron2.modeling import build_model as d2_build_model
     from detectron2.structures import Boxes, Instances
 
     cfg = synthetic_cfg("CBN")
-    with norm_options_from_config(cfg):
-        model = d2_build_model(cfg)
+    model = d2_build_model(d2norm.bind_norms(cfg))
     model.train()
     inst = Instances(
         (96, 96), gt_boxes=Boxes(torch.tensor([[10.0, 10, 40, 40]])), gt_classes=torch.tensor([1])
@@ -150,12 +147,14 @@ def test_truncated_last_checkpoint_on_resume(tmp_path, data_root):
 
     out = tmp_path / "out"
     out.mkdir()
-    full = out / "full.pth"
+    full = tmp_path / "full.pth"
     torch.save({"model": {"w": torch.randn(1000)}, "iteration": 3}, full)
     (out / "model_0000003.pth").write_bytes(full.read_bytes()[:2000])
+    (out / "model_0000001.pth").write_bytes(full.read_bytes()[:1000])
     (out / "last_checkpoint").write_text("model_0000003.pth")
+    # every checkpoint is unreadable (the fallback to a readable one: test_checkpoint_atomic.py)
     info = _raise_from_main(_args(out, data_root, resume=True), CheckpointError)
-    _check(info, "Could not read checkpoint", "model_0000003.pth", "last_checkpoint")
+    _check(info, "no readable checkpoint", "model_0000003.pth", "model_0000001.pth", "last_checkpoint", "Fix")
 
 
 def test_data_root_not_writable(tmp_path, data_root):
