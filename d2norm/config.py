@@ -15,7 +15,7 @@ def add_d2norm_config(cfg):
     _C.D2NORM.GN = CN()
     _C.D2NORM.GN.NUM_GROUPS = 32
     _C.D2NORM.GN.EPS = 1e-5
-    # Weight Standardization (for "GN+WS" / "BN+WS"), per output channel of the conv:
+    # Weight Standardization (for "GN+WS" / "BN+WS" / "BCN+WS"), per output channel of the conv:
     #   CONVENTION "sqrt_var" (default):  W_hat = (W - mean) / sqrt(var_biased + EPS)
     #   CONVENTION "std_plus_eps":        W_hat = (W - mean) / (std_unbiased + EPS)
     # Use "std_plus_eps" for weights trained with mmcv's ConvWS2d / the original WS code.
@@ -67,6 +67,26 @@ def add_d2norm_config(cfg):
     _C.D2NORM.EVONORM.NUM_GROUPS = 32
     _C.D2NORM.EVONORM.EPS = 1e-5
     _C.D2NORM.EVONORM.REPLACE_RELU = True
+    # Batch-Channel Normalization ("BCN", "BCN+WS"; d2norm/layers/batch_channel_norm.py): a batch
+    # normalization, then a group normalization with one affine per group.
+    _C.D2NORM.BCN = CN()
+    # Groups of the channel part (the authors' code: 32).
+    _C.D2NORM.BCN.NUM_GROUPS = 32
+    # Epsilon of both parts (the authors' code: 1e-5).
+    _C.D2NORM.BCN.EPS = 1e-5
+    # "estimate": micro-batch BCN, normalize with the estimated mean / variance (the paper's
+    # Algorithm 1, the authors' EstBN); "batch": large-batch BCN, normalize with the batch's
+    # statistics (BN). With several processes the statistics are those of the whole batch.
+    _C.D2NORM.BCN.MODE = "estimate"
+    # Update rate r of the estimates (running statistics), in (0, 1].
+    _C.D2NORM.BCN.MOVING_SPEED = 0.1
+    # "cumulative": r_t = max(r, 1/(t+1)) (the first step sets the estimates, then an average of
+    # the steps so far until it reaches r); "constant": r_t = r from the first step. The authors'
+    # code leaves r to the training script (its buffer starts at 0); see the layer's docstring.
+    _C.D2NORM.BCN.MOVING_SPEED_SCHEDULE = "cumulative"
+    # "group": one gamma, beta per group after the channel normalization (the authors' code);
+    # "channel": one per channel (GN's usual affine).
+    _C.D2NORM.BCN.AFFINE = "group"
     # Embedded synthetic dataset ("d2norm_shapes_{train,val}").
     _C.D2NORM.DATA = CN()
     _C.D2NORM.DATA.ROOT = ""  # "" -> $D2NORM_DATA or ~/.cache/d2norm/datasets

@@ -302,9 +302,16 @@ def _as_d2norm_sync_bn(bn, cls):
 
 # ------------------------------------------------------------------ freezing
 def _freezable_types():
-    from .layers import BatchNormWS, BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+    from .layers import (
+        BatchNormWS,
+        BatchRenorm2d,
+        BCNBatchNorm2d,
+        CrossIterationBatchNorm2d,
+        MovingAverageBatchNorm2d,
+    )
 
     return (
+        BCNBatchNorm2d,  # BCN's batch part; BCN's channel part stays, as GN
         nn.BatchNorm2d,
         nn.SyncBatchNorm,
         BatchNormWS,

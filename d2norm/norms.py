@@ -188,6 +188,29 @@ def _evonorm_s0(c):
     return EvoNormS0(c, num_groups=groups, **kwargs)
 
 
+def _bcn(c, ws=False):
+    from .layers.batch_channel_norm import BatchChannelNorm2d, BatchChannelNormWS
+
+    o = _options["BCN"]
+    kwargs = dict(
+        eps=o["EPS"],
+        mode=o["MODE"],
+        moving_speed=o["MOVING_SPEED"],
+        schedule=o["MOVING_SPEED_SCHEDULE"],
+        affine=o["AFFINE"],
+    )
+    cls = BatchChannelNorm2d
+    if ws:
+        cls, kwargs = (
+            BatchChannelNormWS,
+            dict(kwargs, ws_eps=_options["WS"]["EPS"], ws_convention=_options["WS"]["CONVENTION"]),
+        )
+    groups = o["NUM_GROUPS"]
+    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < c < groups:
+        return cls.type_probe(groups, c, **kwargs)  # RetinaNetHead's get_norm(norm, 1) probe
+    return cls(c, groups, **kwargs)
+
+
 #: Names d2norm builds (they take precedence over detectron2's meaning of the same name).
 D2NORM_NORMS = {
     "BN*": _frozen_bn,
@@ -202,6 +225,8 @@ D2NORM_NORMS = {
     "BRN": _brn,
     "FRN": _frn,
     "EvoNorm-S0": _evonorm_s0,
+    "BCN": _bcn,
+    "BCN+WS": lambda c: _bcn(c, ws=True),
 }
 #: Names detectron2's get_norm has had (v0.6 has all but "LN"); see detectron2_norm_names().
 _DETECTRON2_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")

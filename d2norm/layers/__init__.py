@@ -1,5 +1,6 @@
 """Normalization layers. One module per method; each docstring states its equations."""
 
+from .batch_channel_norm import BatchChannelNorm2d, BatchChannelNormWS, BCNBatchNorm2d
 from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList
@@ -11,6 +12,9 @@ from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
 
 __all__ = [
+    "BatchChannelNorm2d",
+    "BatchChannelNormWS",
+    "BCNBatchNorm2d",
     "BatchNormWS",
     "BatchRenorm2d",
     "CrossIterationBatchNorm2d",
@@ -28,6 +32,8 @@ __all__ = [
 #: d2norm's normalization layer classes (a new norm adds its class here: the optimizer's
 #: WEIGHT_DECAY_NORM rule and the preparation pass read this tuple).
 NORM_TYPES = (
+    BatchChannelNorm2d,
+    BCNBatchNorm2d,
     BatchNormWS,
     BatchRenorm2d,
     CrossIterationBatchNorm2d,
