@@ -12,8 +12,9 @@ Transforms that fold eval-mode norm layers into the preceding conv belong here t
 visit the same (conv, conv.norm) pairs as :func:`iter_conv_norm_pairs`.
 
 * :func:`fold`: bake the weight transforms, then fold every eval-mode BN, SyncBN, BN+WS, BN*,
-  FrozenStatsBN, CBN, MABN and BRN into the conv before it (:func:`eval_affine` gives a norm's
-  per-channel ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
+  FrozenStatsBN, CBN, MABN and BRN, and the batch part of BCN / BCN+WS, into the conv before it
+  (:func:`eval_affine` gives a norm's per-channel ``(scale, shift)``, :func:`fold_affine_into_conv`
+  applies it); GN and BCN's channel part stay.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
 
@@ -99,10 +100,12 @@ def has_weight_transforms(model):
 def _foldable_types():
     from detectron2.layers import FrozenBatchNorm2d
 
+    from .layers.batch_channel_norm import BCNBatchNorm2d
     from .layers.cross_iteration_batch_norm import CrossIterationBatchNorm2d
     from .layers.moving_average_batch_norm import MovingAverageBatchNorm2d
 
-    return FrozenBatchNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+    # BCN's batch part has BN's eval map (running mean / var, γ, β, ε)
+    return (FrozenBatchNorm2d, BCNBatchNorm2d), CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 
 
 def is_foldable(norm):
@@ -110,7 +113,7 @@ def is_foldable(norm):
     from .layers.batch_renorm import BatchRenorm2d
 
     frozen, cbn, mabn = _foldable_types()
-    if isinstance(norm, (frozen, cbn, mabn, BatchRenorm2d)):
+    if isinstance(norm, (*frozen, cbn, mabn, BatchRenorm2d)):
         return True
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
 
@@ -120,7 +123,7 @@ def eval_affine(norm):
     eval mode (channels on dim 1):
 
     * BN / SyncBN / BN+WS / FrozenStatsBN (any ``_BatchNorm`` with running stats), BN*
-      (``FrozenBatchNorm2d``), CBN: ``scale = γ/√(running_var + ε)``,
+      (``FrozenBatchNorm2d``), CBN, BCN's batch part (``BCNBatchNorm2d``): ``scale = γ/√(running_var + ε)``,
       ``shift = β − running_mean·scale``;
     * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``;
     * BRN (running σ, ε included): ``scale = γ/running_std``, ``shift = β − running_mean·scale``.
@@ -145,7 +148,7 @@ def eval_affine(norm):
     if isinstance(norm, mabn):
         scale = f64_or(norm.weight, 1.0) * torch.rsqrt(norm.running_var.detach().to(f64) + norm.eps)
         return scale, f64_or(norm.bias, 0.0)
-    if isinstance(norm, (frozen, cbn)) or isinstance(norm, nn.modules.batchnorm._BatchNorm):
+    if isinstance(norm, (*frozen, cbn)) or isinstance(norm, nn.modules.batchnorm._BatchNorm):
         if getattr(norm, "running_mean", None) is None:
             raise ValueError(
                 f"{type(norm).__name__} has no running statistics (track_running_stats=False): in "
@@ -249,6 +252,8 @@ def fold(model):
     2. For each detectron2 ``Conv2d`` with a ``norm`` (:func:`iter_conv_norm_pairs`) that is
        BN, SyncBN, BN+WS, BN* (FrozenBN), CBN, MABN or BRN: ``(s, t) = eval_affine(norm)``,
        :func:`fold_affine_into_conv`, ``conv.norm = None`` (CBN's conv hook is removed).
+       For BCN / BCN+WS the batch part folds the same way and becomes ``nn.Identity``; the
+       channel part (per-sample statistics) stays as ``conv.norm``.
     3. GN (also the GN of GN+WS) and any other norm stay as they are.
 
     The folded model computes the eval-mode function of the original (float32 rounding apart;
@@ -262,7 +267,16 @@ def fold(model):
     model.eval()
     fold_weight_standardization(model)
     folded, kept = [], []
+    from .layers.batch_channel_norm import BatchChannelNorm2d
+
     for name, conv, norm in list(iter_conv_norm_pairs(model)):
+        if isinstance(norm, BatchChannelNorm2d) and is_foldable(norm.bn):
+            scale, shift = eval_affine(norm.bn)
+            fold_affine_into_conv(conv, scale, shift)
+            folded.append((name, f"{type(norm).__name__} (batch part)"))
+            norm.bn = nn.Identity()
+            kept.append((name, f"{type(norm).__name__} (channel part)"))
+            continue
         if not is_foldable(norm):
             kept.append((name, type(norm).__name__))
             continue

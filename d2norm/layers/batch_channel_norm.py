@@ -177,7 +177,9 @@ class BCNBatchNorm2d(nn.Module):
         return scale, self.bias.detach() - self.running_mean * scale
 
     def _apply_eval_map(self, x):
-        scale, shift = self.eval_scale_shift()
+        """γ_b·(x − μ̂)/√(σ̂² + ε) + β_b, differentiable in x, γ_b, β_b (μ̂, σ̂² constants)."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
         return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
 
     def _update(self, mean_b, var_b, n):
