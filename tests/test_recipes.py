@@ -30,6 +30,7 @@ from recipe_models import (
 from torch import nn
 
 from d2norm.layers import (
+    BatchChannelNormWS,
     BatchRenorm2d,
     CrossIterationBatchNorm2d,
     EvoNormS0,
@@ -51,7 +52,9 @@ _COCO_NAME = re.compile(
     r"X_101_32x4d)_FPN_(?P<sched>\d+x|20_23_24e)"
     r"(?:_(?P<norm>syncbn|gn_ws|gn_contrib|gn|cbn|mabn|bn|frozenstatsbn))?\.yaml$"
 )
-_SYNTH_NAME = re.compile(r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm)\.yaml$")
+_SYNTH_NAME = re.compile(
+    r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm|BCN_WS)\.yaml$"
+)
 _NORM_OF_SUFFIX = {
     None: "FrozenBN",
     "syncbn": "SyncBN",
@@ -71,6 +74,7 @@ _NORM_OF_SUFFIX = {
     "BRN": "BRN",
     "FRN": "FRN",
     "EvoNorm": "EvoNorm-S0",
+    "BCN_WS": "BCN+WS",
 }
 _BACKBONE = {
     "R_18": (18, 1, 64),
@@ -93,6 +97,7 @@ _NORM_TYPE = {
     "BRN": BatchRenorm2d,
     "FRN": FilterResponseNorm2d,
     "EvoNorm-S0": EvoNormS0,
+    "BCN+WS": BatchChannelNormWS,
 }
 # norms that detectron2's freeze (and d2norm's preparation pass) turn into FrozenBN
 _FROZEN_TO_FROZENBN = ("FrozenBN", "BN", "SyncBN", "CBN", "MABN", "FrozenStatsBN", "BRN")
@@ -374,7 +379,7 @@ def _check_model(cfg, model, exp):
     ws = cfg.D2NORM.WS
     for conv in all_convs:
         n, t = getattr(conv, "norm", None), get_weight_transform(conv)
-        if isinstance(n, GroupNormWS):
+        if isinstance(n, (GroupNormWS, BatchChannelNormWS)):
             assert isinstance(t, WeightStandardization)
             assert (t.convention, t.eps) == (ws.CONVENTION, ws.EPS)
         elif isinstance(n, MovingAverageBatchNorm2d) or (
