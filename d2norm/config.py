@@ -18,7 +18,9 @@ def add_d2norm_config(cfg):
     # Weight Standardization (for "GN+WS" / "BN+WS" / "BCN+WS"), per output channel of the conv:
     #   CONVENTION "sqrt_var" (default):  W_hat = (W - mean) / sqrt(var_biased + EPS)
     #   CONVENTION "std_plus_eps":        W_hat = (W - mean) / (std_unbiased + EPS)
-    # Use "std_plus_eps" for weights trained with mmcv's ConvWS2d / the original WS code.
+    #   CONVENTION "sqrt_unbiased_var":   W_hat = (W - mean) / sqrt(var_unbiased + EPS)
+    # Use "std_plus_eps" for weights trained with mmcv's ConvWS2d / the original WS code, and
+    # "sqrt_unbiased_var" for the BCN authors' ImageNet BCN+WS weights.
     _C.D2NORM.WS = CN()
     _C.D2NORM.WS.EPS = 1e-5
     _C.D2NORM.WS.CONVENTION = "sqrt_var"

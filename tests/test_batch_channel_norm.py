@@ -381,3 +381,58 @@ def test_torchscript_matches_eager_in_training_and_eval(mode):
     scripted.eval()
     x = _x(3, gen).float()
     torch.testing.assert_close(scripted(x), eager(x), rtol=1e-6, atol=1e-6)
+
+
+def test_ws_convention_of_the_bcn_authors_weights():
+    """ "sqrt_unbiased_var": per output channel (W − mean)/√(var_unbiased + ε), written out."""
+    from d2norm.layers.weight_transforms import standardize_weight
+
+    w = torch.randn(6, 4, 3, 3, dtype=F64) * 0.05 + 0.01
+    eps = 1e-5
+    expected = torch.stack(
+        [(k - k.mean()) / ((((k - k.mean()) ** 2).sum() / (k.numel() - 1)) + eps).sqrt() for k in w]
+    )
+    torch.testing.assert_close(
+        standardize_weight(w, eps, "sqrt_unbiased_var"), expected, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_bcn_authors_imagenet_layout_loads(tmp_path):
+    """A torchvision-style file in the BCN authors' layout (``bn1.pbn.*`` batch part, ``bn1.weight``
+    of shape (1, G, 1)) loads into a BCN+WS model: every tensor where it belongs."""
+    import torchvision
+
+    from d2norm.checkpoint import load_pretrained_backbone
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, value in torchvision.models.resnet18().state_dict().items():
+        if key.endswith("num_batches_tracked") or key.startswith("fc."):
+            continue
+        head, leaf = key.rsplit(".", 1)
+        if value.dim() == 1:  # a BN of torchvision: the authors' BCN in its place
+            sd[f"{head}.pbn.{leaf}"] = torch.rand(value.shape, generator=gen) + 0.5
+            if leaf in ("weight", "bias"):
+                sd[f"{head}.{leaf}"] = torch.rand(1, 32, 1, generator=gen) + 0.5
+        else:
+            sd[key] = torch.randn(value.shape, generator=gen)
+    path = tmp_path / "rn18_bcn_ws.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    model = d2norm.build_model(synthetic_cfg("BCN+WS"))
+    load_pretrained_backbone(model, str(path))
+    bu = model.backbone.bottom_up
+    pairs = {
+        "bn1": bu.stem.conv1,
+        "layer1.0.bn1": bu.res2[0].conv1,
+        "layer2.0.bn2": bu.res3[0].conv2,
+        "layer3.0.downsample.1": bu.res4[0].shortcut,
+    }
+    for prefix, conv in pairs.items():
+        norm = conv.norm
+        assert torch.equal(norm.bn.running_var, sd[f"{prefix}.pbn.running_var"])
+        assert torch.equal(norm.bn.weight.detach(), sd[f"{prefix}.pbn.weight"])
+        assert torch.equal(norm.weight.detach(), sd[f"{prefix}.weight"].reshape(-1))
+        assert torch.equal(norm.bias.detach(), sd[f"{prefix}.bias"].reshape(-1))
+    assert torch.equal(
+        bu.res2[0].conv1.parametrizations.weight.original.detach(), sd["layer1.0.conv1.weight"]
+    )

@@ -13,6 +13,9 @@ works):
   divide by ``std_unbiased(W) + eps`` (torch's default ``std``, divide by n-1, eps outside the
   root); that variant is available as ``convention="std_plus_eps"`` for loading weights trained
   with those implementations. For a ResNet 3x3x256 kernel the two differ by ~0.5% per channel.
+  The BCN authors' ImageNet code (Batch-Channel-Normalization, ``imagenet/models/layers.py``)
+  divides by ``sqrt(var_unbiased(W) + eps)``: ``convention="sqrt_unbiased_var"``, for their
+  BCN+WS weights.
 
 The transforms are applied with :mod:`torch.nn.utils.parametrize`, so the conv keeps its class
 (a parametrized subclass of it) and its forward, the optimizer updates the raw weight
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 #: Weight Standardization conventions (config key ``D2NORM.WS.CONVENTION``).
-WS_CONVENTIONS = ("sqrt_var", "std_plus_eps")
+WS_CONVENTIONS = ("sqrt_var", "std_plus_eps", "sqrt_unbiased_var")
 
 
 def check_ws_options(eps, convention):
@@ -49,8 +52,9 @@ def check_ws_options(eps, convention):
         raise ValueError(
             f"Unknown Weight Standardization convention {convention!r}: D2NORM.WS.CONVENTION must be "
             f"one of {WS_CONVENTIONS}. "
-            'Fix: set D2NORM.WS.CONVENTION "sqrt_var" (the paper\'s equation, default) or '
-            '"std_plus_eps" (weights trained with mmcv ConvWS2d / the original WS code).'
+            'Fix: set D2NORM.WS.CONVENTION "sqrt_var" (the paper\'s equation, default), '
+            '"std_plus_eps" (weights trained with mmcv ConvWS2d / the original WS code) or '
+            '"sqrt_unbiased_var" (the BCN authors\' ImageNet BCN+WS weights).'
         )
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(
@@ -78,6 +82,8 @@ def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sq
     ``convention="sqrt_var"`` (default): ``(W - mean) / sqrt(var_biased + eps)``.
     ``convention="std_plus_eps"``: ``(W - mean) / (std_unbiased + eps)`` (mmcv ``ConvWS2d``,
     original WS code).
+    ``convention="sqrt_unbiased_var"``: ``(W - mean) / sqrt(var_unbiased + eps)`` (the BCN
+    authors' ImageNet code).
     """
     dims = _reduce_dims(w)
     if convention == "sqrt_var":
@@ -86,6 +92,9 @@ def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sq
     if convention == "std_plus_eps":
         std, mean = torch.std_mean(w, dim=dims, correction=1, keepdim=True)
         return (w - mean) / (std + eps)
+    if convention == "sqrt_unbiased_var":
+        var, mean = torch.var_mean(w, dim=dims, correction=1, keepdim=True)
+        return (w - mean) / torch.sqrt(var + eps)
     raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")
 
 
