@@ -44,7 +44,8 @@ def run_dir_name(spec):
 
 def _eval_iters(s, seed):
     fr = (1.0,) + (s.curve_fracs if seed in s.curve_seeds else ())
-    return sorted({max(1, int(round(s.iters * f))) for f in fr if 0 < f <= 1})
+    its = {max(1, int(round(s.iters * f))) for f in fr if 0 < f <= 1}
+    return sorted(its | set(s.tail_iters()))
 
 
 def _study_trainer(snapshot_iters, run_dir):
@@ -164,13 +165,72 @@ def _box_ap(res, prefix="box"):
     return out
 
 
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _evaluate(s, spec, cfg, run_dir):
+    """Box AP of every saved model; for models with running-statistics norms also with statistics
+    re-estimated over ``s.precise_images`` training images (``precise_`` keys); the val loss and
+    the val predictions of the final model in both modes (``d2norm.study.evaluation``)."""
+    import torch
+
+    from d2norm.engine import Trainer
+
+    from .evaluation import (
+        fixed_batches,
+        reestimate_statistics,
+        running_statistics_norms,
+        save_predictions,
+        validation_loss,
+    )
+
+    model = Trainer.build_model(cfg)
+    precise = bool(running_statistics_norms(model))
+    train_batches = []
+    if precise:
+        train_batches = fixed_batches(cfg, cfg.DATASETS.TRAIN[0], s.precise_images, s.total_batch)
+    val_batches = fixed_batches(cfg, cfg.DATASETS.TEST[0], 0, s.total_batch)
+    pred_dir = os.path.join(os.path.dirname(os.path.dirname(run_dir)), "predictions")
+    results_json = os.path.join(
+        cfg.OUTPUT_DIR, "inference", cfg.DATASETS.TEST[0], "coco_instances_results.json"
+    )
+    out, curve = {}, {}
+    for it in _eval_iters(s, spec["seed"]):
+        path = os.path.join(run_dir, f"model_{it:06d}.pth")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        final = it == s.iters
+        curve[str(it)] = _box_ap(Trainer.test(cfg, model))
+        if final:
+            out["val_loss"] = validation_loss(model, val_batches)["total_loss"]
+            save_predictions(results_json, os.path.join(pred_dir, run_dir_name(spec) + ".json.gz"))
+        if precise:
+            reestimate_statistics(model, train_batches)
+            curve[str(it)].update(_box_ap(Trainer.test(cfg, model), "precise_box"))
+            if final:
+                out["precise_val_loss"] = validation_loss(model, val_batches)["total_loss"]
+                save_predictions(
+                    results_json, os.path.join(pred_dir, run_dir_name(spec) + "_precise.json.gz")
+                )
+    out.update(curve[str(s.iters)])
+    out["curve"] = curve
+    tail = [str(i) for i in s.tail_iters()]
+    for key in ("box_ap", "precise_box_ap"):
+        if all(key in curve[i] for i in tail):
+            out[f"{key}_last{len(tail)}"] = _mean(curve[i][key] for i in tail)
+    out["tail_iters"] = list(s.tail_iters())
+    out["precise_images"] = s.precise_images if precise else None
+    return out
+
+
 def execute_run(s, spec, run_dir):
     """Train and evaluate one run; returns its record (a dict). Runs in the calling process,
     which becomes the parent of the run's P training processes."""
     import torch
 
     import d2norm  # noqa: F401  (the _C stand-in and the norm names)
-    from d2norm.engine import Trainer
     from d2norm.engine.launch import launch_cpu
 
     torch.set_num_threads(s.threads)
@@ -191,14 +251,7 @@ def execute_run(s, spec, run_dir):
     if rec["status"] == "ok":
         _setup_logging(run_dir, 0)
         register_datasets(cfg)
-        model = Trainer.build_model(cfg)
-        curve = {}
-        for it in _eval_iters(s, spec["seed"]):
-            state = torch.load(os.path.join(run_dir, f"model_{it:06d}.pth"), map_location="cpu")
-            model.load_state_dict(state)
-            curve[str(it)] = _box_ap(Trainer.test(cfg, model))
-        rec.update(curve[str(s.iters)])
-        rec["curve"] = curve
+        rec.update(_evaluate(s, spec, cfg, run_dir))
     rec["eval_s"] = time.perf_counter() - t0
     rec["eval_cpu_s"] = time.process_time() - cpu0
     rec["evals"] = len(rec.get("curve", {}))
