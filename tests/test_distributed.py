@@ -36,6 +36,19 @@ def _one_thread():
 
 
 # ------------------------------------------------------------------------ inside the processes
+def _local_step(layer, step, c, lo, hi, total):
+    """A joint batch of ``total`` images and an upstream gradient, drawn alike on every rank (same
+    seed), and one training forward / backward of ``layer`` on this rank's images [lo, hi):
+    ``(x_all, g_all, x, y)``."""
+    x_all = torch.randn(total, c, 4, 3) * (step + 2) + step
+    g_all = torch.randn_like(x_all)
+    x = x_all[lo:hi].clone().requires_grad_()
+    layer.zero_grad()
+    y = layer(x)
+    (y * g_all[lo:hi]).sum().backward()
+    return x_all, g_all, x, y
+
+
 def _syncbn_case(sizes, steps=2, c=5):
     """SyncBatchNorm2d with ``sizes[r]`` images on rank r vs float64 BN on the joint batch."""
     import torch.distributed as dist
@@ -54,12 +67,7 @@ def _syncbn_case(sizes, steps=2, c=5):
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     diffs = {"out": 0.0, "grad_in": 0.0, "grad_w": 0.0, "grad_b": 0.0, "running": 0.0}
     for step in range(steps):
-        x_all = torch.randn(sum(sizes), c, 4, 3) * (step + 2) + step
-        g_all = torch.randn_like(x_all)
-        x = x_all[lo:hi].clone().requires_grad_()
-        ours.zero_grad()
-        y = ours(x)
-        (y * g_all[lo:hi]).sum().backward()
+        x_all, g_all, x, y = _local_step(ours, step, c, lo, hi, sum(sizes))
         gw, gb = ours.weight.grad.clone(), ours.bias.grad.clone()
         dist.all_reduce(gw)  # what DDP does with the per-rank parameter gradients (sum)
         dist.all_reduce(gb)
@@ -102,12 +110,7 @@ def _bcn_case(sizes, mode, steps=3, c=8, groups=4):
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     diffs = {"out": 0.0, "grad_in": 0.0, "grad_params": 0.0, "running": 0.0}
     for step in range(steps):
-        x_all = torch.randn(sum(sizes), c, 4, 3) * (step + 2) + step
-        g_all = torch.randn_like(x_all)
-        x = x_all[lo:hi].clone().requires_grad_()
-        ours.zero_grad()
-        y = ours(x)
-        (y * g_all[lo:hi]).sum().backward()
+        x_all, g_all, x, y = _local_step(ours, step, c, lo, hi, sum(sizes))
         xr = x_all.double().requires_grad_()
         for p in params.values():
             p.grad = None
