@@ -177,10 +177,20 @@ class BCNBatchNorm2d(nn.Module):
         return scale, self.bias.detach() - self.running_mean * scale
 
     def _apply_eval_map(self, x):
-        """γ_b·(x − μ̂)/√(σ̂² + ε) + β_b, differentiable in x, γ_b, β_b (μ̂, σ̂² constants)."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+        """γ_b·(x − μ̂)/√(σ̂² + ε) + β_b, differentiable in x, γ_b, β_b (μ̂, σ̂² constants): torch's
+        BN kernel in inference mode, whose backward is fused (several times faster on CPU than
+        the gradient of a broadcast per-channel affine)."""
+        return torch.batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            False,
+            0.0,
+            self.eps,
+            torch.backends.cudnn.enabled,
+        )
 
     def _update(self, mean_b, var_b, n):
         """Move the estimates toward the step's statistics (biased variance ``var_b`` over ``n``
