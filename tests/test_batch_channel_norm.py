@@ -16,7 +16,7 @@ import d2norm
 from d2norm.deploy import fold
 from d2norm.layers import BatchChannelNorm2d, BatchChannelNormWS, BCNBatchNorm2d, GroupNormWS
 from d2norm.layers.weight_transforms import get_weight_transform
-from d2norm.norms import norm_options_from_config
+from d2norm.norms import norm_from_config
 from d2norm.optim import get_param_groups
 from d2norm.testing.bcn_reference import BCNReference
 
@@ -202,8 +202,7 @@ def test_names_build_the_layers_with_the_config_options():
             "D2NORM.WS.CONVENTION": "std_plus_eps",
         },
     )
-    with norm_options_from_config(cfg):
-        bcn, ws = get_norm("BCN", 64), get_norm("BCN+WS", 64)
+    bcn, ws = get_norm(norm_from_config(cfg, "BCN"), 64), get_norm(norm_from_config(cfg, "BCN+WS"), 64)
     assert type(bcn) is BatchChannelNorm2d and type(ws) is BatchChannelNormWS
     for n in (bcn, ws):
         assert (n.num_groups, n.eps, n.affine, n.weight.numel()) == (16, 1e-4, "channel", 64)

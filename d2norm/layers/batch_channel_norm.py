@@ -70,6 +70,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .base import EvalStatistics
 from .group_norm import _refuse_unusable, _StandardizesPrecedingConv
 from .sync_batch_norm import distributed_world_size, global_batch_stats
 from .weight_transforms import check_ws_options
@@ -136,27 +137,31 @@ def check_bcn_options(num_groups, eps, mode, moving_speed, schedule, affine="gro
         )
 
 
-class BCNBatchNorm2d(nn.Module):
+class BCNBatchNorm2d(nn.modules.batchnorm._NormBase):
     """The batch part of BCN for ``(N, C, H, W)`` inputs; see the module docstring.
 
     Parameters ``weight`` (γ_b), ``bias`` (β_b). Buffers (all in the state dict):
     ``running_mean`` (μ̂), ``running_var`` (σ̂²; in ``"batch"`` mode the unbiased running
     variance, as BN), ``num_batches_tracked`` (int64, t: training steps with data so far).
+    A torch ``_NormBase`` (BN's parameters and buffers), so it counts as a norm layer (the
+    optimizer's ``WEIGHT_DECAY_NORM``), while its forward is its own.
     """
 
     def __init__(self, num_features, mode="estimate", moving_speed=0.1, schedule="cumulative", eps=1e-5):
-        super().__init__()
         check_bcn_options(1, eps, mode, moving_speed, schedule)
-        self.num_features = int(num_features)
+        super().__init__(int(num_features), eps=float(eps), momentum=float(moving_speed))
         self.mode, self.schedule = mode, schedule
         self.estimate = mode == "estimate"
         self.cumulative = schedule == "cumulative"
-        self.moving_speed, self.eps = float(moving_speed), float(eps)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.int64))
+        self.moving_speed = float(moving_speed)
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"BCNBatchNorm2d expects (N, C, H, W) input, got shape {list(input.shape)}")
+
+    def eval_statistics(self):
+        """The eval map in batch-norm form (:class:`~d2norm.layers.base.EvalStatistics`)."""
+        return EvalStatistics(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def extra_repr(self):
         return (
@@ -274,6 +279,8 @@ class BatchChannelNorm2d(nn.Module):
         check_bcn_options(num_groups, eps, mode, moving_speed, schedule, affine, num_channels)
         self.num_channels, self.num_groups = int(num_channels), int(num_groups)
         self.eps, self.affine = float(eps), affine
+        # the options under their keyword names (the norm table reads them back)
+        self.mode, self.moving_speed, self.schedule = mode, float(moving_speed), schedule
         self.bn = BCNBatchNorm2d(
             num_channels, mode=mode, moving_speed=moving_speed, schedule=schedule, eps=eps
         )

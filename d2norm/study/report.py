@@ -94,7 +94,7 @@ def difference_tables(records, metric="box_ap", total_batch=8, only_measured=Fal
         "| norm | " + " | ".join(f"AP(b={ref_b}) − AP(b={b})" for b in small) + " |",
         "|---|" + "---|" * len(small),
     ]
-    for norm in norms:
+    for norm in norms if small else ():
         ref = vals.get((norm, ref_b))
         if norm == "SyncBN" and ref is None:
             ref = vals.get(("BN", ref_b))  # SyncBN in one process is BN
@@ -106,6 +106,8 @@ def difference_tables(records, metric="box_ap", total_batch=8, only_measured=Fal
             )
             + " |"
         )
+    if not small:
+        t1 = ["(needs two values of b)"]
     others = [n for n in norms if n != "BN"]
     if not others or not any(n == "BN" for n in norms):
         return "\n".join(t1), "(needs BN and another norm)"

@@ -108,7 +108,7 @@ def available_norms():
     """Norm names a study can train: detectron2's "BN" and d2norm's trainable names."""
     import d2norm
 
-    return ("BN",) + tuple(n for n in d2norm.D2NORM_NORMS if n not in ("BN*", "FrozenBN"))
+    return ("BN",) + tuple(n for n in d2norm.NORMS if n not in ("BN*", "FrozenBN"))
 
 
 def check_norms(norms):
