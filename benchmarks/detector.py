@@ -75,6 +75,8 @@ RECIPES.update(
         for name in ("BRN", "FRN", "EvoNorm-S0")
     }
 )
+# BCN+WS (the WS paper's pairing, micro-batch mode) in the GN+WS layout
+RECIPES["BCN+WS"] = ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml", [])
 # BN plus the one conv weight gradient (dnu/dW) per normalized conv that any exact CBN computes:
 # the least a CBN iteration can cost (training only; a BN model at inference)
 CBN_FLOOR = "CBN floor"

@@ -62,6 +62,8 @@ from benchmarks.common import (
     update_section,
 )
 from d2norm.layers import (
+    BatchChannelNorm2d,
+    BatchChannelNormWS,
     BatchRenorm2d,
     CrossIterationBatchNorm2d,
     EvoNormS0,
@@ -106,14 +108,16 @@ MABN_BUFFER = 8
 MABN_WARMUP = 100
 
 NORM_VARIANTS = ["BN (torch)", "FrozenBN", "SyncBN (1 proc)", "GN", "MABN", "MABN official-style"]
-# Batch Renormalization (past its ramp: r, d clipped at the full bounds), FRN + TLU, EvoNorm-S0
-NEW_NORM_VARIANTS = ["BRN", "FRN", "EvoNorm-S0"]
+# Batch Renormalization (past its ramp: r, d clipped at the full bounds), FRN + TLU, EvoNorm-S0,
+# Batch-Channel Normalization (micro-batch mode: estimated statistics, then GN)
+NEW_NORM_VARIANTS = ["BRN", "FRN", "EvoNorm-S0", "BCN"]
 NORM_VARIANTS += NEW_NORM_VARIANTS
 CBN_FLOOR = "conv+BN+dnu/dW (CBN floor)"
 PAIR_VARIANTS = [
     "conv+BN (torch)",
     "conv+GN",
     "conv+GN+WS",
+    "conv+BCN+WS",
     "conv+CBN",
     CBN_FLOOR,
     "conv+CBN autograd.grad ref",
@@ -145,6 +149,8 @@ def build_norm_variant(name, c):
         return FilterResponseNorm2d(c)
     if name == "EvoNorm-S0":
         return EvoNormS0(c, num_groups=32)
+    if name == "BCN":
+        return BatchChannelNorm2d(c, 32)
     raise KeyError(name)
 
 
@@ -160,6 +166,10 @@ def build_pair_variant(name, conv_kw):
         gn = GroupNormWS(32, c)
         gn.prepare_preceding_conv(conv)  # the parametrization d2norm.prepare_model installs
         return nn.Sequential(conv, gn)
+    if name == "conv+BCN+WS":
+        bcn = BatchChannelNormWS(c, 32)
+        bcn.prepare_preceding_conv(conv)  # Weight Standardization as for GN+WS
+        return nn.Sequential(conv, bcn)
     if name == "conv+CBN":
         cbn = CrossIterationBatchNorm2d(c, buffer_size=CBN_K)
         cbn.bind(conv)
@@ -346,6 +356,12 @@ def main(argv=None):
             (f"Conv + norm, {shape_name} (reference: conv + torch `BatchNorm2d`)", table(res, pair_variants))
         )
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
+        if {"conv+BCN+WS", "conv+GN+WS"} <= set(res):
+            bcn_ws, gn_ws = res["conv+BCN+WS"], res["conv+GN+WS"]
+            print(
+                f"RATIO conv+BCN+WS / conv+GN+WS: time {bcn_ws['ms'] / gn_ws['ms']:.2f}x; peak "
+                f"{bcn_ws['peak'] / max(gn_ws['peak'], 1):.2f}x"
+            )
         if {"conv+CBN", CBN_FLOOR} <= set(res):
             print(f"RATIO d2norm CBN / floor {res['conv+CBN']['ms'] / res[CBN_FLOOR]['ms']:.2f}x")
         if {"conv+CBN", CBN_FLOOR, "conv+CBN autograd.grad ref"} <= set(res):

@@ -9,9 +9,10 @@ inference beyond the norm layers that remain.
   "MABN") into a plain conv weight, removing the per-forward transform.
 * :func:`fold`: bake the weight transforms, then fold every eval-mode norm whose eval map is a
   per-channel affine (BN, SyncBN, BN+WS, BN*, FrozenStatsBN, CBN, MABN, BRN: the norm table's
-  ``foldable``) into the conv before it, visiting the (conv, conv.norm) pairs of
-  :func:`iter_conv_norm_pairs` (:func:`eval_affine` gives a norm's per-channel
-  ``(scale, shift)`` from its eval map, :func:`fold_affine_into_conv` applies it); GN stays.
+  ``foldable``), and the batch part of BCN / BCN+WS, into the conv before it, visiting the
+  (conv, conv.norm) pairs of :func:`iter_conv_norm_pairs` (:func:`eval_affine` gives a norm's
+  per-channel ``(scale, shift)`` from its eval map, :func:`fold_affine_into_conv` applies it);
+  GN and BCN's channel part stay.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
 
@@ -191,6 +192,8 @@ def fold(model):
     2. For each detectron2 ``Conv2d`` with a ``norm`` (:func:`iter_conv_norm_pairs`) that is
        BN, SyncBN, BN+WS, BN* (FrozenBN), CBN, MABN or BRN: ``(s, t) = eval_affine(norm)``,
        :func:`fold_affine_into_conv`, ``conv.norm = None`` (CBN lets go of the conv).
+       For BCN / BCN+WS the batch part folds the same way and becomes ``nn.Identity``; the
+       channel part (per-sample statistics) stays as ``conv.norm``.
     3. GN (also the GN of GN+WS) and any other norm stay as they are.
 
     The folded model computes the eval-mode function of the original (float32 rounding apart;
@@ -204,7 +207,15 @@ def fold(model):
     model.eval()
     fold_weight_standardization(model)
     folded, kept = [], []
+    from .layers import BatchChannelNorm2d
+
     for name, conv, norm in list(iter_conv_norm_pairs(model)):
+        if isinstance(norm, BatchChannelNorm2d) and eval_statistics(norm.bn) is not None:
+            fold_affine_into_conv(conv, *eval_statistics(norm.bn).scale_shift())
+            folded.append((name, f"{type(norm).__name__} (batch part)"))
+            norm.bn = nn.Identity()
+            kept.append((name, f"{type(norm).__name__} (channel part)"))
+            continue
         if not is_foldable(norm):
             kept.append((name, type(norm).__name__))
             continue

@@ -47,6 +47,8 @@ import detectron2.layers.batch_norm as d2bn
 from detectron2.layers import FrozenBatchNorm2d
 
 from .layers import (
+    BatchChannelNorm2d,
+    BatchChannelNormWS,
     BatchNormWS,
     BatchRenorm2d,
     ConvFedNorm,
@@ -90,10 +92,12 @@ __all__ = [
 CONFIG_SECTIONS = {
     # Group Normalization (also used by "GN+WS"): number of groups, epsilon.
     "GN": {"NUM_GROUPS": 32, "EPS": 1e-5},
-    # Weight Standardization (for "GN+WS" / "BN+WS"), per output channel of the conv:
+    # Weight Standardization (for "GN+WS" / "BN+WS" / "BCN+WS"), per output channel of the conv:
     #   CONVENTION "sqrt_var" (default):  W_hat = (W - mean) / sqrt(var_biased + EPS)
     #   CONVENTION "std_plus_eps":        W_hat = (W - mean) / (std_unbiased + EPS)
-    # Use "std_plus_eps" for weights trained with mmcv's ConvWS2d / the original WS code.
+    #   CONVENTION "sqrt_unbiased_var":   W_hat = (W - mean) / sqrt(var_unbiased + EPS)
+    # Use "std_plus_eps" for weights trained with mmcv's ConvWS2d / the original WS code, and
+    # "sqrt_unbiased_var" for the BCN authors' ImageNet BCN+WS weights.
     "WS": {"EPS": 1e-5, "CONVENTION": "sqrt_var"},
     # Cross-Iteration BN: window of BUFFER_SIZE iterations (incl. the current one); plain BN
     # for the first BURNIN_ITERS training iterations. The official code's buffer_num counts the
@@ -131,6 +135,25 @@ CONFIG_SECTIONS = {
     "FRN": {"EPS": 1e-6, "LEARNABLE_EPS": False, "LEARNED_EPS_INIT": 1e-4, "REPLACE_RELU": True},
     # EvoNorm-S0 ("EvoNorm-S0"): group std over NUM_GROUPS groups; REPLACE_RELU as for FRN.
     "EVONORM": {"NUM_GROUPS": 32, "EPS": 1e-5, "REPLACE_RELU": True},
+    # Batch-Channel Normalization ("BCN", "BCN+WS"; d2norm/layers/batch_channel_norm.py): a batch
+    # normalization, then a group normalization with one affine per group. NUM_GROUPS: groups of
+    # the channel part (the authors' code: 32). EPS: epsilon of both parts (the authors': 1e-5).
+    # MODE "estimate": micro-batch BCN, normalize with the estimated mean / variance (the paper's
+    # Algorithm 1, the authors' EstBN); "batch": large-batch BCN, the batch's statistics (BN);
+    # with several processes the statistics are those of the whole batch. MOVING_SPEED: update
+    # rate r of the estimates, in (0, 1]. MOVING_SPEED_SCHEDULE "cumulative": r_t = max(r,
+    # 1/(t+1)) (the first step sets the estimates, then the average of the steps so far until it
+    # reaches r); "constant": r_t = r. The authors' code leaves r to the training script (its
+    # buffer starts at 0); see the layer's docstring. AFFINE "group": one gamma, beta per group
+    # after the channel normalization (the authors' code); "channel": one per channel.
+    "BCN": {
+        "NUM_GROUPS": 32,
+        "EPS": 1e-5,
+        "MODE": "estimate",
+        "MOVING_SPEED": 0.1,
+        "MOVING_SPEED_SCHEDULE": "cumulative",
+        "AFFINE": "group",
+    },
 }
 
 
@@ -235,9 +258,39 @@ def _frozen_detectron2_bn(channels):
     return FrozenBatchNorm2d(channels)
 
 
+def _bcn(cls):
+    """Builder of BCN / BCN+WS (channels first in its signature; a type probe for fewer channels
+    than groups, as :func:`_grouped`)."""
+
+    def build(channels, num_groups, **options):
+        if isinstance(num_groups, int) and not isinstance(num_groups, bool) and 0 < channels < num_groups:
+            return cls.type_probe(num_groups, channels, **options)
+        return cls(channels, num_groups, **options)
+
+    return build
+
+
+def _frozen_bcn(layer):
+    """BCN in a frozen stage: its batch part becomes the ``FrozenBatchNorm2d`` of its eval map; the
+    channel part (per-sample statistics) keeps its frozen affine, as a frozen GN does."""
+    if not isinstance(layer.bn, FrozenBatchNorm2d):
+        layer.bn = frozen_batch_norm_of(layer.bn)
+    return layer
+
+
 _GN = {"num_groups": "GN.NUM_GROUPS", "eps": "GN.EPS"}
 _WS = {"ws_eps": "WS.EPS", "ws_convention": "WS.CONVENTION"}
 _BN_LIKE = dict(running_stats=True, foldable=True, frozen=frozen_batch_norm_of)
+_BCN = {
+    "num_groups": "BCN.NUM_GROUPS",
+    "eps": "BCN.EPS",
+    "mode": "BCN.MODE",
+    "moving_speed": "BCN.MOVING_SPEED",
+    "schedule": "BCN.MOVING_SPEED_SCHEDULE",
+    "affine": "BCN.AFFINE",
+}
+# the batch part's estimates advance per call; only the batch part folds (d2norm.deploy.fold)
+_BCN_FLAGS = dict(running_stats=True, frozen=_frozen_bcn)
 
 _SPECS = (
     NormSpec("BN*", FrozenBatchNorm2d, build=_frozen_detectron2_bn, foldable=True),
@@ -311,6 +364,15 @@ _SPECS = (
         build=_grouped(EvoNormS0),
         per_sample=True,
         activation=True,
+    ),
+    NormSpec("BCN", BatchChannelNorm2d, _BCN, build=_bcn(BatchChannelNorm2d), **_BCN_FLAGS),
+    NormSpec(
+        "BCN+WS",
+        BatchChannelNormWS,
+        {**_BCN, **_WS},
+        build=_bcn(BatchChannelNormWS),
+        needs_conv=True,
+        **_BCN_FLAGS,
     ),
 )
 

@@ -14,7 +14,9 @@
   ``{"state_dict": ...}``: :func:`convert_torchvision_resnet` renames them to detectron2's
   ResNet names (``stem.conv1.weight``, ``stem.conv1.norm.*``, ``res2.0.conv1.weight``,
   ``res2.0.shortcut.norm.*``, ...; the ``fc`` classifier and ``num_batches_tracked`` are
-  dropped) and they are matched by name suffix like a detectron2 ``.pkl``. Such files expect
+  dropped) and they are matched by name suffix like a detectron2 ``.pkl``. The BCN authors'
+  BCN+WS files also have their norms renamed to d2norm's BCN layout (``pbn`` -> ``bn``, the
+  per-group affine ``(1, G, 1)`` -> ``(G,)``). Such files expect
   RGB input normalized with torchvision's mean/std and the stride in the 3x3 conv:
   ``INPUT.FORMAT "RGB"``, ``MODEL.PIXEL_MEAN [123.675, 116.280, 103.530]``,
   ``MODEL.PIXEL_STD [58.395, 57.120, 57.375]``, ``MODEL.RESNETS.STRIDE_IN_1X1 False``.
@@ -132,8 +134,26 @@ def convert_torchvision_resnet(state_dict):
                 elif ds:
                     rest = ("shortcut." if ds.group(1) == "0" else "shortcut.norm.") + ds.group(2)
                 new = f"res{stage + 1}.{block}.{rest}"
+        new, value = _bcn_authors_layout(new, value)
         out[new] = value
     return out
+
+
+def _bcn_authors_layout(key, value):
+    """The BCN authors' ImageNet files (Batch-Channel-Normalization, ``imagenet/models/layers.py``)
+    hold each norm as ``<norm>.pbn.*`` (the batch part, a BatchNorm2d) and ``<norm>.weight`` /
+    ``.bias`` of shape ``(1, G, 1)`` (the per-group affine): d2norm's BCN names them
+    ``<norm>.bn.*`` and ``(G,)``. Other keys are returned unchanged."""
+    if ".norm.pbn." in key:
+        return key.replace(".norm.pbn.", ".norm.bn."), value
+    if (
+        key.endswith((".norm.weight", ".norm.bias"))
+        and getattr(value, "ndim", 0) == 3
+        and value.shape[0] == 1
+        and value.shape[2] == 1
+    ):
+        return key, value.reshape(-1)
+    return key, value
 
 
 def _is_tensor_dict(d):

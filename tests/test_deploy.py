@@ -191,7 +191,7 @@ def _assert_same_detections(ref, new):
     assert counts["matched"] == counts["reference"] == counts["folded"] > 0, report
 
 
-@pytest.mark.parametrize("norm", ["BN", "BN*", "SyncBN", "GN+WS", "CBN", "MABN"])
+@pytest.mark.parametrize("norm", ["BN", "BN*", "SyncBN", "GN+WS", "CBN", "MABN", "BCN+WS"])
 def test_folded_mask_rcnn_gives_the_same_detections(norm, data_root):
     cfg, model = _trained_model(norm, data_root, n_train=0 if norm == "BN*" else 1)
     inputs = _val_inputs(cfg)
@@ -202,6 +202,11 @@ def test_folded_mask_rcnn_gives_the_same_detections(norm, data_root):
     report = folded.fold_report
     if norm == "GN+WS":
         assert report["folded"] == [] and {t for _, t in report["kept"]} == {"GroupNormWS"}
+    elif norm == "BCN+WS":  # the batch part folds, the channel part stays
+        n = len(convs_with_norm(model))
+        assert [t for _, t in report["folded"]] == ["BatchChannelNormWS (batch part)"] * n
+        assert [t for _, t in report["kept"]] == ["BatchChannelNormWS (channel part)"] * n
+        assert not any(is_foldable(m) for m in folded.modules())
     else:
         assert len(report["folded"]) == len(convs_with_norm(model)) > 0 and report["kept"] == []
         assert not any(is_foldable(m) for m in folded.modules())

@@ -3,8 +3,9 @@
 ``launch`` spawns 2 CPU processes; a watchdog kills them after a timeout and every collective
 times out after 120 s, so nothing hangs forever. Each process checks SyncBatchNorm2d against a
 float64 nn.BatchNorm2d on the joint batch (2×1 images, and 2+0 images: one rank with an EMPTY
-batch) and the non-finite step guard under DDP (NaN on one rank only), then trains CBN, MABN
-and SyncBN Mask R-CNN models a few iterations with the d2norm Trainer (DDP, IMS_PER_BATCH 2)
+batch), BCN in both modes against its float64 reference on the joint batch (same cases), and
+the non-finite step guard under DDP (NaN on one rank only), then trains CBN, MABN, SyncBN and
+BCN+WS Mask R-CNN models a few iterations with the d2norm Trainer (DDP, IMS_PER_BATCH 2)
 on a dataset whose images on rank 1 have no annotations. Results are written per rank and
 checked here.
 """
@@ -19,7 +20,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-TRAIN_NORMS = ("CBN", "MABN", "SyncBN")
+TRAIN_NORMS = ("CBN", "MABN", "SyncBN", "BCN+WS")
 pytestmark = pytest.mark.slow  # multi-process
 TIMEOUT_S = 300  # the whole 2-process run; each collective additionally times out after 120 s
 
@@ -35,6 +36,19 @@ def _one_thread():
 
 
 # ------------------------------------------------------------------------ inside the processes
+def _local_step(layer, step, c, lo, hi, total):
+    """A joint batch of ``total`` images and an upstream gradient, drawn alike on every rank (same
+    seed), and one training forward / backward of ``layer`` on this rank's images [lo, hi):
+    ``(x_all, g_all, x, y)``."""
+    x_all = torch.randn(total, c, 4, 3) * (step + 2) + step
+    g_all = torch.randn_like(x_all)
+    x = x_all[lo:hi].clone().requires_grad_()
+    layer.zero_grad()
+    y = layer(x)
+    (y * g_all[lo:hi]).sum().backward()
+    return x_all, g_all, x, y
+
+
 def _syncbn_case(sizes, steps=2, c=5):
     """SyncBatchNorm2d with ``sizes[r]`` images on rank r vs float64 BN on the joint batch."""
     import torch.distributed as dist
@@ -53,12 +67,7 @@ def _syncbn_case(sizes, steps=2, c=5):
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     diffs = {"out": 0.0, "grad_in": 0.0, "grad_w": 0.0, "grad_b": 0.0, "running": 0.0}
     for step in range(steps):
-        x_all = torch.randn(sum(sizes), c, 4, 3) * (step + 2) + step
-        g_all = torch.randn_like(x_all)
-        x = x_all[lo:hi].clone().requires_grad_()
-        ours.zero_grad()
-        y = ours(x)
-        (y * g_all[lo:hi]).sum().backward()
+        x_all, g_all, x, y = _local_step(ours, step, c, lo, hi, sum(sizes))
         gw, gb = ours.weight.grad.clone(), ours.bias.grad.clone()
         dist.all_reduce(gw)  # what DDP does with the per-rank parameter gradients (sum)
         dist.all_reduce(gb)
@@ -79,6 +88,54 @@ def _syncbn_case(sizes, steps=2, c=5):
             (ours.running_var.double() - ref.running_var).abs().max().item(),
         )
     diffs["shape_ok"] = tuple(y.shape) == (hi - lo, c, 4, 3)
+    return diffs
+
+
+def _bcn_case(sizes, mode, steps=3, c=8, groups=4):
+    """BCN with ``sizes[r]`` images on rank r vs the float64 reference on the joint batch."""
+    import torch.distributed as dist
+
+    from d2norm.layers import BatchChannelNorm2d
+    from d2norm.testing.bcn_reference import BCNReference
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # identical on every rank
+    ours = BatchChannelNorm2d(c, groups, mode=mode, moving_speed=0.3)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(0.5, 1.5)
+    ref = BCNReference(c, groups, ours.eps, mode, 0.3, "cumulative")
+    pairs = {"gamma_b": ours.bn.weight, "beta_b": ours.bn.bias, "gamma_c": ours.weight, "beta_c": ours.bias}
+    params = {k: v.detach().double().requires_grad_() for k, v in pairs.items()}
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    diffs = {"out": 0.0, "grad_in": 0.0, "grad_params": 0.0, "running": 0.0}
+    for step in range(steps):
+        x_all, g_all, x, y = _local_step(ours, step, c, lo, hi, sum(sizes))
+        xr = x_all.double().requires_grad_()
+        for p in params.values():
+            p.grad = None
+        yr = ref.step(xr, params)
+        (yr * g_all.double()).sum().backward()
+        for k, p in pairs.items():
+            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)  # what DDP does with the per-rank parameter gradients (sum)
+            diffs["grad_params"] = max(
+                diffs["grad_params"], (grad.double() - params[k].grad).abs().max().item()
+            )
+        if x.numel():
+            diffs["out"] = max(diffs["out"], (y.double() - yr[lo:hi]).abs().max().item())
+            gi = x.grad if x.grad is not None else torch.zeros_like(x)
+            diffs["grad_in"] = max(diffs["grad_in"], (gi.double() - xr.grad[lo:hi]).abs().max().item())
+        diffs["running"] = max(
+            diffs["running"],
+            (ours.bn.running_mean.double() - ref.mean).abs().max().item(),
+            (ours.bn.running_var.double() - ref.var).abs().max().item(),
+        )
+    with torch.no_grad():  # the eval map: the same estimates on every rank
+        ours.eval()
+        y = ours(x_all)
+        diffs["eval"] = (y.double() - ref.step(x_all.double(), params, training=False)).abs().max().item()
+    diffs["steps_ok"] = int(ours.bn.num_batches_tracked) == steps
     return diffs
 
 
@@ -201,6 +258,9 @@ def _worker(out_dir, data_root):
     result = {"backend": dist.get_backend(), "world": dist.get_world_size()}
     result["syncbn_2x1"] = _syncbn_case((1, 1))
     result["syncbn_2+0"] = _syncbn_case((2, 0))
+    for mode in ("estimate", "batch"):
+        result[f"bcn_{mode}_2x1"] = _bcn_case((1, 1), mode)
+        result[f"bcn_{mode}_2+0"] = _bcn_case((2, 0), mode)
     result["guard"] = _guard_under_ddp()
     result["annotations"] = _register_rank_dataset(data_root, rank)
     print(f"rank {rank}: started + SyncBN checks {time.time() - t0:.1f}s", flush=True)
@@ -250,6 +310,15 @@ def test_sync_bn_equals_bn_on_the_joint_batch(ranks, case):
             assert value < 2e-5, f"rank {rank}, {case}: max |{key} - float64 BN| = {value}"
 
 
+@pytest.mark.parametrize("case", ["bcn_estimate_2x1", "bcn_estimate_2+0", "bcn_batch_2x1", "bcn_batch_2+0"])
+def test_bcn_statistics_are_those_of_the_joint_batch(ranks, case):
+    for rank, r in enumerate(ranks):
+        d = r[case]
+        assert d.pop("steps_ok"), (rank, case)
+        for key, value in d.items():
+            assert value < 2e-5, f"rank {rank}, {case}: max |{key} - float64 reference| = {value}"
+
+
 def test_nonfinite_step_on_one_rank_is_skipped_on_all(ranks):
     for r in ranks:
         g = r["guard"]
@@ -272,7 +341,7 @@ def test_ddp_training_with_a_rank_without_instances(ranks, norm):
     stats = [k for k in r0["buffers"] if k.endswith("running_var")]
     assert stats
     same = [k for k in stats if torch.equal(r0["buffers"][k], r1["buffers"][k])]
-    if norm == "SyncBN":  # statistics of the joint batch: identical on both ranks
+    if norm in ("SyncBN", "BCN+WS"):  # statistics of the joint batch: identical on both ranks
         assert same == stats
     else:  # per-process statistics: each rank normalized (and tracked) its own batch
         assert not same

@@ -88,7 +88,7 @@ def _run(cfg, max_iter):
     return {it: v for v, it in trainer.storage.history("total_loss").values()}, trainer
 
 
-@pytest.mark.parametrize("norm", ["GN", "BN", "CBN", "MABN", "BRN"])
+@pytest.mark.parametrize("norm", ["GN", "BN", "CBN", "MABN", "BRN", "BCN+WS"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
     from helpers import synthetic_cfg
 
@@ -104,6 +104,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
             "D2NORM.BRN.RAMP_START_ITER": 1,
             "D2NORM.BRN.R_MAX_END_ITER": 5,
             "D2NORM.BRN.D_MAX_END_ITER": 4,
+            # BCN's "cumulative" rate max(r, 1/(t+1)) changes through the resumed iterations
+            "D2NORM.BCN.MOVING_SPEED": 0.2,
         },
     )
     cfg.OUTPUT_DIR = str(tmp_path / "full")
@@ -131,3 +133,5 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root, norm):
         assert torch.equal(a[k], b[k]), k
     if norm == "BRN":
         assert int(trainer.model.backbone.bottom_up.stem.conv1.norm.iters) == 6
+    if norm == "BCN+WS":
+        assert int(trainer.model.backbone.bottom_up.stem.conv1.norm.bn.num_batches_tracked) == 6

@@ -30,6 +30,7 @@ from recipe_models import (
 from torch import nn
 
 from d2norm.layers import (
+    BatchChannelNormWS,
     BatchRenorm2d,
     CrossIterationBatchNorm2d,
     EvoNormS0,
@@ -49,15 +50,18 @@ from d2norm.layers.weight_transforms import (
 _COCO_NAME = re.compile(
     r"^(?P<scratch>scratch_)?(?P<arch>mask|faster)_rcnn_(?P<bb>R_50|R_101|X_101_32x8d|X_50_32x4d|"
     r"X_101_32x4d)_FPN_(?P<sched>\d+x|20_23_24e)"
-    r"(?:_(?P<norm>syncbn|gn_ws|gn_contrib|gn|cbn|mabn|bn|frozenstatsbn))?\.yaml$"
+    r"(?:_(?P<norm>syncbn|gn_ws|gn_contrib|gn|cbn|mabn|bn|frozenstatsbn|bcn_ws))?\.yaml$"
 )
-_SYNTH_NAME = re.compile(r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm)\.yaml$")
+_SYNTH_NAME = re.compile(
+    r"^mask_rcnn_R_18_FPN_(?P<norm>BN|CBN|GN|GN_WS|MABN|SyncBN|BRN|FRN|EvoNorm|BCN_WS)\.yaml$"
+)
 _NORM_OF_SUFFIX = {
     None: "FrozenBN",
     "syncbn": "SyncBN",
     "gn": "GN",
     "gn_contrib": "GN",
     "gn_ws": "GN+WS",
+    "bcn_ws": "BCN+WS",
     "cbn": "CBN",
     "mabn": "MABN",
     "bn": "BN",
@@ -71,6 +75,7 @@ _NORM_OF_SUFFIX = {
     "BRN": "BRN",
     "FRN": "FRN",
     "EvoNorm": "EvoNorm-S0",
+    "BCN_WS": "BCN+WS",
 }
 _BACKBONE = {
     "R_18": (18, 1, 64),
@@ -93,6 +98,7 @@ _NORM_TYPE = {
     "BRN": BatchRenorm2d,
     "FRN": FilterResponseNorm2d,
     "EvoNorm-S0": EvoNormS0,
+    "BCN+WS": BatchChannelNormWS,
 }
 # norms that detectron2's freeze (and d2norm's preparation pass) turn into FrozenBN
 _FROZEN_TO_FROZENBN = ("FrozenBN", "BN", "SyncBN", "CBN", "MABN", "FrozenStatsBN", "BRN")
@@ -299,6 +305,8 @@ def test_recipe_config_matches_its_name(path):
     _check_input_conventions(path, cfg, exp)
     if norm == "GN+WS":
         assert cfg.D2NORM.WS.CONVENTION == "std_plus_eps"  # WS-pretrained weights' convention
+    if norm == "BCN+WS":  # the BCN authors' ImageNet weights' convention
+        assert cfg.D2NORM.WS.CONVENTION == "sqrt_unbiased_var"
     # the header cites the published number it targets (or says there is none)
     h = header(path)
     assert "Published target" in h
@@ -374,7 +382,7 @@ def _check_model(cfg, model, exp):
     ws = cfg.D2NORM.WS
     for conv in all_convs:
         n, t = getattr(conv, "norm", None), get_weight_transform(conv)
-        if isinstance(n, GroupNormWS):
+        if isinstance(n, (GroupNormWS, BatchChannelNormWS)):
             assert isinstance(t, WeightStandardization)
             assert (t.convention, t.eps) == (ws.CONVENTION, ws.EPS)
         elif isinstance(n, MovingAverageBatchNorm2d) or (
@@ -389,6 +397,9 @@ def _check_model(cfg, model, exp):
             assert (n.buffer_size, n.burnin) == (cfg.D2NORM.CBN.BUFFER_SIZE, cfg.D2NORM.CBN.BURNIN_ITERS)
         if isinstance(n, nn.GroupNorm):
             assert n.num_groups == cfg.D2NORM.GN.NUM_GROUPS
+        if isinstance(n, BatchChannelNormWS):  # frozen stages: the batch part is a FrozenBN
+            assert n.num_groups == cfg.D2NORM.BCN.NUM_GROUPS
+            assert isinstance(n.bn, _frozen_bn_type()) or n.bn.mode == cfg.D2NORM.BCN.MODE
 
 
 def _groups():

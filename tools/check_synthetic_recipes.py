@@ -23,7 +23,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NORMS = ("GN", "BN", "SyncBN", "GN_WS", "CBN", "MABN")
+NORMS = ("GN", "BN", "SyncBN", "GN_WS", "CBN", "MABN", "BCN_WS")
 # 12 AP: above the spread of the recipes that train (BN, SyncBN, GN+WS, CBN, MABN, BRN, FRN end
 # 3-10 box AP below GN), below the failures this check exists for (MABN with a 16-iteration
 # buffer: 17 below; CBN in the RoI heads with the paper's gradient: 45-55 below).

@@ -6,6 +6,7 @@ is the norm table (:mod:`d2norm.norms`).
 """
 
 from .base import ConvFedNorm, EvalStatistics
+from .batch_channel_norm import BatchChannelNorm2d, BatchChannelNormWS, BCNBatchNorm2d
 from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList
@@ -17,6 +18,9 @@ from .moving_average_batch_norm import MovingAverageBatchNorm2d
 from .sync_batch_norm import SyncBatchNorm2d
 
 __all__ = [
+    "BatchChannelNorm2d",
+    "BatchChannelNormWS",
+    "BCNBatchNorm2d",
     "BatchNormWS",
     "BatchRenorm2d",
     "ConvFedNorm",

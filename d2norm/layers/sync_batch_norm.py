@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["SyncBatchNorm2d", "all_reduce_sum"]
+__all__ = ["SyncBatchNorm2d", "all_reduce_sum", "global_batch_stats"]
 
 
 class _DifferentiableAllReduceSum(torch.autograd.Function):
@@ -42,6 +42,21 @@ def all_reduce_sum(tensor):
     return _DifferentiableAllReduceSum.apply(tensor)
 
 
+def global_batch_stats(x):
+    """``(mean, var, n)``: per channel (dim 1) mean and biased variance of ``x`` over every dim
+    but C and over all processes (the equations above), and the global count n (a 0-dim
+    tensor). Differentiable; every rank must call it, an empty batch included (it adds zeros,
+    still connected to ``x`` so backward reaches every rank's input)."""
+    C = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    count = torch.full((1,), float(x.numel() // max(C, 1)), device=x.device, dtype=x.dtype)
+    stats = all_reduce_sum(torch.cat([x.sum(dim=dims), (x * x).sum(dim=dims), count]))
+    total = stats[-1].clamp(min=1.0)
+    mean = stats[:C] / total
+    var = (stats[C : 2 * C] / total - mean * mean).clamp(min=0.0)
+    return mean, var, stats[-1]
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """Synchronized BatchNorm2d (``NORM: "SyncBN"``); see the module docstring.
 
@@ -67,22 +82,12 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                 return _affine(x, self.weight, self.bias)
             return super().forward(x)
 
-        C = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, C] + [1] * (x.dim() - 2)
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.full((1,), float(x.numel() // C), device=x.device, dtype=torch.float32)
-        # an empty batch sums to zero, still connected to x so backward reaches every rank's input
-        local_sum = xf.sum(dim=dims)
-        local_sqsum = (xf * xf).sum(dim=dims)
-        stats = all_reduce_sum(torch.cat([local_sum, local_sqsum, count]))
-        total = stats[-1].clamp(min=1.0)
-        mean = stats[:C] / total
-        var = (stats[C : 2 * C] / total - mean * mean).clamp(min=0.0)
+        mean, var, n = global_batch_stats(xf)
 
         if self.track_running_stats:
             with torch.no_grad():
-                n = stats[-1]
                 valid = (n > 1).to(n.dtype)  # 0 or 1, on the device: no host sync
                 self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
                 if self.momentum is None:  # cumulative average, as torch's BN

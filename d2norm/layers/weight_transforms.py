@@ -13,6 +13,9 @@ works):
   divide by ``std_unbiased(W) + eps`` (torch's default ``std``, divide by n-1, eps outside the
   root); that variant is available as ``convention="std_plus_eps"`` for loading weights trained
   with those implementations. For a ResNet 3x3x256 kernel the two differ by ~0.5% per channel.
+  The BCN authors' ImageNet code (Batch-Channel-Normalization, ``imagenet/models/layers.py``)
+  divides by ``sqrt(var_unbiased(W) + eps)``: ``convention="sqrt_unbiased_var"``, for their
+  BCN+WS weights.
 
 The transforms are applied with :mod:`torch.nn.utils.parametrize`, so the conv keeps its class
 (a parametrized subclass of it) and its forward, the optimizer updates the raw weight
@@ -59,7 +62,7 @@ __all__ = [
 ]
 
 #: Weight Standardization conventions (config key ``D2NORM.WS.CONVENTION``).
-WS_CONVENTIONS = ("sqrt_var", "std_plus_eps")
+WS_CONVENTIONS = ("sqrt_var", "std_plus_eps", "sqrt_unbiased_var")
 
 
 def check_ws_options(eps, convention):
@@ -68,8 +71,9 @@ def check_ws_options(eps, convention):
         raise ValueError(
             f"Unknown Weight Standardization convention {convention!r}: D2NORM.WS.CONVENTION must be "
             f"one of {WS_CONVENTIONS}. "
-            'Fix: set D2NORM.WS.CONVENTION "sqrt_var" (the paper\'s equation, default) or '
-            '"std_plus_eps" (weights trained with mmcv ConvWS2d / the original WS code).'
+            'Fix: set D2NORM.WS.CONVENTION "sqrt_var" (the paper\'s equation, default), '
+            '"std_plus_eps" (weights trained with mmcv ConvWS2d / the original WS code) or '
+            '"sqrt_unbiased_var" (the BCN authors\' ImageNet BCN+WS weights).'
         )
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(
@@ -113,7 +117,10 @@ class _WeightTransform(torch.autograd.Function):
     * ``std_plus_eps``: ``scale = 1 / (std_unbiased + eps)``; with sigma = std_unbiased and n the
       fan-in, ``dW = scale * (g - mean(g) - W_hat * sum(g * W_hat) * (sigma + eps) / ((n - 1) sigma))``:
       the same batch-norm backward kernel, run with ``invstd' = sqrt(n scale / ((n - 1) sigma))``
-      and weight ``scale / invstd'``.
+      and weight ``scale / invstd'``;
+    * ``sqrt_unbiased_var``: ``scale = 1 / sqrt(var_unbiased + eps)``;
+      ``dW = scale * (g - mean(g)) - scale^3 (W - mean) sum(g * (W - mean)) / (n - 1)``: the same
+      kernel with ``invstd' = scale * sqrt(n / (n - 1))`` and weight ``sqrt((n - 1) / n)``.
 
     Each output carries the ``(W, mean, scale)`` it was made from (``_d2norm_recompute``): a conv
     prepared by :func:`apply_weight_transform` hands autograd that recipe instead of ``W_hat`` and
@@ -132,6 +139,12 @@ class _WeightTransform(torch.autograd.Function):
         else:
             if kind == "centralization":
                 mean, scale = w3.mean(2)[0], None
+            elif kind == "sqrt_unbiased_var":
+                var, mean = torch.var_mean(w3[0], 1, correction=1)
+                scale = torch.add(var, eps).rsqrt_()
+                if w.requires_grad:
+                    bn_weight = torch.full_like(scale, ((n - 1) / n) ** 0.5)
+                    bn_invstd = torch.mul(scale, (n / (n - 1)) ** 0.5)
             else:  # std_plus_eps
                 std, mean = torch.std_mean(w3[0], 1, correction=1)
                 scale = torch.add(std, eps).reciprocal_()
@@ -179,6 +192,8 @@ def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sq
     ``convention="sqrt_var"`` (default): ``(W - mean) / sqrt(var_biased + eps)``.
     ``convention="std_plus_eps"``: ``(W - mean) / (std_unbiased + eps)`` (mmcv ``ConvWS2d``,
     original WS code).
+    ``convention="sqrt_unbiased_var"``: ``(W - mean) / sqrt(var_unbiased + eps)`` (the BCN
+    authors' ImageNet code).
     """
     if convention not in WS_CONVENTIONS:
         raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")

@@ -20,7 +20,7 @@ __all__ = [
     "write_report",
 ]
 
-_ORDER = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
+_ORDER = ("BN", "SyncBN", "GN", "GN+WS", "BCN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
 
 
 def norm_order(norms):

@@ -50,7 +50,7 @@ class StudySettings:
     """Everything that defines a study's runs (see the module docstring)."""
 
     config: str  # the study's base YAML
-    norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
+    norms: tuple = ("BN", "SyncBN", "GN", "GN+WS", "BCN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
     procs: tuple = (8, 4, 1)  # P, processes per run; b = total_batch / P
     seeds: tuple = (0, 1, 2)
     iters: int = 300
@@ -200,12 +200,29 @@ def build_cfg(s, norm, procs, seed, output_dir):
     return cfg
 
 
+#: ``cfg.D2NORM`` option nodes added after the study's runs were recorded (norms added later):
+#: hashed only when set away from their defaults, so the recorded runs keep their settings id
+LATER_OPTION_NODES = ("BCN",)
+
+
+def _drop_default_later_nodes(cfg):
+    from detectron2.config import CfgNode
+
+    from ..config import add_d2norm_config
+
+    defaults = add_d2norm_config(CfgNode()).D2NORM
+    for key in LATER_OPTION_NODES:
+        if key in cfg.D2NORM and cfg.D2NORM[key] == defaults[key]:
+            cfg.D2NORM.pop(key)
+
+
 def settings_id(s):
     """A hash of everything but (norm, P, seed) that changes a run's result: the merged config
     (all its _BASE_ files and overrides), the schedule, batch sizes, the study version and the
     version of the hard synthetic generator."""
     cfg = _base_cfg(s)
     cfg.D2NORM.DATA.ROOT = ""
+    _drop_default_later_nodes(cfg)
     from ..data.synthetic_shapes import HARD_VERSION
 
     blob = json.dumps(
