@@ -30,6 +30,8 @@ def _explicit(w, kind, eps):
     if kind == "sqrt_var":
         return d / torch.sqrt((d * d).mean(dims, keepdim=True) + eps)
     n = w[0].numel()
+    if kind == "sqrt_unbiased_var":
+        return d / torch.sqrt((d * d).sum(dims, keepdim=True) / (n - 1) + eps)
     return d / (torch.sqrt((d * d).sum(dims, keepdim=True) / (n - 1)) + eps)
 
 
@@ -37,7 +39,7 @@ def _apply(w, kind, eps):
     return centralize_weight(w) if kind == "centralization" else standardize_weight(w, eps, kind)
 
 
-@pytest.mark.parametrize("kind", ["centralization", "sqrt_var", "std_plus_eps"])
+@pytest.mark.parametrize("kind", ["centralization", "sqrt_var", "std_plus_eps", "sqrt_unbiased_var"])
 @pytest.mark.parametrize("shape", [(5, 3, 3, 3), (4, 2, 1, 1), (6, 7)])
 def test_gradient_matches_autograd_of_the_formula(kind, shape):
     gen = torch.Generator().manual_seed(0)
@@ -56,6 +58,7 @@ def test_gradient_matches_autograd_of_the_formula(kind, shape):
         (WeightCentralization(), "centralization"),
         (WeightStandardization(1e-5, "sqrt_var"), "sqrt_var"),
         (WeightStandardization(1e-5, "std_plus_eps"), "std_plus_eps"),
+        (WeightStandardization(1e-5, "sqrt_unbiased_var"), "sqrt_unbiased_var"),
     ],
 )
 def test_prepared_conv_rebuilds_w_hat_in_backward(transform, kind):
