@@ -38,6 +38,7 @@ __all__ = [
     "generate_split",
     "make_image",
     "make_hard_image",
+    "draw_clutter",
     "register_synthetic_datasets",
 ]
 
@@ -175,6 +176,29 @@ def _fill(shape, poly):
     return m.astype(bool)
 
 
+def draw_clutter(img, rng, size, num_clutter):
+    """Draw ``num_clutter`` (inclusive range) unannotated items into ``img`` in place: outlines
+    (circles, rectangles), line segments and dots, each a random colour, position and size."""
+    import cv2
+
+    for _ in range(int(rng.integers(num_clutter[0], num_clutter[1] + 1))):  # clutter, never annotated
+        color = tuple(int(c) for c in rng.uniform(40, 255, size=3))
+        kind = int(rng.integers(4))
+        cx, cy = (int(v) for v in rng.uniform(0, size, size=2))
+        r = int(rng.uniform(0.03, 0.2) * size) + 1
+        if kind == 0:
+            cv2.circle(img, (cx, cy), r, color, thickness=int(rng.integers(1, 3)))
+        elif kind == 1:
+            cv2.rectangle(
+                img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), color, thickness=int(rng.integers(1, 3))
+            )
+        elif kind == 2:
+            x2, y2 = (int(v) for v in rng.uniform(0, size, size=2))
+            cv2.line(img, (cx, cy), (x2, y2), color, thickness=int(rng.integers(1, 4)))
+        else:
+            cv2.circle(img, (cx, cy), max(1, r // 4), color, thickness=-1)
+
+
 def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=(1, 5), num_clutter=(0, 2)):
     """One "hard" image (H×W×3 uint8, BGR) and its objects: list of (class index, visible mask).
 
@@ -195,22 +219,7 @@ def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=
         + yy[..., None] * rng.uniform(-50, 50, size=3)
     )
     img = np.clip(img + rng.normal(0, 6, size=img.shape), 0, 255).astype(np.uint8)
-    for _ in range(int(rng.integers(num_clutter[0], num_clutter[1] + 1))):  # clutter, never annotated
-        color = tuple(int(c) for c in rng.uniform(40, 255, size=3))
-        kind = int(rng.integers(4))
-        cx, cy = (int(v) for v in rng.uniform(0, size, size=2))
-        r = int(rng.uniform(0.03, 0.2) * size) + 1
-        if kind == 0:
-            cv2.circle(img, (cx, cy), r, color, thickness=int(rng.integers(1, 3)))
-        elif kind == 1:
-            cv2.rectangle(
-                img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), color, thickness=int(rng.integers(1, 3))
-            )
-        elif kind == 2:
-            x2, y2 = (int(v) for v in rng.uniform(0, size, size=2))
-            cv2.line(img, (cx, cy), (x2, y2), color, thickness=int(rng.integers(1, 4)))
-        else:
-            cv2.circle(img, (cx, cy), max(1, r // 4), color, thickness=-1)
+    draw_clutter(img, rng, size, num_clutter)
 
     objects = []  # (class, full mask, visible mask)
     lo, hi = math.log(radius[0]), math.log(radius[1])

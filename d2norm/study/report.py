@@ -18,9 +18,25 @@ __all__ = [
     "machine_line",
     "write_plot",
     "write_report",
+    "common_sections",
+    "write_text",
 ]
 
-_ORDER = ("BN", "SyncBN", "GN", "GN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
+# the small-batch study's norms and the fine-tuning study's arms (d2norm.study.finetune.ARMS)
+_ORDER = (
+    "BN*",
+    "BN",
+    "SyncBN",
+    "GN",
+    "GN+WS",
+    "CBN",
+    "CBN exact",
+    "MABN",
+    "BRN",
+    "FRN",
+    "EvoNorm-S0",
+    "BN* random",
+)
 
 
 def norm_order(norms):
@@ -71,6 +87,8 @@ def _interval(d):
     if d is None:
         return "–"
     mean, ci, n = d
+    if isinstance(n, tuple):  # an unpaired difference: (n_a, n_b)
+        n = "/".join(map(str, n))
     if ci is None:
         return f"{mean:+.1f} (n={n})"
     return f"{mean:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}] (n={n})"
@@ -242,32 +260,12 @@ def write_plot(path, records, metric="box_ap", title="", total_batch=8):
     plt.close(fig)
 
 
-def write_report(path, records, header="", settings_text="", footer="", total_batch=8, plot_name=None):
-    """The Markdown report of ``records`` (tables computed here) between ``header`` and ``footer``."""
-    d1, d2 = difference_tables(records, total_batch=total_batch)
+def common_sections(records, total_batch=8):
+    """The report's sections that do not depend on the study: convergence, design checks, cost."""
     conv, conv_summary = convergence_table(records)
     cost, total_cpu = cost_table(records, total_batch)
     inv = invariants(records, total_batch)
-    parts = [header.strip(), ""]
-    if settings_text:
-        parts += ["## Settings", "", settings_text.strip(), ""]
-    parts += ["## Box AP (mean ± sample std over seeds)", "", ap_table(records, total_batch=total_batch), ""]
-    if plot_name:
-        parts += [f"![AP vs images per process]({plot_name})", ""]
-    parts += [
-        "## Does AP drop with fewer images per process?",
-        "",
-        "Paired by seed (same initialization, same images), mean difference and 95% t-interval; "
-        "positive = the norm loses AP at b images per process.",
-        "",
-        d1,
-        "",
-        "## Each norm against BN at equal images per process",
-        "",
-        "Paired by seed, mean and 95% t-interval of AP(norm) − AP(BN); positive = better than BN.",
-        "",
-        d2,
-        "",
+    return [
         "## Convergence",
         "",
         "Box AP of the runs evaluated along the schedule "
@@ -291,7 +289,37 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
         f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.",
         "",
     ]
+
+
+def write_report(path, records, header="", settings_text="", footer="", total_batch=8, plot_name=None):
+    """The Markdown report of ``records`` (tables computed here) between ``header`` and ``footer``."""
+    d1, d2 = difference_tables(records, total_batch=total_batch)
+    parts = [header.strip(), ""]
+    if settings_text:
+        parts += ["## Settings", "", settings_text.strip(), ""]
+    parts += ["## Box AP (mean ± sample std over seeds)", "", ap_table(records, total_batch=total_batch), ""]
+    if plot_name:
+        parts += [f"![AP vs images per process]({plot_name})", ""]
+    parts += [
+        "## Does AP drop with fewer images per process?",
+        "",
+        "Paired by seed (same initialization, same images), mean difference and 95% t-interval; "
+        "positive = the norm loses AP at b images per process.",
+        "",
+        d1,
+        "",
+        "## Each norm against BN at equal images per process",
+        "",
+        "Paired by seed, mean and 95% t-interval of AP(norm) − AP(BN); positive = better than BN.",
+        "",
+        d2,
+        "",
+    ]
+    parts += common_sections(records, total_batch)
     if footer:
         parts += [footer.strip(), ""]
-    text = "\n".join(parts)
+    write_text(path, "\n".join(parts))
+
+
+def write_text(path, text):
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))

@@ -31,7 +31,7 @@ from datetime import timedelta
 
 from ..data import register_datasets
 from .records import append_record, load_records, pending_runs, run_key
-from .settings import StudySettings, build_cfg, plan, settings_id
+from .settings import StudySettings
 
 __all__ = ["execute_run", "run_grid", "run_dir_name"]
 
@@ -122,7 +122,7 @@ def _rank_main(s, spec, run_dir):
     torch.set_num_threads(s.threads)
     rank = comm.get_rank()
     _setup_logging(run_dir, rank)
-    cfg = build_cfg(s, spec["norm"], spec["procs"], spec["seed"], run_dir)
+    cfg = s.build_cfg(spec["norm"], spec["procs"], spec["seed"], run_dir)
     register_datasets(cfg)
     seed_all_rng(spec["seed"])
     trainer = _study_trainer(set(_eval_iters(s, spec["seed"])), run_dir)(cfg)
@@ -164,6 +164,45 @@ def _box_ap(res, prefix="box"):
     return out
 
 
+#: images (the first of the training split) over which :func:`reestimated_statistics` averages
+REESTIMATE_IMAGES = 200
+
+
+def reestimated_statistics(cfg, model, per_proc, images=REESTIMATE_IMAGES):
+    """Replace the running statistics of ``model``'s trainable batch-statistics layers (torch
+    ``_BatchNorm`` subclasses in training mode after ``model.train()``: BN, SyncBN, BN+WS; not
+    FrozenStatsBN / FrozenBN, GN, CBN, MABN) by their equal-weight average over the first
+    ``images`` training images in batches of ``per_proc`` (the batch each process normalized over
+    in training), the model in training mode (sampled RoIs, as in training). Returns the number
+    of layers re-estimated (0: nothing to do; the model is unchanged). The model is left in eval
+    mode. This is detectron2's Precise BN over all of these images instead of rank 0's running
+    average over its last ~10 iterations."""
+    import copy
+
+    import torch
+
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.utils.events import EventStorage
+
+    model.train()
+    layers = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if not layers:
+        model.eval()
+        return 0
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative (equal-weight) average of the batches' statistics
+    dataset = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:images]
+    mapper = DatasetMapper(cfg, is_train=True)
+    with torch.no_grad(), EventStorage():  # the training forward logs to an event storage
+        for i in range(0, len(dataset), per_proc):
+            model([mapper(copy.deepcopy(d)) for d in dataset[i : i + per_proc]])
+    model.eval()
+    return len(layers)
+
+
 def execute_run(s, spec, run_dir):
     """Train and evaluate one run; returns its record (a dict). Runs in the calling process,
     which becomes the parent of the run's P training processes."""
@@ -182,7 +221,7 @@ def execute_run(s, spec, run_dir):
         info = json.load(f)
     rec = dict(spec, **info)
     rec["wall_train_s"] = time.perf_counter() - t0
-    cfg = build_cfg(s, spec["norm"], spec["procs"], spec["seed"], run_dir)
+    cfg = s.build_cfg(spec["norm"], spec["procs"], spec["seed"], run_dir)
     rec["lr"] = cfg.SOLVER.BASE_LR
     rec["cbn_window"] = cfg.D2NORM.CBN.BUFFER_SIZE if spec["norm"] == "CBN" else None
     rec["mabn_buffer"] = cfg.D2NORM.MABN.BUFFER_SIZE if spec["norm"] == "MABN" else None
@@ -199,6 +238,11 @@ def execute_run(s, spec, run_dir):
             curve[str(it)] = _box_ap(Trainer.test(cfg, model))
         rec.update(curve[str(s.iters)])
         rec["curve"] = curve
+        if getattr(s, "reestimate", False):  # the last model, with re-estimated statistics
+            rec["reestimated_layers"] = reestimated_statistics(cfg, model, spec["per_proc"])
+            if rec["reestimated_layers"]:
+                rec.update(_box_ap(Trainer.test(cfg, model), prefix="reest_box"))
+        rec["weights"] = os.path.basename(cfg.MODEL.WEIGHTS) or None
     rec["eval_s"] = time.perf_counter() - t0
     rec["eval_cpu_s"] = time.process_time() - cpu0
     rec["evals"] = len(rec.get("curve", {}))
@@ -283,8 +327,8 @@ def run_grid(
     records, bad = load_records(results)
     if bad:
         print(f"note: skipped {bad} unreadable line(s) of {results} (an interrupted write)")
-    sid = settings_id(s)
-    planned = plan(s, sid)
+    sid = s.settings_id()
+    planned = s.plan(sid)
     keys = {run_key(p) for p in planned}
     mine = [r for r in records if run_key(r) in keys]
     if records and not resume:
@@ -294,7 +338,7 @@ def run_grid(
         )
     todo = pending_runs(planned, records)
     if todo:  # generate the synthetic splits once, not in every concurrent run
-        register_datasets(build_cfg(s, todo[0]["norm"], todo[0]["procs"], todo[0]["seed"], output))
+        register_datasets(s.build_cfg(todo[0]["norm"], todo[0]["procs"], todo[0]["seed"], output))
     print(
         f"{len(planned)} runs planned, {len(planned) - len(todo)} already done, {len(todo)} to go; "
         f"up to {jobs} processes at once, {s.threads} thread(s) each"

@@ -84,6 +84,20 @@ class StudySettings:
     def per_proc(self, procs):
         return self.total_batch // procs
 
+    # What the runner (d2norm.study.run) asks of a study; another study (e.g. the fine-tuning
+    # study, d2norm.study.finetune) overrides these four.
+    def check_norms(self):
+        check_norms(self.norms)
+
+    def build_cfg(self, norm, procs, seed, output_dir):
+        return build_cfg(self, norm, procs, seed, output_dir)
+
+    def settings_id(self):
+        return settings_id(self)
+
+    def plan(self, sid=None):
+        return plan(self, sid)
+
 
 # quick: the machinery end to end on the 2 extreme points, for tests and a first look
 QUICK = dict(
