@@ -106,16 +106,20 @@ def with_weights(s, progress=True):
 
 def settings_text(s):
     pre = dict(s.pretrain)
+    cfg = s.arm_cfg_unweighted(s.norms[0])
+    bs = ", ".join(str(s.per_proc(p)) for p in s.procs)
     return "\n".join(
         [
-            f"* Arms: {', '.join(s.norms)} (twins and weights: `d2norm.study.finetune.ARMS`); processes "
-            f"P = {', '.join(map(str, s.procs))} (b = {', '.join(str(s.per_proc(p)) for p in s.procs)} images "
-            f"per process); seeds {', '.join(map(str, s.seeds))}. SyncBN at P = 1 is BN at 8 images and is not "
-            "run; the positive control (BN* random) runs at P = 1 only.",
-            f"* Every point: {s.total_batch} images per iteration, {s.iters} iterations, the twins' LR and "
-            "schedule (BASE_LR 0.01, steps at 2/3 and 8/9, 20 warm-up iterations).",
-            f"* Pretraining: {pre['iters']} iterations × {pre['batch']} upstream images, peak LR {pre['lr']}.",
-            "* Evaluation: box AP of rank 0's saved model on the 200-image hard val split in one process, "
+            f"* Arms: {', '.join(s.norms)} (twins and weights: `d2norm.study.finetune.ARMS`); "
+            f"processes P = {', '.join(map(str, s.procs))} (b = {bs} images per process); seeds "
+            f"{', '.join(map(str, s.seeds))}. SyncBN at P = 1 is BN at 8 images and is not run; "
+            "the positive control (BN* random) runs at P = 1 only.",
+            f"* Every point: {s.total_batch} images per iteration, {s.iters} iterations, BASE_LR "
+            f"{cfg.SOLVER.BASE_LR}, LR ×0.1 at {tuple(cfg.SOLVER.STEPS)}, {cfg.SOLVER.WARMUP_ITERS} "
+            "warm-up iterations (the twins' schedule).",
+            f"* Pretraining: {pre['iters']} iterations × {pre['batch']} upstream images, "
+            f"peak LR {pre['lr']}.",
+            "* Evaluation: box AP of rank 0's saved model on the hard val split in one process, "
             "and the same with re-estimated BN statistics.",
             f"* {s.threads} torch thread(s) per process.",
         ]
@@ -159,9 +163,8 @@ def main(argv=None):
     s = args.settings
     if args.plan:
         for spec in s.plan():
-            print(
-                f"{spec['norm']:12s} P={spec['procs']} b={spec['per_proc']} seed={spec['seed']} ({ARMS[spec['norm']][0]})"
-            )
+            twin = ARMS[spec["norm"]][0]
+            print(f"{spec['norm']:12s} P={spec['procs']} b={spec['per_proc']} seed={spec['seed']} ({twin})")
         return []
     keys = {run_key(p) for p in s.plan()}
     if args.report_only:

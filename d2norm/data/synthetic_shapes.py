@@ -210,7 +210,6 @@ def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=
     of its area visible or smaller than 12 pixels. A mask is exactly the object's pixels that
     stay visible.
     """
-    import cv2
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = (
