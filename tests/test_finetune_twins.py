@@ -49,9 +49,11 @@ def _is_compared(key):
     """norm, freeze and optimizer keys (the issue's list), plus the head layout they sit in."""
     return (
         key.endswith(".NORM")
-        or key.startswith("D2NORM.") and not key.startswith("D2NORM.DATA.")
+        or key.startswith("D2NORM.")
+        and not key.startswith("D2NORM.DATA.")
         or key in ("MODEL.BACKBONE.FREEZE_AT", "MODEL.RESNETS.STRIDE_IN_1X1", "TEST.PRECISE_BN.ENABLED")
-        or key.startswith("MODEL.ROI_BOX_HEAD.") and key.split(".")[-1] in ("NAME", "NUM_CONV", "NUM_FC")
+        or key.startswith("MODEL.ROI_BOX_HEAD.")
+        and key.split(".")[-1] in ("NAME", "NUM_CONV", "NUM_FC")
         or key.startswith("SOLVER.")
         and key.split(".")[1]
         in (
