@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import run_tool
 
 from d2norm.data import upstream_shapes as up
 from d2norm.study import finetune_report, load_records
@@ -210,34 +210,30 @@ def test_report_table_and_decisions_are_rederived_from_a_generated_jsonl(tmp_pat
 
 
 def test_quick_mode_end_to_end(tmp_path, data_root):
-    """The quick preset through the command line at its smallest (2 arms, P = 2 and 1, 3
-    iterations): pretrains its tiny backbone into the data root, records every run with a
+    """The quick preset through the command line at its smallest (BN in FPN and heads, P = 2
+    and 1, 3 iterations): pretrains its tiny backbone into the data root, records every run with a
     re-estimated evaluation where the arm has BN layers, writes the report; --resume is a no-op."""
-    import subprocess
-    import sys
-
     out = tmp_path / "study"
     argv = [
-        "--quick", "--arms", "BN*", "BN", "--procs", "2", "1", "--iters", "3", "--total-batch", "2",
+        "--quick", "--arms", "BN", "--procs", "2", "1", "--iters", "3", "--total-batch", "2",
         "--jobs", "2", "--output", str(out), "--data-root", data_root, "--no-progress",
         "DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "('d2norm_shapes_tiny_val',)",
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
 
     def cli(*extra):
-        cmd = [sys.executable, os.path.join(REPO, "tools", "finetune_study.py"), *extra, *argv]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        return run_tool("finetune_study.py", *extra, *argv)
 
     first = cli()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records, bad = load_records(str(out / "results.jsonl"))
-    assert bad == 0 and len(records) == 4 and all(r["status"] == "ok" for r in records)
-    by = {(r["norm"], r["procs"]): r for r in records}
-    assert by[("BN", 2)]["images_digest"] == by[("BN*", 1)]["images_digest"]  # same images per seed
-    assert by[("BN", 2)]["reestimated_layers"] > 0 and "reest_box_ap" in by[("BN", 2)]
-    assert by[("BN*", 1)]["reestimated_layers"] == 0 and "reest_box_ap" not in by[("BN*", 1)]
+    assert bad == 0 and len(records) == 2 and all(r["status"] == "ok" for r in records)
+    by = {r["procs"]: r for r in records}
+    assert by[2]["images_digest"] == by[1]["images_digest"]  # the same images per seed at every P
+    assert by[2]["images_per_proc"] == [1] and by[1]["images_per_proc"] == [2]
+    # per-process BN in FPN + box head (4 convs): 3 lateral/output pairs + 4 head layers re-estimated
+    assert all(r["reestimated_layers"] == 10 and "reest_box_ap" in r for r in records)
     assert all(r["weights"].startswith("study_R18_BN_") for r in records)
     assert any(f.startswith("study_R18_BN_") for f in os.listdir(os.path.join(data_root, "pretrained")))
     assert "## Decisions" in (out / "finetune_study.md").read_text()
     again = cli("--resume")
-    assert again.returncode == 0 and "4 already done, 0 to go" in again.stdout
+    assert again.returncode == 0 and "2 already done, 0 to go" in again.stdout

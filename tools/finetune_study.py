@@ -19,14 +19,12 @@ import argparse
 import os
 import shlex
 import sys
-import time
 
-from d2norm.study import load_records, run_grid
 from d2norm.study.finetune import ARMS, FINETUNE_FULL, FINETUNE_QUICK, FinetuneSettings
 from d2norm.study.finetune_report import write_finetune_report
 from d2norm.study.pretrain import load_or_pretrain
-from d2norm.study.records import run_key
-from d2norm.study.report import machine_line, write_plot
+from d2norm.study.report import machine_line, write_plot_or_note
+from d2norm.study.run import run_from_args
 
 
 def parse_args(argv=None):
@@ -151,11 +149,8 @@ def report(args, records, wall_s=None):
     write_finetune_report(
         args.report, records, "\n".join(header), settings_text(s), "\n".join(footer), s.total_batch, plot_rel
     )
-    try:
-        title = f"fine-tuned, {s.iters} iterations, {s.total_batch} images per iteration; mean ± std"
-        write_plot(args.plot, records, total_batch=s.total_batch, title=title)
-    except ImportError as e:
-        print(f"note: no plot ({e}). Fix: install matplotlib, then rerun with --report-only.")
+    title = f"fine-tuned, {s.iters} iterations, {s.total_batch} images per iteration; mean ± std"
+    write_plot_or_note(args.plot, records, s.total_batch, title)
 
 
 def main(argv=None):
@@ -166,27 +161,10 @@ def main(argv=None):
             twin = ARMS[spec["norm"]][0]
             print(f"{spec['norm']:12s} P={spec['procs']} b={spec['per_proc']} seed={spec['seed']} ({twin})")
         return []
-    keys = {run_key(p) for p in s.plan()}
-    if args.report_only:
-        records = [
-            r for r in load_records(os.path.join(args.output, "results.jsonl"))[0] if run_key(r) in keys
-        ]
-        report(args, records)
-        print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
-        return records
-    s = args.settings = with_weights(s, progress=not args.no_progress)
-    t0 = time.time()
-    records, failed = run_grid(
-        s,
-        args.output,
-        jobs=args.jobs,
-        resume=args.resume,
-        progress=not args.no_progress,
-        keep_outputs=args.keep_outputs,
-        on_record=lambda recs: report(args, recs, time.time() - t0),
-    )
-    report(args, records, time.time() - t0)
-    print(f"wrote {args.report} and {args.plot}")
+    if not args.report_only:
+        s = args.settings = with_weights(s, progress=not args.no_progress)
+    records, failed = run_from_args(s, args, report)
+    print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
     if failed:
         sys.exit(1)
     return records

@@ -16,11 +16,10 @@ import argparse
 import os
 import shlex
 import sys
-import time
 
-from d2norm.study import FULL, QUICK, StudySettings, load_records, plan, run_grid, settings_id
-from d2norm.study.records import run_key
-from d2norm.study.report import machine_line, write_plot, write_report
+from d2norm.study import FULL, QUICK, StudySettings, plan
+from d2norm.study.report import machine_line, write_plot_or_note, write_report
+from d2norm.study.run import run_from_args
 from d2norm.study.settings import schedule
 
 DEFAULT_CONFIG = os.path.join(
@@ -199,35 +198,15 @@ def report(args, records, wall_s=None):
     write_report(
         args.report, records, "\n".join(header), settings_text(s), "\n".join(footer), s.total_batch, plot_rel
     )
-    try:
-        title = f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds"
-        write_plot(args.plot, records, total_batch=s.total_batch, title=title)
-    except ImportError as e:  # the records and the tables do not need matplotlib
-        print(f"note: no plot ({e}). Fix: install matplotlib, then rerun with --report-only.")
+    title = f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds"
+    write_plot_or_note(args.plot, records, s.total_batch, title)
 
 
 def main(argv=None):
     args = parse_args(argv)
     s = args.settings
-    if args.report_only:
-        keys = {run_key(p) for p in plan(s, settings_id(s))}
-        records = load_records(os.path.join(args.output, "results.jsonl"))[0]
-        records = [r for r in records if run_key(r) in keys]
-        report(args, records)
-        print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
-        return records
-    t0 = time.time()
-    records, failed = run_grid(
-        s,
-        args.output,
-        jobs=args.jobs,
-        resume=args.resume,
-        progress=not args.no_progress,
-        keep_outputs=args.keep_outputs,
-        on_record=lambda recs: report(args, recs, time.time() - t0),
-    )
-    report(args, records, time.time() - t0)
-    print(f"wrote {args.report} and {args.plot}")
+    records, failed = run_from_args(s, args, report)
+    print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
     if failed:
         sys.exit(1)
     return records

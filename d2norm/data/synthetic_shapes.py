@@ -39,6 +39,7 @@ __all__ = [
     "make_image",
     "make_hard_image",
     "draw_clutter",
+    "noisy_gradient",
     "register_synthetic_datasets",
 ]
 
@@ -176,6 +177,19 @@ def _fill(shape, poly):
     return m.astype(bool)
 
 
+def noisy_gradient(rng, size, base, slope, noise):
+    """A size×size×3 uint8 background: per channel a base level uniform in ``base``, plus
+    horizontal and vertical ramps with end-to-end change uniform in ±``slope``, plus Gaussian
+    pixel noise of std ``noise``."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = (
+        rng.uniform(base[0], base[1], size=3)
+        + xx[..., None] * rng.uniform(-slope, slope, size=3)
+        + yy[..., None] * rng.uniform(-slope, slope, size=3)
+    )
+    return np.clip(img + rng.normal(0, noise, size=img.shape), 0, 255).astype(np.uint8)
+
+
 def draw_clutter(img, rng, size, num_clutter):
     """Draw ``num_clutter`` (inclusive range) unannotated items into ``img`` in place: outlines
     (circles, rectangles), line segments and dots, each a random colour, position and size."""
@@ -211,13 +225,7 @@ def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=
     stay visible.
     """
 
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = (
-        rng.uniform(30, 120, size=3)
-        + xx[..., None] * rng.uniform(-50, 50, size=3)
-        + yy[..., None] * rng.uniform(-50, 50, size=3)
-    )
-    img = np.clip(img + rng.normal(0, 6, size=img.shape), 0, 255).astype(np.uint8)
+    img = noisy_gradient(rng, size, base=(30, 120), slope=50, noise=6)
     draw_clutter(img, rng, size, num_clutter)
 
     objects = []  # (class, full mask, visible mask)

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from .synthetic_shapes import _fill, _polygon, draw_clutter
+from .synthetic_shapes import _fill, _polygon, draw_clutter, noisy_gradient
 
 __all__ = [
     "UPSTREAM_SHAPES",
@@ -89,13 +89,7 @@ def make_upstream_image(index, size=64, seed=UPSTREAM_SEED):
     label = int(rng.integers(num_upstream_classes()))
     rest, colour = divmod(label, len(UPSTREAM_COLOURS))
     shape, fill = divmod(rest, len(UPSTREAM_FILLS))
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = (
-        rng.uniform(30, 140, size=3)
-        + xx[..., None] * rng.uniform(-60, 60, size=3)
-        + yy[..., None] * rng.uniform(-60, 60, size=3)
-    )
-    img = np.clip(img + rng.normal(0, 8, size=img.shape), 0, 255).astype(np.uint8)
+    img = noisy_gradient(rng, size, base=(30, 140), slope=60, noise=8)
     draw_clutter(img, rng, size, (0, 3))
     r = rng.uniform(0.25, 0.45) * size
     cx, cy = rng.uniform(0.25 * size, 0.75 * size, size=2)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 
-from .settings import StudySettings
+from .settings import StudySettings, plan
 
 __all__ = [
     "ARMS",
@@ -165,26 +165,8 @@ class FinetuneSettings(StudySettings):
         return cfg
 
     def plan(self, sid=None):
-        sid = sid or self.settings_id()
-        out = []
-        for seed in self.seeds:
-            for arm in self.norms:
-                for p in self.procs:
-                    if self.skip_redundant and arm == "SyncBN" and p == 1:
-                        continue
-                    if arm in CONTROL_ARMS and p != 1:
-                        continue
-                    out.append(
-                        dict(
-                            norm=arm,
-                            procs=p,
-                            per_proc=self.per_proc(p),
-                            seed=seed,
-                            iters=self.iters,
-                            settings_id=sid,
-                        )
-                    )
-        return out
+        """The grid; the positive control (:data:`CONTROL_ARMS`) at P = 1 only."""
+        return plan(self, sid, skip=lambda arm, p: arm in CONTROL_ARMS and p != 1)
 
 
 FINETUNE_QUICK = dict(

@@ -15,7 +15,7 @@ by seed:
 """
 
 from .records import latest_records
-from .report import _interval, ap_table, common_sections, difference_tables, write_text
+from .report import _interval, ap_table, difference_tables, finish_report
 from .stats import paired_difference, point_values, welch_difference
 
 __all__ = ["CONTROL_MARGIN", "FLAT_BAND", "decisions", "decision_table", "write_finetune_report"]
@@ -154,7 +154,4 @@ def write_finetune_report(
         d1,
         "",
     ]
-    parts += common_sections(records, total_batch)
-    if footer:
-        parts += [footer.strip(), ""]
-    write_text(path, "\n".join(parts))
+    finish_report(path, parts, records, footer, total_batch)

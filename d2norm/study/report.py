@@ -20,6 +20,8 @@ __all__ = [
     "write_report",
     "common_sections",
     "write_text",
+    "finish_report",
+    "write_plot_or_note",
 ]
 
 # the small-batch study's norms and the fine-tuning study's arms (d2norm.study.finetune.ARMS)
@@ -315,7 +317,12 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
         d2,
         "",
     ]
-    parts += common_sections(records, total_batch)
+    finish_report(path, parts, records, footer, total_batch)
+
+
+def finish_report(path, parts, records, footer="", total_batch=8):
+    """Append :func:`common_sections` and ``footer`` to the lines ``parts``, write ``path``."""
+    parts = parts + common_sections(records, total_batch)
     if footer:
         parts += [footer.strip(), ""]
     write_text(path, "\n".join(parts))
@@ -323,3 +330,12 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
 
 def write_text(path, text):
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_plot_or_note(path, records, total_batch, title):
+    """:func:`write_plot`, or a note saying how to get it where matplotlib is missing (the
+    records and the tables do not need it)."""
+    try:
+        write_plot(path, records, total_batch=total_batch, title=title)
+    except ImportError as e:
+        print(f"note: no plot ({e}). Fix: install matplotlib, then rerun with --report-only.")

@@ -33,7 +33,14 @@ from ..data import register_datasets
 from .records import append_record, load_records, pending_runs, run_key
 from .settings import StudySettings
 
-__all__ = ["execute_run", "run_grid", "run_dir_name"]
+__all__ = [
+    "execute_run",
+    "run_grid",
+    "run_or_report",
+    "run_from_args",
+    "run_dir_name",
+    "reestimated_statistics",
+]
 
 PROGRESS_EVERY = 5  # iterations between progress-file writes
 
@@ -410,3 +417,38 @@ def run_grid(
         + (f"; {failed} run(s) FAILED (see their logs; --resume retries them)" if failed else "")
     )
     return mine, failed
+
+
+def run_or_report(s, output, report, report_only=False, **grid_kwargs):
+    """What a study's command line does: with ``report_only``, call ``report(records, None)`` on
+    the records of ``<output>/results.jsonl`` that belong to ``s``; else :func:`run_grid` (keyword
+    arguments ``grid_kwargs``), calling ``report(records, wall seconds)`` after every finished
+    run and at the end. Returns (records, number of failed runs)."""
+    if report_only:
+        keys = {run_key(p) for p in s.plan(s.settings_id())}
+        records = load_records(os.path.join(output, "results.jsonl"))[0]
+        records = [r for r in records if run_key(r) in keys]
+        report(records, None)
+        return records, 0
+    t0 = time.time()
+    records, failed = run_grid(
+        s, output, on_record=lambda recs: report(recs, time.time() - t0), **grid_kwargs
+    )
+    report(records, time.time() - t0)
+    return records, failed
+
+
+def run_from_args(s, args, report):
+    """:func:`run_or_report` with a study command line's flags: ``args.output``,
+    ``args.report_only``, ``args.jobs``, ``args.resume``, ``args.no_progress``,
+    ``args.keep_outputs``; ``report(args, records, wall seconds)`` writes the report."""
+    return run_or_report(
+        s,
+        args.output,
+        lambda recs, wall_s: report(args, recs, wall_s),
+        report_only=args.report_only,
+        jobs=args.jobs,
+        resume=args.resume,
+        progress=not args.no_progress,
+        keep_outputs=args.keep_outputs,
+    )

@@ -222,15 +222,16 @@ def settings_id(s):
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def plan(s, sid=None):
-    """The study's runs, as dicts with the run-key fields (see :func:`records.run_key`)."""
-    check_norms(s.norms)
-    sid = sid or settings_id(s)
+def plan(s, sid=None, skip=None):
+    """The study's runs, as dicts with the run-key fields (see :func:`records.run_key`);
+    ``skip(norm, P)`` True leaves a point out (besides SyncBN at P = 1 with ``skip_redundant``)."""
+    s.check_norms()
+    sid = sid or s.settings_id()
     out = []
     for seed in s.seeds:
         for norm in s.norms:
             for p in s.procs:
-                if s.skip_redundant and norm == "SyncBN" and p == 1:
+                if s.skip_redundant and norm == "SyncBN" and p == 1 or skip is not None and skip(norm, p):
                     continue
                 out.append(
                     dict(
