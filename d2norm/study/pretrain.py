@@ -44,7 +44,7 @@ __all__ = [
     "VARIANTS",
     "PretrainSettings",
     "pretrain_cfg",
-    "PretrainNet",
+    "build_pretrain_net",
     "checkpoint_path",
     "pretrain",
     "load_or_pretrain",
@@ -170,7 +170,8 @@ def _torch_net():
     return PretrainNet
 
 
-def PretrainNet(cfg, num_classes):  # noqa: N802  (a factory: torch is imported lazily)
+def build_pretrain_net(cfg, num_classes):
+    """The classifier pretrained here: ``cfg``'s ResNet, average pooling, a linear layer."""
     return _torch_net()(cfg, num_classes)
 
 
@@ -212,7 +213,7 @@ def pretrain(s, out_path=None, progress=True, log=print):
     path = out_path or checkpoint_path(s, cfg)
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    net = PretrainNet(cfg, up.num_upstream_classes())
+    net = build_pretrain_net(cfg, up.num_upstream_classes())
     net.train()
     from ..optim import get_param_groups
 
