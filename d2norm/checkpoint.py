@@ -28,13 +28,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from .modeling import remap_parametrized_keys
+from .layers.weight_transforms import plain_weight_key, remap_parametrized_keys
 from .weights import (
     CheckpointError,
     adapt_method_state,
     check_loaded_weights,
     normalize_loaded_checkpoint,
-    plain_weight_key,
 )
 
 __all__ = [

@@ -5,15 +5,13 @@ final weights), returns the model, and leaves a model that needs no d2norm-speci
 inference beyond the norm layers that remain.
 
 * :func:`fold_weight_standardization`: bake every conv weight transform (Weight
-  Standardization of "GN+WS" / "BN+WS", weight centralization of "MABN") into a plain conv
-  weight, removing the per-forward transform.
-
-Transforms that fold eval-mode norm layers into the preceding conv belong here too; they
-visit the same (conv, conv.norm) pairs as :func:`iter_conv_norm_pairs`.
-
-* :func:`fold`: bake the weight transforms, then fold every eval-mode BN, SyncBN, BN+WS, BN*,
-  FrozenStatsBN, CBN, MABN and BRN into the conv before it (:func:`eval_affine` gives a norm's
-  per-channel ``(scale, shift)``, :func:`fold_affine_into_conv` applies it); GN stays.
+  Standardization of "GN+WS" / "BN+WS", weight centralization and the weight centering of
+  "MABN") into a plain conv weight, removing the per-forward transform.
+* :func:`fold`: bake the weight transforms, then fold every eval-mode norm whose eval map is a
+  per-channel affine (BN, SyncBN, BN+WS, BN*, FrozenStatsBN, CBN, MABN, BRN: the norm table's
+  ``foldable``) into the conv before it, visiting the (conv, conv.norm) pairs of
+  :func:`iter_conv_norm_pairs` (:func:`eval_affine` gives a norm's per-channel
+  ``(scale, shift)`` from its eval map, :func:`fold_affine_into_conv` applies it); GN stays.
   ``tools/deploy.py`` runs it on trained weights, checks the detections, traces and saves.
 """
 
@@ -23,8 +21,9 @@ import os
 import torch
 from torch import nn
 
+from .layers import ConvFedNorm
 from .layers.weight_transforms import bake_weight_transforms, get_weight_transform
-from .modeling import _load_plain_weight_into_parametrized
+from .norms import eval_statistics, spec_of
 from .patches import import_tracing_adapter  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -78,8 +77,6 @@ def fold_weight_standardization(model):
         )
     _own_parametrized_classes(model)
     bake_weight_transforms(model)
-    for module in model.modules():
-        _drop_plain_weight_hook(module, _load_plain_weight_into_parametrized)
     return model
 
 
@@ -91,69 +88,40 @@ def has_weight_transforms(model):
 # ------------------------------------------------------------------------------------------
 # Folding eval-mode norms into the preceding conv
 #
-# In eval mode BN, SyncBN, BN*, CBN and MABN are per-channel affine maps y -> s*y + t, so
-# conv followed by norm is one conv with W' = W*s (per output channel) and b' = b*s + t.
-# GN (and GN+WS's GN) normalizes with per-sample statistics and stays.
+# In eval mode BN, SyncBN, BN*, CBN, MABN and BRN are per-channel affine maps y -> s*y + t (their
+# eval map, ``eval_statistics``), so conv followed by norm is one conv with W' = W*s (per output
+# channel) and b' = b*s + t. GN (and GN+WS's GN) normalizes with per-sample statistics and stays.
 
 
-def _foldable_types():
-    from detectron2.layers import FrozenBatchNorm2d
-
-    from .layers.cross_iteration_batch_norm import CrossIterationBatchNorm2d
-    from .layers.moving_average_batch_norm import MovingAverageBatchNorm2d
-
-    return FrozenBatchNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+def _eval_map(norm):
+    spec = spec_of(norm)
+    return eval_statistics(norm) if spec is None or spec.foldable else None
 
 
 def is_foldable(norm):
     """Whether ``norm`` is a per-channel affine map in eval mode (see :func:`eval_affine`)."""
-    from .layers.batch_renorm import BatchRenorm2d
-
-    frozen, cbn, mabn = _foldable_types()
-    if isinstance(norm, (frozen, cbn, mabn, BatchRenorm2d)):
-        return True
-    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
+    return _eval_map(norm) is not None
 
 
 def eval_affine(norm):
     """``(scale, shift)``, float64 per-channel tensors with ``norm(y) == y*scale + shift`` in
-    eval mode (channels on dim 1):
-
-    * BN / SyncBN / BN+WS / FrozenStatsBN (any ``_BatchNorm`` with running stats), BN*
-      (``FrozenBatchNorm2d``), CBN: ``scale = γ/√(running_var + ε)``,
-      ``shift = β − running_mean·scale``;
-    * MABN (no mean): ``scale = γ/√(running_var + ε)``, ``shift = β``;
-    * BRN (running σ, ε included): ``scale = γ/running_std``, ``shift = β − running_mean·scale``.
+    eval mode (channels on dim 1), from the norm's eval map
+    (:func:`d2norm.norms.eval_statistics`): ``scale = γ/√(var + ε)``, ``shift = β − mean·scale``
+    (MABN has no mean; BRN's var + ε is its running σ²).
 
     Raises ``TypeError`` for norms without such a form (GN, LN: per-sample statistics) and
     ``ValueError`` for a BN that normalizes with batch statistics in eval
     (``track_running_stats=False``).
     """
-    frozen, cbn, mabn = _foldable_types()
-    f64 = torch.float64
-
-    def f64_or(t, fill):  # affine=False layers have no weight / bias
-        if t is None:
-            return torch.full((norm.num_features,), fill, dtype=f64, device=norm.running_var.device)
-        return t.detach().to(f64)
-
-    from .layers.batch_renorm import BatchRenorm2d
-
-    if isinstance(norm, BatchRenorm2d):
-        scale = norm.weight.detach().to(f64) / norm.running_std.detach().to(f64)
-        return scale, norm.bias.detach().to(f64) - norm.running_mean.detach().to(f64) * scale
-    if isinstance(norm, mabn):
-        scale = f64_or(norm.weight, 1.0) * torch.rsqrt(norm.running_var.detach().to(f64) + norm.eps)
-        return scale, f64_or(norm.bias, 0.0)
-    if isinstance(norm, (frozen, cbn)) or isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        if getattr(norm, "running_mean", None) is None:
-            raise ValueError(
-                f"{type(norm).__name__} has no running statistics (track_running_stats=False): in "
-                "eval it normalizes with batch statistics, which no conv can represent. Fix: keep "
-                "this layer unfolded, or train with running statistics."
-            )
-        scale = f64_or(norm.weight, 1.0) * torch.rsqrt(norm.running_var.detach().to(f64) + norm.eps)
-        return scale, f64_or(norm.bias, 0.0) - norm.running_mean.detach().to(f64) * scale
+    stats = _eval_map(norm)
+    if stats is not None:
+        return stats.scale_shift()
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(
+            f"{type(norm).__name__} has no running statistics (track_running_stats=False): in "
+            "eval it normalizes with batch statistics, which no conv can represent. Fix: keep "
+            "this layer unfolded, or train with running statistics."
+        )
     raise TypeError(
         f"{type(norm).__name__} is not a per-channel affine map in eval mode (it normalizes with "
         "per-sample statistics, like GN), so it cannot be folded into a conv; it stays."
@@ -199,32 +167,6 @@ def fold_affine_into_conv(conv, scale, shift):
     return conv
 
 
-def _detach_conv_from_norm(conv):
-    """Remove what CBN's ``bind`` and the parametrized-key loading hook left on ``conv``."""
-    from .layers.cross_iteration_batch_norm import _OWNER_KEY, _STASH_KEY, _stash_conv_input
-
-    for key, hook in list(conv._forward_pre_hooks.items()):
-        if hook is _stash_conv_input:
-            del conv._forward_pre_hooks[key]
-    conv.__dict__.pop(_STASH_KEY, None)
-    conv.__dict__.pop(_OWNER_KEY, None)
-    _drop_plain_weight_hook(conv, _load_plain_weight_into_parametrized)
-
-
-def _drop_plain_weight_hook(module, fn):
-    """After baking, ``<conv>.weight`` is a plain key again: drop the pre-hook that renamed it
-    to ``parametrizations.weight.original`` (a folded state dict would not load otherwise)."""
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module, "weight"):
-        return
-    for key, hook in list(module._load_state_dict_pre_hooks.items()):
-        if getattr(hook, "hook", hook) is fn:
-            del module._load_state_dict_pre_hooks[key]
-    if getattr(module, "_d2norm_key_hook", False):
-        module._d2norm_key_hook = False
-
-
 def _own_parametrized_classes(model):
     """Give each parametrized module of ``model`` its own copy of its parametrized class.
 
@@ -248,7 +190,7 @@ def fold(model):
        (:func:`fold_weight_standardization`).
     2. For each detectron2 ``Conv2d`` with a ``norm`` (:func:`iter_conv_norm_pairs`) that is
        BN, SyncBN, BN+WS, BN* (FrozenBN), CBN, MABN or BRN: ``(s, t) = eval_affine(norm)``,
-       :func:`fold_affine_into_conv`, ``conv.norm = None`` (CBN's conv hook is removed).
+       :func:`fold_affine_into_conv`, ``conv.norm = None`` (CBN lets go of the conv).
     3. GN (also the GN of GN+WS) and any other norm stay as they are.
 
     The folded model computes the eval-mode function of the original (float32 rounding apart;
@@ -269,7 +211,8 @@ def fold(model):
         scale, shift = eval_affine(norm)
         fold_affine_into_conv(conv, scale, shift)
         conv.norm = None
-        _detach_conv_from_norm(conv)
+        if isinstance(norm, ConvFedNorm):
+            norm.release_conv()  # CBN's input hand-over
         folded.append((name, type(norm).__name__))
     model.fold_report = {"folded": folded, "kept": kept}
     _logger.info(

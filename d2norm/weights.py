@@ -60,11 +60,11 @@ from collections import namedtuple
 
 import torch
 
-from .modeling import _PARAM_SUFFIX
+from .layers.weight_transforms import plain_weight_key
+from .norms import norm_layer_types, spec_of
 
 __all__ = [
     "CheckpointError",
-    "plain_weight_key",
     "adapt_method_state",
     "convert_torchvision_resnet",
     "to_torchvision_resnet",
@@ -225,41 +225,18 @@ def _bottom_up(model):
     return None, None
 
 
-def plain_weight_key(key):
-    """``X.parametrizations.weight.original`` -> ``X.weight``; other keys unchanged."""
-    return key[: -len(_PARAM_SUFFIX)] + "weight" if key.endswith(_PARAM_SUFFIX) else key
-
-
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-_MABN_RINGS = ("buffer_x2", "buffer_gz")
-_CBN_HISTORY = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
 
 
 def _squeezed(shape):
     return [d for d in shape if d != 1]
 
 
-def _norm_types():
-    from detectron2.layers import FrozenBatchNorm2d
-
-    from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-
-    return (
-        torch.nn.modules.batchnorm._NormBase,
-        torch.nn.GroupNorm,
-        FrozenBatchNorm2d,
-        CrossIterationBatchNorm2d,
-        MovingAverageBatchNorm2d,
-    )
-
-
 def adapt_method_state(model, state_dict):
     """Convert the norm state in ``state_dict`` to ``model``'s layout, in place, before shapes
     are compared (see the module docstring). Returns one message per converted layer."""
-    from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-
     notes = []
-    norm_types = _norm_types()
+    norm_types = norm_layer_types()
     for name, module in model.named_modules():
         if not isinstance(module, norm_types):
             continue
@@ -280,30 +257,21 @@ def adapt_method_state(model, state_dict):
                 reshaped.append(f"{leaf} {tuple(value.shape)} -> {tuple(target.shape)}")
         if reshaped:
             notes.append(f"{prefix[:-1]}: reshaped {', '.join(reshaped)}")
-        if isinstance(module, MovingAverageBatchNorm2d):
-            misfit = _misfits(state_dict, prefix, mine, _MABN_RINGS)
-            if misfit:
-                for leaf in _MABN_RINGS:
-                    state_dict.pop(prefix + leaf, None)
-                state_dict[prefix + "iters"] = torch.zeros_like(module.iters)
-                notes.append(
-                    f"{prefix[:-1]}: MABN ring buffers of the file ({misfit}) do not fit "
-                    f"D2NORM.MABN.BUFFER_SIZE={module.buffer_size}; its moving averages restart "
-                    "(iteration count 0: batch statistics until the ring is full), running_var "
-                    "and the affine parameters are loaded"
-                )
-        elif isinstance(module, CrossIterationBatchNorm2d):
-            misfit = _misfits(state_dict, prefix, mine, _CBN_HISTORY)
-            if misfit:
-                for leaf in _CBN_HISTORY:
-                    state_dict.pop(prefix + leaf, None)
-                for leaf in ("hist_count", "hist_pos"):
-                    state_dict[prefix + leaf] = torch.zeros_like(mine[leaf])
-                notes.append(
-                    f"{prefix[:-1]}: CBN history of the file ({misfit}) does not fit this layer "
-                    f"(D2NORM.CBN.BUFFER_SIZE={module.buffer_size} and its conv); the window "
-                    "restarts (the iteration count, hence burn-in, is kept)"
-                )
+        spec = spec_of(module)
+        misfit = _misfits(state_dict, prefix, mine, spec.history) if spec is not None else ""
+        if misfit:
+            for leaf in spec.history:
+                state_dict.pop(prefix + leaf, None)
+            for leaf in spec.history_counters:
+                state_dict[prefix + leaf] = torch.zeros_like(mine[leaf])
+            sizes = ", ".join(
+                f"D2NORM.{k}={getattr(module, kw)}" for kw, k in spec.options.items() if hasattr(module, kw)
+            )
+            notes.append(
+                f"{prefix[:-1]}: {spec.name} history of the file ({misfit}) does not fit this layer "
+                f"({sizes}; its conv); it restarts ({', '.join(spec.history_counters)} set to 0; "
+                "running statistics and the affine parameters are loaded)"
+            )
     for note in notes:
         logger.warning("%s", note)
     return notes

@@ -105,14 +105,11 @@ def test_mabn_buffer_below_one(tmp_path, data_root):
 
 def test_cbn_unbound():
     """A CBN model built without d2norm's preparation pass (detectron2's own build_model)."""
-    from d2norm.norms import norm_options_from_config
-
     from detectron2.modeling import build_model as d2_build_model
     from detectron2.structures import Boxes, Instances
 
     cfg = synthetic_cfg("CBN")
-    with norm_options_from_config(cfg):
-        model = d2_build_model(cfg)
+    model = d2_build_model(d2norm.bind_norms(cfg))
     model.train()
     inst = Instances(
         (96, 96), gt_boxes=Boxes(torch.tensor([[10.0, 10, 40, 40]])), gt_classes=torch.tensor([1])

@@ -230,8 +230,8 @@ def test_quick_mode_end_to_end(tmp_path, data_root):
     by = {r["procs"]: r for r in records}
     assert by[2]["images_digest"] == by[1]["images_digest"]  # the same images per seed at every P
     assert by[2]["images_per_proc"] == [1] and by[1]["images_per_proc"] == [2]
-    # per-process BN in FPN + box head (4 convs): 3 lateral/output pairs + 4 head layers re-estimated
-    assert all(r["reestimated_layers"] == 10 and "reest_box_ap" in r for r in records)
+    # per-process BN in FPN + box head: evaluated also with re-estimated statistics
+    assert all(r["precise_images"] and "precise_box_ap" in r and r["val_loss"] > 0 for r in records)
     assert all(r["weights"].startswith("study_R18_BN_") for r in records)
     assert any(f.startswith("study_R18_BN_") for f in os.listdir(os.path.join(data_root, "pretrained")))
     assert "## Decisions" in (out / "finetune_study.md").read_text()

@@ -166,28 +166,25 @@ def test_gn_layer_with_fewer_channels_than_groups_refuses_with_a_true_message():
 
 # ------------------------------------------------------------------ RegNet and user modules
 def _regnet(norm, freeze_at=0):
-    from d2norm.norms import norm_options_from_config
-
     from detectron2.config import get_cfg
     from detectron2.modeling.backbone.regnet import RegNet, ResBottleneckBlock, SimpleStem
 
     cfg = get_cfg()
     d2norm.add_d2norm_config(cfg)
     cfg.D2NORM.GN.NUM_GROUPS = 8
-    with norm_options_from_config(cfg):
-        net = RegNet(
-            stem_class=SimpleStem,
-            stem_width=16,
-            block_class=ResBottleneckBlock,
-            depth=3,
-            w_a=8,
-            w_0=16,
-            w_m=2,
-            group_width=8,
-            norm=norm,
-            out_features=["s1", "s2"],
-            freeze_at=freeze_at,
-        )
+    net = RegNet(
+        stem_class=SimpleStem,
+        stem_width=16,
+        block_class=ResBottleneckBlock,
+        depth=3,
+        w_a=8,
+        w_0=16,
+        w_m=2,
+        group_width=8,
+        norm=d2norm.norms.norm_from_config(cfg, norm),
+        out_features=["s1", "s2"],
+        freeze_at=freeze_at,
+    )
     return d2norm.prepare_model(net)
 
 

@@ -204,14 +204,15 @@ def test_per_norm_rules_follow_images_per_process():
 
 
 def test_tiny_study_end_to_end(tmp_path, data_root):
-    """GN with 2 images per iteration in P = 2 and P = 1 processes, through the command line: both
+    """BN with 2 images per iteration in P = 2 and P = 1 processes, through the command line: both
     runs train exactly the same images per iteration (digest of the per-iteration image ids),
-    each process b of them; the report and plot are written; a second call resumes without
-    training."""
+    each process b of them; every run is also evaluated with re-estimated statistics, over its
+    last checkpoints, with a val loss and kept predictions; the report and plot are written; a
+    second call resumes without training."""
     out = tmp_path / "study"
     argv = [
         "--norms",
-        "GN",
+        "BN",
         "--procs",
         "2",
         "1",
@@ -223,6 +224,8 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
         "2",
         "--jobs",
         "2",
+        "--precise-images",
+        "4",
         "--output",
         str(out),
         "--data-root",
@@ -251,7 +254,17 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
     assert by_p[2]["images_per_proc"] == [1] and by_p[1]["images_per_proc"] == [2]
     assert by_p[2]["images_per_iter"] == by_p[1]["images_per_iter"] == [2]
     assert by_p[2]["images_digest"] == by_p[1]["images_digest"]
-    assert sorted(int(k) for k in by_p[1]["curve"]) == [2, 3]  # 0.6 / 0.8 / 0.9 / 1.0 of 3 iterations
+    # 0.6 / 0.8 / 0.9 / 1.0 of 3 iterations, and the last three checkpoints (every iteration here)
+    assert sorted(int(k) for k in by_p[1]["curve"]) == [1, 2, 3] and by_p[1]["tail_iters"] == [1, 2, 3]
+    for r in records:
+        curve = r["curve"]
+        assert all("box_ap" in v and "precise_box_ap" in v for v in curve.values())
+        assert r["box_ap_last3"] == pytest.approx(np.mean([curve[k]["box_ap"] for k in "123"]))
+        assert r["precise_box_ap"] == curve["3"]["precise_box_ap"] and r["precise_images"] == 4
+        assert math.isfinite(r["val_loss"]) and math.isfinite(r["precise_val_loss"])
+        for suffix in ("", "_precise"):
+            name = f"BN_P{r['procs']}_s0_i3{suffix}.json.gz"
+            assert (out / "predictions" / name).stat().st_size > 0
     assert (out / "small_batch_study.md").is_file() and (out / "small_batch_study.png").stat().st_size > 1000
     assert not any((out / "runs").iterdir())  # cleaned up
     refused = cli()  # refuses to mix into an existing study without --resume
@@ -259,3 +272,70 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
     again = cli("--resume")
     assert again.returncode == 0 and "2 already done, 0 to go" in again.stdout
     assert len(open(out / "results.jsonl").read().splitlines()) == 2
+
+
+#: two-sided 95% Student t quantiles t(0.975, df) from a printed t table
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+T975.update({10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131})
+
+
+def _values(recs, metric, norm, b):
+    return {
+        r["seed"]: r[metric]
+        for r in recs
+        if r["norm"] == norm and r["per_proc"] == b and r["status"] == "ok" and r.get(metric) is not None
+    }
+
+
+def _paired(a, b):
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+    if len(d) < 2:
+        return (d.mean() if len(d) else None), None, len(d)
+    half = T975[len(d) - 1] * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), (d.mean() - half, d.mean() + half), len(d)
+
+
+def test_committed_decision_table_is_rederived_from_the_committed_jsonl():
+    """Each interval and verdict of the report's decision table, recomputed here (numpy, a printed
+    t table) from the JSONL records and the rule in docs/small_batch_study_header.md."""
+    md = open(os.path.join(DOCS, "small_batch_study.md"), encoding="utf-8").read()
+    with open(os.path.join(DOCS, "small_batch_study.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    last = {}
+    for r in recs:
+        last[(r["norm"], r["procs"], r["seed"], r["iters"], r["settings_id"])] = r
+    recs = list(last.values())
+    _, rows = _table_rows(md, "## Decision\n")
+    assert len(rows) == 6
+    pattern = re.compile(r"AP\(([^,]+), (\d+)\) − AP\(([^,]+), (\d+)\)( within ±3)?: (.*)")
+    for claim, (comparisons, verdict, _) in rows.items():
+        ok = True
+        for comp in comparisons.split("; "):
+            m = pattern.match(comp)
+            if m:
+                na, ba, nb, bb, within, shown = m.groups()
+                a = _values(recs, "box_ap", na, int(ba))
+                b = _values(recs, "box_ap", nb, int(bb))
+            else:  # the evaluation-statistics claim: per-seed gains of re-estimation at b = 1 and 8
+                assert comp.startswith("[AP_re − AP](BN, 1) − [AP_re − AP](BN, 8)"), comp
+                shown, within = comp.split(": ", 1)[1], None
+                gain = {}
+                for bb in (1, 8):
+                    pre = _values(recs, "precise_box_ap", "BN", bb)
+                    std = _values(recs, "box_ap", "BN", bb)
+                    gain[bb] = {s: pre[s] - std[s] for s in set(pre) & set(std)}
+                a, b = gain[1], gain[8]
+            mean, ci, n = _paired(a, b)
+            if n == 0:
+                assert shown.startswith("–")
+                ok = False
+                continue
+            nums = [float(x) for x in re.findall(r"[-+]?\d+\.\d", shown)]
+            assert nums[0] == pytest.approx(mean, abs=0.051) and f"(n={n})" in shown
+            if ci is None:
+                ok = False
+                continue
+            assert nums[1] == pytest.approx(ci[0], abs=0.051) and nums[2] == pytest.approx(ci[1], abs=0.051)
+            ok = ok and ((-3 <= ci[0] and ci[1] <= 3) if within else ci[0] > 0)
+        assert verdict == ("**established**" if ok else "not established"), claim

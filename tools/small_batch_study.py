@@ -17,7 +17,8 @@ import os
 import shlex
 import sys
 
-from d2norm.study import FULL, QUICK, StudySettings, plan
+from d2norm.study import FULL, QUICK, StudySettings, load_records, plan, settings_id
+from d2norm.study.records import run_key
 from d2norm.study.report import machine_line, write_plot_or_note, write_report
 from d2norm.study.run import run_from_args
 from d2norm.study.settings import schedule
@@ -62,6 +63,20 @@ def parse_args(argv=None):
     )
     p.add_argument("--iters", type=int, default=None, help=f"iterations per run (default {d.iters})")
     p.add_argument("--total-batch", type=int, default=d.total_batch, help="images per iteration")
+    p.add_argument(
+        "--tail-evals",
+        type=int,
+        default=d.tail_evals,
+        help="evaluate the last K checkpoints (every iters // 30 iterations) of every run; AP is "
+        f"also reported averaged over them (default {d.tail_evals})",
+    )
+    p.add_argument(
+        "--precise-images",
+        type=int,
+        default=d.precise_images,
+        help="training images over which running statistics are re-estimated for the second "
+        f"evaluation of BN / SyncBN / CBN / MABN / BRN models (default {d.precise_images})",
+    )
     p.add_argument(
         "--curve-fracs",
         nargs="*",
@@ -118,6 +133,8 @@ def parse_args(argv=None):
             config=args.config,
             total_batch=args.total_batch,
             threads=args.threads,
+            tail_evals=args.tail_evals,
+            precise_images=args.precise_images,
             opts=tuple(preset.get("opts", ())) + tuple(args.opts),
             data_root=args.data_root,
             **kw,
@@ -144,14 +161,41 @@ def _display_command(args):
     return "python3 tools/small_batch_study.py " + " ".join(out)
 
 
-def settings_text(s):
+def _runs_line(records):
+    """What the records hold: per norm, the images per process and the seeds (measured, not planned)."""
+    by_norm = {}
+    for r in records:
+        by_norm.setdefault(r["norm"], {}).setdefault(int(r["per_proc"]), set()).add(int(r["seed"]))
+    parts = []
+    for norm, pts in sorted(by_norm.items()):
+        cells = ", ".join(
+            f"b={b}: {len(seeds)} seed(s) ({_ranges(sorted(seeds))})" for b, seeds in sorted(pts.items())
+        )
+        parts.append(f"{norm} ({cells})")
+    return "; ".join(parts)
+
+
+def _ranges(xs):
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}–{x}")
+            start = None
+    return ", ".join(out)
+
+
+def settings_text(s, records=()):
     steps, warmup = schedule(s)
     bs = ", ".join(f"{s.per_proc(p)} (P={p})" for p in s.procs)
     return "\n".join(
         [
-            f"* Runs: norms {', '.join(s.norms)}; images per process {bs}; "
-            f"seeds {', '.join(map(str, s.seeds))} "
-            "(seed = weight initialization and image order)"
+            f"* Runs recorded: {_runs_line(records)} (seed = weight initialization and image order)."
+            if records
+            else "",
+            f"* This invocation's grid: norms {', '.join(s.norms)}; images per process {bs}; "
+            f"seeds {', '.join(map(str, s.seeds))}"
             + (
                 "; SyncBN at P=1 is not run (it is BN at 8 images, exactly)"
                 if s.skip_redundant and 1 in s.procs and "SyncBN" in s.norms
@@ -168,21 +212,36 @@ def settings_text(s):
             f"* Model and data: `{os.path.relpath(s.config)}`"
             + (f" with `{' '.join(s.opts)}`" if s.opts else "")
             + "; box AP of rank 0's model "
-            "(the one detectron2 saves), evaluated in one process.",
+            "(the one detectron2 saves), evaluated in one process; from the decision grid on, every "
+            f"model is also evaluated at its last {s.tail_evals} checkpoints "
+            f"({', '.join(map(str, s.tail_iters()))}), "
+            f"with statistics re-estimated over {s.precise_images} training images where it has "
+            "running statistics, and with the val loss.",
             f"* {s.threads} torch thread(s) per process.",
         ]
     )
 
 
+def _study_records(args):
+    """Every record of ``<output>/results.jsonl`` made with these settings (any norm, P or seed)."""
+    sid = settings_id(args.settings)
+    return [r for r in load_records(os.path.join(args.output, "results.jsonl"))[0] if r["settings_id"] == sid]
+
+
 def report(args, records, wall_s=None):
     s = args.settings
     planned = plan(s)
+    done = {run_key(r) for r in records}
+    records = _study_records(args) or records
     quick = " (quick mode)" if args.quick else ""
     header = [f"# Small-batch study{quick}", ""]
     if args.header and os.path.isfile(args.header):
         with open(args.header, encoding="utf-8") as f:
             header += [f.read().strip(), ""]
-    header.append(f"{len(records)} of {len(planned)} planned runs recorded.")
+    header.append(
+        f"{len(records)} runs recorded; of the last invocation's grid, "
+        f"{sum(run_key(p) in done for p in planned)} of {len(planned)}."
+    )
     footer = [
         "## Reproduce",
         "",
@@ -196,7 +255,13 @@ def report(args, records, wall_s=None):
     ]
     plot_rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.report)))
     write_report(
-        args.report, records, "\n".join(header), settings_text(s), "\n".join(footer), s.total_batch, plot_rel
+        args.report,
+        records,
+        "\n".join(header),
+        settings_text(s, records),
+        "\n".join(footer),
+        s.total_batch,
+        plot_rel,
     )
     title = f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds"
     write_plot_or_note(args.plot, records, s.total_batch, title)
@@ -206,7 +271,7 @@ def main(argv=None):
     args = parse_args(argv)
     s = args.settings
     records, failed = run_from_args(s, args, report)
-    print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
+    print(f"wrote {args.report} and {args.plot}")
     if failed:
         sys.exit(1)
     return records

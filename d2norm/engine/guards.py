@@ -47,15 +47,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..layers.cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from ..layers.moving_average_batch_norm import MovingAverageBatchNorm2d, set_grad_scale
+from ..norms import spec_of
 
 __all__ = ["NonFiniteGuard", "guarded_run_step", "check_datasets"]
 
 logger = logging.getLogger("d2norm")
 
 _PLAIN = (int, float, bool)
-_CBN_RINGS = ("hist_grad_sqmean", "hist_grad_mean", "hist_sqmean")
 
 
 def _unwrap(model):
@@ -109,8 +108,10 @@ class NonFiniteGuard:
     # ------------------------------------------------------------------ save / restore
     def _region(self, module, name, buf):
         """The part of ``buf`` the next forward may write."""
-        if isinstance(module, CrossIterationBatchNorm2d) and name in _CBN_RINGS and buf.dim() > 1:
-            pos = module._pos  # host mirror of hist_pos: the slot the next record writes
+        spec = spec_of(module)
+        slot = getattr(module, "next_history_slot", None)
+        if spec is not None and name in spec.history and slot is not None and buf.dim() > 1:
+            pos = slot  # the ring slot the next record writes
             if 0 <= pos < buf.shape[0]:
                 return buf[pos]
         return buf

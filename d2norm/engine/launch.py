@@ -43,7 +43,8 @@ def setup(args):
     except (KeyError, ValueError, AssertionError) as e:
         raise SystemExit(
             f"Invalid configuration ({args.config_file} + {args.opts}): {e}. Fix: correct the key or "
-            "value; d2norm's own options live under D2NORM.* (see d2norm/config.py)."
+            "value; d2norm's own options live under D2NORM.* (their keys and defaults: "
+            "CONFIG_SECTIONS in d2norm/norms.py)."
         ) from None
     cfg.freeze()
     default_setup(cfg, args)

@@ -1,5 +1,11 @@
-"""Normalization layers. One module per method; each docstring states its equations."""
+"""Normalization layers. One module per method; each docstring states its equations.
 
+What the layers share (the protocol of norms that need their conv, the eval map) is in
+:mod:`d2norm.layers.base`; which names build which layer, with which options and capabilities,
+is the norm table (:mod:`d2norm.norms`).
+"""
+
+from .base import ConvFedNorm, EvalStatistics
 from .batch_renorm import BatchRenorm2d
 from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .cycle_norm_list import CycleNormList
@@ -13,28 +19,15 @@ from .sync_batch_norm import SyncBatchNorm2d
 __all__ = [
     "BatchNormWS",
     "BatchRenorm2d",
+    "ConvFedNorm",
     "CrossIterationBatchNorm2d",
     "CycleNormList",
+    "EvalStatistics",
     "EvoNormS0",
     "FilterResponseNorm2d",
     "FrozenStatisticsBatchNorm2d",
     "GroupNorm",
     "GroupNormWS",
     "MovingAverageBatchNorm2d",
-    "NORM_TYPES",
     "SyncBatchNorm2d",
 ]
-
-#: d2norm's normalization layer classes (a new norm adds its class here: the optimizer's
-#: WEIGHT_DECAY_NORM rule and the preparation pass read this tuple).
-NORM_TYPES = (
-    BatchNormWS,
-    BatchRenorm2d,
-    CrossIterationBatchNorm2d,
-    EvoNormS0,
-    FilterResponseNorm2d,
-    GroupNorm,
-    GroupNormWS,
-    MovingAverageBatchNorm2d,
-    SyncBatchNorm2d,
-)

@@ -37,6 +37,8 @@ advances once per training forward; every schedule decision is a tensor op (no h
 import torch
 from torch import nn
 
+from .base import EvalStatistics
+
 __all__ = ["BatchRenorm2d", "check_brn_options"]
 
 
@@ -143,10 +145,17 @@ class BatchRenorm2d(nn.Module):
         d_lim = self.d_max * _ramp(t, self.ramp_start, self.d_max_end)
         return r_lim, d_lim
 
+    def eval_statistics(self):
+        """The eval map γ·(x − μ)/σ + β in batch-norm form (σ² = var + ε; see
+        :mod:`d2norm.layers.base`); ``var`` in float64, so that var + ε gives σ back."""
+        var = (self.running_std.detach().double().square() - self.eps).clamp_min(0.0)
+        return EvalStatistics(self.weight, self.bias, self.running_mean, var, self.eps)
+
     def eval_scale_shift(self):
-        """``(γ/σ, β − μ·γ/σ)``: the eval map as a per-channel affine (detached)."""
-        scale = self.weight.detach() / self.running_std
-        return scale, self.bias.detach() - self.running_mean * scale
+        """``(γ/σ, β − μ·γ/σ)``: :meth:`eval_statistics` as a per-channel affine (detached, in
+        the dtype of the running statistics)."""
+        scale, shift = self.eval_statistics().scale_shift()
+        return scale.to(self.running_std.dtype), shift.to(self.running_std.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .base import ConvFedNorm, EvalStatistics
 from .conv_link import ModuleRef
 
 __all__ = ["CrossIterationBatchNorm2d", "sqmean_weight_gradient"]
@@ -60,7 +61,7 @@ def _check_int(value, name, key, minimum, fix):
         )
 
 
-class CrossIterationBatchNorm2d(nn.Module):
+class CrossIterationBatchNorm2d(ConvFedNorm, nn.Module):
     """Cross-Iteration Batch Normalization for the output of one ``nn.Conv2d`` (see module doc).
 
     Usage: ``cbn.bind(conv)`` (or ``d2norm.prepare_model(model)``, which calls
@@ -121,6 +122,11 @@ class CrossIterationBatchNorm2d(nn.Module):
       ``broadcast_buffers=False`` (detectron2's trainer does) or rank 0's buffers, history
       included, overwrite the others' at every forward.
     """
+
+    conv_requirement = "the conv whose output it normalizes (it reads that conv's input and weight)"
+    conv_without_bias = True  # the window statistics are linear in the conv weight
+    #: the history ring buffers (their shape follows buffer_size and the bound conv)
+    history_buffers = _HISTORY
 
     def __init__(
         self, num_features, buffer_size=3, burnin=0, eps=1e-5, momentum=0.1, grad_through_compensation=False
@@ -223,9 +229,27 @@ class CrossIterationBatchNorm2d(nn.Module):
         self.hist_pos.fill_(0)
 
     # ------------------------------------------------------------------ binding
-    def prepare_preceding_conv(self, conv):
-        """Hook for d2norm's model-preparation pass: ``conv`` is the conv whose ``.norm`` this is."""
-        self.bind(conv)
+    def prepare_preceding_conv(self, conv, shared=False):
+        """The :class:`~d2norm.layers.base.ConvFedNorm` protocol: :meth:`bind`."""
+        self.bind(conv, shared=shared)
+        return conv
+
+    @property
+    def conv_prepared(self):
+        return self._conv_ref() is not None
+
+    def release_conv(self):
+        """The :class:`~d2norm.layers.base.ConvFedNorm` protocol: :meth:`unbind`."""
+        return self.unbind()
+
+    @property
+    def next_history_slot(self):
+        """The ring slot (index into dim 0 of the history buffers) the next record writes."""
+        return self._pos
+
+    def eval_statistics(self):
+        """The eval map: BN with the running statistics (see :mod:`d2norm.layers.base`)."""
+        return EvalStatistics(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def bind(self, conv, shared=False):
         """Link this layer to the ``nn.Conv2d`` whose output it normalizes (idempotent).

@@ -11,7 +11,7 @@ Batch-independent: eval equals train; no running state; nothing folds into the c
 its nonlinearity (the sites below) the layer is y = x / group_std(x) · γ + β.
 
 EvoNorm-S0 includes the activation (x·σ(v·x), a learned Swish) and replaces BN + ReLU. d2norm's
-model-preparation pass (:func:`d2norm.layers.norm_sites.prepare_norm_sites`) places it per call
+model-preparation pass (:func:`d2norm.modeling.sites.prepare_norm_sites`) places it per call
 site exactly as for FRN (see :mod:`d2norm.layers.filter_response_norm`): box / mask head convs
 lose their ReLU (``D2NORM.EVONORM.REPLACE_RELU True``, default); the ResNet stem / first block
 convs keep detectron2's functional ReLU after EvoNorm (ReLU(x·σ(v·x)/std·γ + β): the negative

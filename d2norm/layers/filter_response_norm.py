@@ -16,7 +16,7 @@ train, for any batch size (including 1); nothing folds into the conv.
 **The TLU and detectron2's ReLUs.** In the paper, FRN + TLU *replaces* BN + ReLU. detectron2
 applies its own ReLU after most norms, and ReLU(max(y, τ)) = max(y, max(τ, 0)): a TLU whose
 threshold is floored at 0 (τ < 0 has no effect and gets no gradient). d2norm's model-preparation
-pass (:func:`d2norm.layers.norm_sites.prepare_norm_sites`) places the activation per call site:
+pass (:func:`d2norm.modeling.sites.prepare_norm_sites`) places the activation per call site:
 
 * box / mask head convs (``Conv2d(activation=ReLU)``, a module attribute): the conv's ReLU is
   removed and the TLU is the activation (``D2NORM.FRN.REPLACE_RELU True``, default; ``False``
@@ -87,6 +87,7 @@ class FilterResponseNorm2d(nn.Module):
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.learnable_eps = learnable_eps
+        self.learned_eps_init = float(learned_eps_init)
         self.replace_relu = bool(replace_relu)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))

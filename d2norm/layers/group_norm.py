@@ -7,8 +7,8 @@ over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and
 
 from torch import nn
 
-from .conv_link import mark_conv_prepared
-from .weight_transforms import WeightStandardization, apply_weight_transform, check_ws_options
+from .base import ConvFedNorm, EvalStatistics
+from .weight_transforms import WeightStandardization, check_ws_options
 
 __all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups", "check_ws_options"]
 
@@ -63,8 +63,8 @@ def _refuse_unusable(module, args):
     raise RuntimeError(module.unusable)
 
 
-class _StandardizesPrecedingConv:
-    """Mixin: the conv feeding this norm gets Weight Standardization (see weight_transforms)."""
+class _StandardizesPrecedingConv(ConvFedNorm):
+    """The conv feeding this norm gets Weight Standardization (see weight_transforms)."""
 
     ws_eps = 1e-5
     ws_convention = "sqrt_var"
@@ -73,12 +73,6 @@ class _StandardizesPrecedingConv:
     def conv_transform(self):
         """The parametrization this norm puts on the weight of the conv that feeds it."""
         return WeightStandardization(eps=self.ws_eps, convention=self.ws_convention)
-
-    def prepare_preceding_conv(self, conv):
-        """Weight-standardize ``conv`` (the conv whose output this norm normalizes); idempotent."""
-        apply_weight_transform(conv, self.conv_transform())
-        mark_conv_prepared(self)
-        return conv
 
 
 class GroupNormWS(_StandardizesPrecedingConv, GroupNorm):
@@ -124,6 +118,12 @@ class BatchNormWS(_StandardizesPrecedingConv, nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.ws_eps = ws_eps
         self.ws_convention = ws_convention
+
+    def eval_statistics(self):
+        """The eval map (see :mod:`d2norm.layers.base`); None without running statistics."""
+        if self.running_var is None:
+            return None
+        return EvalStatistics(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def _check_input_dim(self, input):
         if input.dim() != 4:

@@ -57,8 +57,8 @@ The conv before each MABN must use centralized weights (``W - mean(W)`` per outp
 import torch
 from torch import nn
 
-from .conv_link import mark_conv_prepared
-from .weight_transforms import WeightCentralization, apply_weight_transform
+from .base import ConvFedNorm, EvalStatistics
+from .weight_transforms import WeightCentralization
 
 __all__ = ["MovingAverageBatchNorm2d", "set_grad_scale"]
 
@@ -140,7 +140,7 @@ class _MABNFunction(torch.autograd.Function):
         return grad_x, grad_w, sum_dy if need_b else None, None
 
 
-class MovingAverageBatchNorm2d(nn.Module):
+class MovingAverageBatchNorm2d(ConvFedNorm, nn.Module):
     """MABN for ``(N, C, H, W)`` inputs; see the module docstring for the exact algorithm.
 
     Args:
@@ -157,6 +157,9 @@ class MovingAverageBatchNorm2d(nn.Module):
     ``buffer_x2`` and ``buffer_gz`` (``(B, C)`` ring buffers of E[x^2] and E[g*z]),
     ``running_var`` (``(C,)``).
     """
+
+    conv_requirement = "weight centralization of the conv before it"
+    conv_without_bias = True  # MABN normalizes without subtracting a mean
 
     def __init__(self, num_features, buffer_size, warmup_iters=100, momentum=0.98, eps=1e-5):
         super().__init__()
@@ -205,17 +208,13 @@ class MovingAverageBatchNorm2d(nn.Module):
             f"warmup_iters={self.warmup_iters}, momentum={self.momentum}, eps={self.eps}"
         )
 
-    conv_requirement = "weight centralization of the conv before it"
-
     def conv_transform(self):
         """The parametrization this norm puts on the weight of the conv that feeds it."""
         return WeightCentralization()
 
-    def prepare_preceding_conv(self, conv: nn.Module) -> nn.Module:
-        """Weight-centralize ``conv`` (the conv whose output this norm normalizes); idempotent."""
-        apply_weight_transform(conv, self.conv_transform())
-        mark_conv_prepared(self)
-        return conv
+    def eval_statistics(self):
+        """The eval map γ·x/√(running_var + ε) + β (no mean; see :mod:`d2norm.layers.base`)."""
+        return EvalStatistics(self.weight, self.bias, None, self.running_var, self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept the official MABN2d layout: running_var (1, C, 1, 1), iters (1,).

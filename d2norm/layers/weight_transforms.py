@@ -19,6 +19,12 @@ The transforms are applied with :mod:`torch.nn.utils.parametrize`, so the conv k
 (``conv.parametrizations.weight.original``), and ``conv.weight`` is the transformed weight.
 :func:`bake_weight_transforms` removes the parametrizations for deployment, leaving the
 transformed weight as a plain parameter.
+
+The parametrization moves the conv's state dict key from ``<conv>.weight`` to
+``<conv>.parametrizations.weight.original``. Key renaming lives here, next to the transform that
+creates the key: :func:`apply_weight_transform` lets ``load_state_dict`` accept the plain key
+(:func:`bake_weight_transforms` removes that again), and :func:`remap_parametrized_keys` /
+:func:`plain_weight_key` rename keys of whole checkpoints.
 """
 
 from typing import Tuple
@@ -37,6 +43,9 @@ __all__ = [
     "get_weight_transform",
     "check_ws_options",
     "WS_CONVENTIONS",
+    "PARAMETRIZED_WEIGHT_SUFFIX",
+    "plain_weight_key",
+    "remap_parametrized_keys",
 ]
 
 #: Weight Standardization conventions (config key ``D2NORM.WS.CONVENTION``).
@@ -156,6 +165,7 @@ def apply_weight_transform(conv: nn.Module, transform: nn.Module) -> nn.Module:
             and type(existing[0]) is type(transform)
             and existing[0].transform_config() == transform.transform_config()
         ):
+            _set_plain_weight_hook(conv, True)
             return conv
         raise RuntimeError(
             f"{type(conv).__name__}.weight already has the parametrization(s) "
@@ -165,6 +175,7 @@ def apply_weight_transform(conv: nn.Module, transform: nn.Module) -> nn.Module:
             f"bake_weight_transforms() / parametrize.remove_parametrizations first."
         )
     parametrize.register_parametrization(conv, "weight", transform)
+    _set_plain_weight_hook(conv, True)
     return conv
 
 
@@ -179,4 +190,56 @@ def bake_weight_transforms(module: nn.Module) -> nn.Module:
     targets = [m for m in module.modules() if get_weight_transform(m) is not None]
     for m in targets:
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    for m in module.modules():
+        if not parametrize.is_parametrized(m, "weight"):
+            _set_plain_weight_hook(m, False)
     return module
+
+
+# ------------------------------------------------------------------ state dict keys
+#: The state dict key suffix of a parametrized conv's raw weight.
+PARAMETRIZED_WEIGHT_SUFFIX = "parametrizations.weight.original"
+
+
+def plain_weight_key(key):
+    """``X.parametrizations.weight.original`` -> ``X.weight``; other keys unchanged."""
+    suffix = PARAMETRIZED_WEIGHT_SUFFIX
+    return key[: -len(suffix)] + "weight" if key.endswith(suffix) else key
+
+
+def remap_parametrized_keys(checkpoint_state_dict, model_state_dict_keys):
+    """Rename checkpoint keys ``X.weight`` to ``X.parametrizations.weight.original`` where the
+    model holds the latter (and not the former), and the reverse (a checkpoint saved from a
+    prepared model loaded into a baked / plain one). Pure: returns a new dict."""
+    suffix = PARAMETRIZED_WEIGHT_SUFFIX
+    keys = set(model_state_dict_keys)
+    out = {}
+    for k, v in checkpoint_state_dict.items():
+        if k.endswith(".weight") and k not in keys:
+            candidate = k[: -len("weight")] + suffix
+            if candidate in keys:
+                k = candidate
+        elif k.endswith(suffix) and k not in keys:
+            candidate = k[: -len(suffix)] + "weight"
+            if candidate in keys:
+                k = candidate
+        out[k] = v
+    return out
+
+
+def _load_plain_weight_into_parametrized(state_dict, prefix, *args, **kwargs):
+    """Load-state-dict pre-hook: accept ``<conv>.weight`` for a parametrized conv weight."""
+    plain, original = prefix + "weight", prefix + PARAMETRIZED_WEIGHT_SUFFIX
+    if plain in state_dict and original not in state_dict:
+        state_dict[original] = state_dict.pop(plain)
+
+
+def _set_plain_weight_hook(module, present):
+    """Register (``present``) or remove the pre-hook above on ``module``; idempotent."""
+    hooks = module._load_state_dict_pre_hooks
+    mine = [k for k, h in hooks.items() if getattr(h, "hook", h) is _load_plain_weight_into_parametrized]
+    if present and not mine:
+        module._register_load_state_dict_pre_hook(_load_plain_weight_into_parametrized)
+    elif not present:
+        for key in mine:
+            del hooks[key]

@@ -82,7 +82,6 @@ class FinetuneSettings(StudySettings):
     seeds: tuple = (0, 1, 2, 3, 4)
     curve_fracs: tuple = (0.5, 0.8, 0.9)
     skip_redundant: bool = True  # SyncBN in one process is BN at 8 images, exactly
-    reestimate: bool = True  # also evaluate with BN statistics re-estimated over 200 train images
     pretrain: tuple = tuple(sorted(PRETRAIN_DEFAULTS.items()))  # (key, value) pairs of PretrainSettings
     weights: tuple = ()  # (variant, path) pairs set by the runner once the checkpoints exist
 

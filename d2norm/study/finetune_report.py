@@ -15,7 +15,7 @@ by seed:
 """
 
 from .records import latest_records
-from .report import _interval, ap_table, difference_tables, finish_report
+from .report import _interval, _within, ap_table, difference_tables, finish_report
 from .stats import paired_difference, point_values, welch_difference
 
 __all__ = ["CONTROL_MARGIN", "FLAT_BAND", "decisions", "decision_table", "write_finetune_report"]
@@ -27,10 +27,6 @@ REF_B, SMALL_B = 8, 2
 
 def _excludes_above(d, bound=0.0):
     return d is not None and d[1] is not None and d[1][0] > bound
-
-
-def _within(d, band):
-    return d is not None and d[1] is not None and -band <= d[1][0] and d[1][1] <= band
 
 
 def _below(d, bound=0.0):
@@ -137,11 +133,11 @@ def write_finetune_report(
     parts += [
         "## Box AP with re-estimated statistics",
         "",
-        "The same models with the statistics of every trainable BN / SyncBN layer re-estimated over "
-        "the first 200 training images in batches of b (equal-weight average; "
-        "`d2norm.study.run.reestimated_statistics`); arms without such layers are not listed.",
+        "The same models with every running statistic (BN, SyncBN, CBN, MABN; not the frozen "
+        "BN* / FrozenStatsBN) re-estimated over the same 160 training images (population "
+        "statistics; `d2norm/study/evaluation.py`); arms without such layers are not listed.",
         "",
-        ap_table([r for r in records if r.get("reest_box_ap") is not None], "reest_box_ap", total_batch),
+        ap_table(records, "precise_box_ap", total_batch, only_measured=True),
         "",
         "## Decisions (the rule stated above, applied to the box AP table)",
         "",

@@ -19,8 +19,8 @@ __all__ = [
     "write_plot",
     "write_report",
     "common_sections",
-    "write_text",
     "finish_report",
+    "write_text",
     "write_plot_or_note",
 ]
 
@@ -45,11 +45,11 @@ def norm_order(norms):
     return sorted(set(norms), key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
 
 
-def _cell(v):
+def _cell(v, digits=1):
     if v is None:
         return "–"
     mean, std, n = v
-    return f"{mean:.1f} (n={n})" if std is None else f"{mean:.1f} ± {std:.1f} (n={n})"
+    return f"{mean:.{digits}f} (n={n})" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
 def _points(records):
@@ -59,10 +59,14 @@ def _points(records):
     return recs, norms, bs
 
 
-def ap_table(records, metric="box_ap", total_batch=8):
-    """Rows: norms; columns: images per process b (P = total_batch / b); mean ± sample std (n)."""
+def ap_table(records, metric="box_ap", total_batch=8, digits=1, only_measured=False):
+    """Rows: norms; columns: images per process b (P = total_batch / b); mean ± sample std (n).
+    ``only_measured``: leave out the norms (rows) and b (columns) without a value of ``metric``."""
     recs, norms, bs = _points(records)
     agg = aggregate(recs, metric)
+    if only_measured:
+        norms = [n for n in norms if any(k[0] == n for k in agg)]
+        bs = [b for b in bs if any(k[1] == b for k in agg)]
     lines = [
         "| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
         "|---|" + "---|" * len(bs),
@@ -70,7 +74,7 @@ def ap_table(records, metric="box_ap", total_batch=8):
     for norm in norms:
         cells = []
         for b in bs:
-            cell = _cell(agg.get((norm, b)))
+            cell = _cell(agg.get((norm, b)), digits)
             bad = [
                 r["status"]
                 for r in recs
@@ -96,18 +100,21 @@ def _interval(d):
     return f"{mean:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}] (n={n})"
 
 
-def difference_tables(records, metric="box_ap", total_batch=8):
+def difference_tables(records, metric="box_ap", total_batch=8, only_measured=False):
     """Two Markdown tables of paired differences with 95% t-intervals:
     (1) per norm, AP(b = total_batch) − AP(b); (2) per b, AP(norm) − AP(BN)."""
     recs, norms, bs = _points(records)
     vals = point_values(recs, metric)
+    if only_measured:
+        norms = [n for n in norms if any(k[0] == n for k in vals)]
+        bs = [b for b in bs if any(k[1] == b for k in vals)]
     ref_b = max(bs) if bs else total_batch
     small = [b for b in bs if b != ref_b]
     t1 = [
         "| norm | " + " | ".join(f"AP(b={ref_b}) − AP(b={b})" for b in small) + " |",
         "|---|" + "---|" * len(small),
     ]
-    for norm in norms:
+    for norm in norms if small else ():
         ref = vals.get((norm, ref_b))
         if norm == "SyncBN" and ref is None:
             ref = vals.get(("BN", ref_b))  # SyncBN in one process is BN
@@ -119,6 +126,8 @@ def difference_tables(records, metric="box_ap", total_batch=8):
             )
             + " |"
         )
+    if not small:
+        t1 = ["(needs two values of b)"]
     others = [n for n in norms if n != "BN"]
     if not others or not any(n == "BN" for n in norms):
         return "\n".join(t1), "(needs BN and another norm)"
@@ -134,6 +143,128 @@ def difference_tables(records, metric="box_ap", total_batch=8):
             + " |"
         )
     return "\n".join(t1), "\n".join(t2)
+
+
+#: the claims of the decision rule (docs/small_batch_study_header.md): (name, norm) pairs
+RECOVERY_NORMS = ("GN", "GN+WS", "MABN")
+#: the band, in AP, within which a norm's own drop AP(8) − AP(1) counts as "no drop"
+FLAT_BAND = 3.0
+#: the number of primary comparisons the rule makes (Bonferroni level: 1 − 0.05 / this)
+PRIMARY_COMPARISONS = 6
+
+
+def _above_zero(d):
+    return d is not None and d[1] is not None and d[1][0] > 0
+
+
+def _within(d, band):
+    return d is not None and d[1] is not None and -band <= d[1][0] and d[1][1] <= band
+
+
+def _shift(values_a, values_b):
+    """{seed: a − b} over the seeds both have."""
+    return {k: values_a[k] - values_b[k] for k in set(values_a) & set(values_b)}
+
+
+def decision_rows(records, metric="box_ap", small=1, ref=8, band=FLAT_BAND, comparisons=PRIMARY_COMPARISONS):
+    """The decision rule's claims: [(claim, [(comparison, interval), ...], established, holds at the
+    Bonferroni level)]. An interval is ``(mean, (lo, hi) or None, n)`` (see ``paired_difference``)."""
+    vals = point_values(records, metric)
+    bonf = 1 - 0.05 / comparisons
+
+    def diff(a, b, level=0.95):
+        if a is None or b is None:
+            return None
+        return paired_difference(a, b, level)
+
+    def v(norm, b, m=metric):
+        return (point_values(records, m) if m != metric else vals).get((norm, b))
+
+    rows = []
+
+    def claim(name, parts):
+        # parts: [(label, values_a, values_b, test)], test "above" or "within"
+        shown, ok, ok_b = [], True, True
+        for label, a, b, test in parts:
+            d, d_b = diff(a, b), diff(a, b, bonf)
+            shown.append((label, d))
+            check = _above_zero if test == "above" else (lambda x: _within(x, band))
+            ok, ok_b = ok and check(d), ok_b and check(d_b)
+        rows.append((name, shown, ok, ok_b))
+
+    bn1, bn8 = v("BN", small), v("BN", ref)
+    claim("BN degrades at b = 1", [(f"AP(BN, {ref}) − AP(BN, {small})", bn8, bn1, "above")])
+    for x in RECOVERY_NORMS:
+        claim(
+            f"{x} recovers",
+            [
+                (f"AP({x}, {small}) − AP(BN, {small})", v(x, small), bn1, "above"),
+                (f"AP({x}, {ref}) − AP({x}, {small}) within ±{band:g}", v(x, ref), v(x, small), "within"),
+            ],
+        )
+    sync1 = v("SyncBN", small)
+    claim(
+        "SyncBN control: BN's loss is its per-process statistics",
+        [
+            (f"AP(SyncBN, {small}) − AP(BN, {small})", sync1, bn1, "above"),
+            (f"AP(BN, {ref}) − AP(SyncBN, {small}) within ±{band:g}", bn8, sync1, "within"),
+        ],
+    )
+    pre = f"precise_{metric}"
+    re1, re8 = v("BN", small, pre), v("BN", ref, pre)
+    gain1 = _shift(re1, bn1) if re1 and bn1 else None
+    gain8 = _shift(re8, bn8) if re8 and bn8 else None
+    claim(
+        "BN's drop is in its evaluation statistics",
+        [(f"[AP_re − AP](BN, {small}) − [AP_re − AP](BN, {ref})", gain1, gain8, "above")],
+    )
+    return rows
+
+
+def decision_table(records, metric="box_ap", **kw):
+    """The decision rule's claims as a Markdown table (see :func:`decision_rows`)."""
+    lines = [
+        "| claim | comparison: mean [95% interval] (n) | verdict | at the Bonferroni level |",
+        "|---|---|---|---|",
+    ]
+    for name, shown, ok, ok_b in decision_rows(records, metric, **kw):
+        comp = "; ".join(f"{label}: {_interval(d)}" for label, d in shown)
+        lines.append(
+            f"| {name} | {comp} | {'**established**' if ok else 'not established'} | "
+            f"{'holds' if ok_b else '–'} |"
+        )
+    return "\n".join(lines)
+
+
+def pooled_sd(values):
+    """Pooled within-point standard deviation of ``{point: {seed: value}}`` and its df."""
+    ss, df = 0.0, 0
+    for by_seed in values.values():
+        xs = list(by_seed.values())
+        if len(xs) > 1:
+            m = statistics.fmean(xs)
+            ss += sum((x - m) ** 2 for x in xs)
+            df += len(xs) - 1
+    return (ss / df) ** 0.5 if df else None, df
+
+
+def tail_average_table(records, metrics=("box_ap", "precise_box_ap")):
+    """Seed-to-seed spread of the final AP against the AP averaged over the last checkpoints, over
+    the runs that have both (pooled within-point SD, the same runs for each pair)."""
+    recs = latest_records(records)
+    lines = [
+        "| metric | runs | pooled SD, final | pooled SD, mean of last 3 | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for m in metrics:
+        tail_key = f"{m}_last3"
+        both = [r for r in recs if r.get(tail_key) is not None and r.get(m) is not None]
+        sd_f, df = pooled_sd(point_values(both, m))
+        sd_t, _ = pooled_sd(point_values(both, tail_key))
+        if sd_f is None or sd_t is None:
+            continue
+        lines.append(f"| {m} | {len(both)} (df {df}) | {sd_f:.2f} | {sd_t:.2f} | {sd_t / sd_f:.2f} |")
+    return "\n".join(lines)
 
 
 def convergence_table(records, metric="box_ap", tail_from=0.8, max_rows=None):
@@ -262,6 +393,88 @@ def write_plot(path, records, metric="box_ap", title="", total_batch=8):
     plt.close(fig)
 
 
+def write_report(path, records, header="", settings_text="", footer="", total_batch=8, plot_name=None):
+    """The Markdown report of ``records`` (tables computed here) between ``header`` and ``footer``."""
+    d1, d2 = difference_tables(records, total_batch=total_batch)
+    parts = [header.strip(), ""]
+    if settings_text:
+        parts += ["## Settings", "", settings_text.strip(), ""]
+    parts += [
+        "## Decision",
+        "",
+        "The decision rule stated at the top, applied to the records below (paired by seed, 95% "
+        f"t-intervals; the last column: the same at the Bonferroni level for {PRIMARY_COMPARISONS} "
+        "comparisons).",
+        "",
+        decision_table(records),
+        "",
+    ]
+    parts += ["## Box AP (mean ± sample std over seeds)", "", ap_table(records, total_batch=total_batch), ""]
+    if plot_name:
+        parts += [f"![AP vs images per process]({plot_name})", ""]
+    parts += [
+        "## Does AP drop with fewer images per process?",
+        "",
+        "Paired by seed (same initialization, same images), mean difference and 95% t-interval; "
+        "positive = the norm loses AP at b images per process.",
+        "",
+        d1,
+        "",
+        "## Each norm against BN at equal images per process",
+        "",
+        "Paired by seed, mean and 95% t-interval of AP(norm) − AP(BN); positive = better than BN.",
+        "",
+        d2,
+        "",
+    ]
+    if any(r.get("precise_box_ap") is not None for r in records):
+        p1, p2 = difference_tables(records, "precise_box_ap", total_batch, only_measured=True)
+        parts += [
+            "## Box AP with re-estimated statistics",
+            "",
+            "The same models, evaluated after re-estimating every running statistic over the same "
+            "160 training images (population statistics; `d2norm/study/evaluation.py`). Runs of the "
+            "first grid (seeds 0–2) were not evaluated this way.",
+            "",
+            ap_table(records, "precise_box_ap", total_batch, only_measured=True),
+            "",
+            "Drop with fewer images per process, re-estimated statistics (paired, 95% t):",
+            "",
+            p1,
+            "",
+            "Against BN, re-estimated statistics (paired, 95% t):",
+            "",
+            p2,
+            "",
+        ]
+    tail = tail_average_table(records)
+    if tail.count("\n") > 1:
+        parts += [
+            "## AP averaged over the last three checkpoints",
+            "",
+            "Seed-to-seed spread (pooled within-point standard deviation) of the final AP and of the "
+            "mean AP of the checkpoints at 280, 290 and 300 iterations, over the same runs; a ratio "
+            "below 1 is the share of the spread that averaging keeps.",
+            "",
+            tail,
+            "",
+        ]
+    if any(r.get("val_loss") is not None for r in records):
+        parts += [
+            "## Val loss",
+            "",
+            "detectron2's training losses on the val split with every norm in eval mode (mean ± std).",
+            "",
+            ap_table(records, "val_loss", total_batch, digits=3, only_measured=True),
+            "",
+            "With re-estimated statistics:",
+            "",
+            ap_table(records, "precise_val_loss", total_batch, digits=3, only_measured=True),
+            "",
+        ]
+    finish_report(path, parts, records, footer, total_batch)
+
+
 def common_sections(records, total_batch=8):
     """The report's sections that do not depend on the study: convergence, design checks, cost."""
     conv, conv_summary = convergence_table(records)
@@ -291,33 +504,6 @@ def common_sections(records, total_batch=8):
         f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.",
         "",
     ]
-
-
-def write_report(path, records, header="", settings_text="", footer="", total_batch=8, plot_name=None):
-    """The Markdown report of ``records`` (tables computed here) between ``header`` and ``footer``."""
-    d1, d2 = difference_tables(records, total_batch=total_batch)
-    parts = [header.strip(), ""]
-    if settings_text:
-        parts += ["## Settings", "", settings_text.strip(), ""]
-    parts += ["## Box AP (mean ± sample std over seeds)", "", ap_table(records, total_batch=total_batch), ""]
-    if plot_name:
-        parts += [f"![AP vs images per process]({plot_name})", ""]
-    parts += [
-        "## Does AP drop with fewer images per process?",
-        "",
-        "Paired by seed (same initialization, same images), mean difference and 95% t-interval; "
-        "positive = the norm loses AP at b images per process.",
-        "",
-        d1,
-        "",
-        "## Each norm against BN at equal images per process",
-        "",
-        "Paired by seed, mean and 95% t-interval of AP(norm) − AP(BN); positive = better than BN.",
-        "",
-        d2,
-        "",
-    ]
-    finish_report(path, parts, records, footer, total_batch)
 
 
 def finish_report(path, parts, records, footer="", total_batch=8):

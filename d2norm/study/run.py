@@ -33,14 +33,7 @@ from ..data import register_datasets
 from .records import append_record, load_records, pending_runs, run_key
 from .settings import StudySettings
 
-__all__ = [
-    "execute_run",
-    "run_grid",
-    "run_or_report",
-    "run_from_args",
-    "run_dir_name",
-    "reestimated_statistics",
-]
+__all__ = ["execute_run", "run_grid", "run_or_report", "run_from_args", "run_dir_name"]
 
 PROGRESS_EVERY = 5  # iterations between progress-file writes
 
@@ -51,7 +44,8 @@ def run_dir_name(spec):
 
 def _eval_iters(s, seed):
     fr = (1.0,) + (s.curve_fracs if seed in s.curve_seeds else ())
-    return sorted({max(1, int(round(s.iters * f))) for f in fr if 0 < f <= 1})
+    its = {max(1, int(round(s.iters * f))) for f in fr if 0 < f <= 1}
+    return sorted(its | set(s.tail_iters()))
 
 
 def _study_trainer(snapshot_iters, run_dir):
@@ -171,43 +165,64 @@ def _box_ap(res, prefix="box"):
     return out
 
 
-#: images (the first of the training split) over which :func:`reestimated_statistics` averages
-REESTIMATE_IMAGES = 200
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
-def reestimated_statistics(cfg, model, per_proc, images=REESTIMATE_IMAGES):
-    """Replace the running statistics of ``model``'s trainable batch-statistics layers (torch
-    ``_BatchNorm`` subclasses in training mode after ``model.train()``: BN, SyncBN, BN+WS; not
-    FrozenStatsBN / FrozenBN, GN, CBN, MABN) by their equal-weight average over the first
-    ``images`` training images in batches of ``per_proc`` (the batch each process normalized over
-    in training), the model in training mode (sampled RoIs, as in training). Returns the number
-    of layers re-estimated (0: nothing to do; the model is unchanged). The model is left in eval
-    mode. This is detectron2's Precise BN over all of these images instead of rank 0's running
-    average over its last ~10 iterations."""
-    import copy
-
+def _evaluate(s, spec, cfg, run_dir):
+    """Box AP of every saved model; for models with running-statistics norms also with statistics
+    re-estimated over ``s.precise_images`` training images (``precise_`` keys); the val loss and
+    the val predictions of the final model in both modes (``d2norm.study.evaluation``)."""
     import torch
 
-    from detectron2.data import DatasetCatalog, DatasetMapper
-    from detectron2.utils.events import EventStorage
+    from d2norm.engine import Trainer
 
-    model.train()
-    layers = [
-        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-    ]
-    if not layers:
-        model.eval()
-        return 0
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative (equal-weight) average of the batches' statistics
-    dataset = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:images]
-    mapper = DatasetMapper(cfg, is_train=True)
-    with torch.no_grad(), EventStorage():  # the training forward logs to an event storage
-        for i in range(0, len(dataset), per_proc):
-            model([mapper(copy.deepcopy(d)) for d in dataset[i : i + per_proc]])
-    model.eval()
-    return len(layers)
+    from .evaluation import (
+        fixed_batches,
+        reestimate_statistics,
+        running_statistics_norms,
+        save_predictions,
+        validation_loss,
+    )
+
+    model = Trainer.build_model(cfg)
+    precise = bool(running_statistics_norms(model))
+    train_batches = []
+    if precise:
+        train_batches = fixed_batches(cfg, cfg.DATASETS.TRAIN[0], s.precise_images, s.total_batch)
+    val_batches = fixed_batches(cfg, cfg.DATASETS.TEST[0], 0, s.total_batch)
+    pred_dir = os.path.join(os.path.dirname(os.path.dirname(run_dir)), "predictions")
+    results_json = os.path.join(
+        cfg.OUTPUT_DIR, "inference", cfg.DATASETS.TEST[0], "coco_instances_results.json"
+    )
+    out, curve = {}, {}
+    for it in _eval_iters(s, spec["seed"]):
+        path = os.path.join(run_dir, f"model_{it:06d}.pth")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        final = it == s.iters
+        curve[str(it)] = _box_ap(Trainer.test(cfg, model))
+        if final:
+            out["val_loss"] = validation_loss(model, val_batches)["total_loss"]
+            save_predictions(results_json, os.path.join(pred_dir, run_dir_name(spec) + ".json.gz"))
+        if precise:
+            reestimate_statistics(model, train_batches)
+            curve[str(it)].update(_box_ap(Trainer.test(cfg, model), "precise_box"))
+            if final:
+                out["precise_val_loss"] = validation_loss(model, val_batches)["total_loss"]
+                save_predictions(
+                    results_json, os.path.join(pred_dir, run_dir_name(spec) + "_precise.json.gz")
+                )
+    out.update(curve[str(s.iters)])
+    out["curve"] = curve
+    tail = [str(i) for i in s.tail_iters()]
+    for key in ("box_ap", "precise_box_ap"):
+        if all(key in curve[i] for i in tail):
+            out[f"{key}_last{len(tail)}"] = _mean(curve[i][key] for i in tail)
+    out["tail_iters"] = list(s.tail_iters())
+    out["precise_images"] = s.precise_images if precise else None
+    return out
 
 
 def execute_run(s, spec, run_dir):
@@ -216,7 +231,6 @@ def execute_run(s, spec, run_dir):
     import torch
 
     import d2norm  # noqa: F401  (the _C stand-in and the norm names)
-    from d2norm.engine import Trainer
     from d2norm.engine.launch import launch_cpu
 
     torch.set_num_threads(s.threads)
@@ -233,23 +247,12 @@ def execute_run(s, spec, run_dir):
     rec["cbn_window"] = cfg.D2NORM.CBN.BUFFER_SIZE if spec["norm"] == "CBN" else None
     rec["mabn_buffer"] = cfg.D2NORM.MABN.BUFFER_SIZE if spec["norm"] == "MABN" else None
     rec["brn_momentum"] = cfg.D2NORM.BRN.MOMENTUM if spec["norm"] == "BRN" else None
+    rec["weights"] = os.path.basename(cfg.MODEL.WEIGHTS) or None
     t0, cpu0 = time.perf_counter(), time.process_time()
     if rec["status"] == "ok":
         _setup_logging(run_dir, 0)
         register_datasets(cfg)
-        model = Trainer.build_model(cfg)
-        curve = {}
-        for it in _eval_iters(s, spec["seed"]):
-            state = torch.load(os.path.join(run_dir, f"model_{it:06d}.pth"), map_location="cpu")
-            model.load_state_dict(state)
-            curve[str(it)] = _box_ap(Trainer.test(cfg, model))
-        rec.update(curve[str(s.iters)])
-        rec["curve"] = curve
-        if getattr(s, "reestimate", False):  # the last model, with re-estimated statistics
-            rec["reestimated_layers"] = reestimated_statistics(cfg, model, spec["per_proc"])
-            if rec["reestimated_layers"]:
-                rec.update(_box_ap(Trainer.test(cfg, model), prefix="reest_box"))
-        rec["weights"] = os.path.basename(cfg.MODEL.WEIGHTS) or None
+        rec.update(_evaluate(s, spec, cfg, run_dir))
     rec["eval_s"] = time.perf_counter() - t0
     rec["eval_cpu_s"] = time.process_time() - cpu0
     rec["evals"] = len(rec.get("curve", {}))

@@ -60,6 +60,8 @@ class StudySettings:
     step_fracs: tuple = (0.75, 0.9)  # LR x0.1 at these fractions of the schedule
     curve_fracs: tuple = (0.6, 0.8, 0.9)  # extra evaluations (convergence), 1.0 always
     curve_seeds: tuple = (0,)  # seeds whose runs get the extra evaluations
+    tail_evals: int = 3  # the last K checkpoints, every iters // 30, evaluated in every run
+    precise_images: int = 160  # training images for the re-estimated-statistics evaluation
     skip_redundant: bool = True  # SyncBN at P = 1 is BN at b = total_batch exactly
     threads: int = 1  # torch threads per process
     opts: tuple = ()  # config overrides (KEY VALUE ...)
@@ -76,8 +78,8 @@ class StudySettings:
                 f"processes {bad} do not divide the total batch {self.total_batch}. Fix: "
                 f"use divisors of {self.total_batch} (--procs) or change --total-batch."
             )
-        if self.iters < 1 or self.threads < 1:
-            raise ValueError("--iters and --threads must be >= 1")
+        if self.iters < 1 or self.threads < 1 or self.tail_evals < 1 or self.precise_images < 1:
+            raise ValueError("--iters, --threads, --tail-evals and --precise-images must be >= 1")
         if len(self.opts) % 2:
             raise ValueError(f"config overrides come in KEY VALUE pairs, got {list(self.opts)}")
 
@@ -98,6 +100,11 @@ class StudySettings:
     def plan(self, sid=None):
         return plan(self, sid)
 
+    def tail_iters(self):
+        """The iterations of the last ``tail_evals`` checkpoints (every ``iters // 30``)."""
+        step = max(1, self.iters // 30)
+        return tuple(sorted({max(1, self.iters - j * step) for j in range(self.tail_evals)}))
+
 
 # quick: the machinery end to end on the 2 extreme points, for tests and a first look
 QUICK = dict(
@@ -115,7 +122,7 @@ def available_norms():
     """Norm names a study can train: detectron2's "BN" and d2norm's trainable names."""
     import d2norm
 
-    return ("BN",) + tuple(n for n in d2norm.D2NORM_NORMS if n not in ("BN*", "FrozenBN"))
+    return ("BN",) + tuple(n for n in d2norm.NORMS if n not in ("BN*", "FrozenBN"))
 
 
 def check_norms(norms):

@@ -1,6 +1,7 @@
-"""Call-site preparation for BRN, FRN and EvoNorm-S0 (part of :func:`d2norm.prepare_model`).
+"""Call-site placement of the norms that carry their activation (part of :func:`d2norm.prepare_model`).
 
-:func:`prepare_norm_sites` visits every detectron2 ``Conv2d`` carrying one of these norms:
+:func:`prepare_norm_sites` visits every detectron2 ``Conv2d`` carrying a norm whose table entry
+has ``activation`` (FRN, EvoNorm-S0):
 
 * **FRN / EvoNorm-S0** include their activation (TLU, x·σ(v·x)), which in the papers replaces
   the ReLU after BN. Per site (see :func:`relu_after`):
@@ -22,10 +23,6 @@
     lateral / output convs): the norm's activation is removed (``drop_activation``), so the
     site computes the plain normalization, as BN would.
 
-* **BRN** in a frozen stage (``MODEL.BACKBONE.FREEZE_AT``: its parameters do not require
-  grad) is replaced by the ``FrozenBatchNorm2d`` of its eval map, γ·(x − μ)/σ + β, as the pass
-  does for CBN / MABN.
-
 Idempotent (a second call changes nothing).
 """
 
@@ -33,14 +30,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .batch_renorm import BatchRenorm2d
-from .evonorm import EvoNormS0
-from .filter_response_norm import FilterResponseNorm2d
+from ..norms import spec_of
 
-__all__ = ["prepare_norm_sites", "relu_after", "frozen_batch_norm_of_brn", "ACTIVATION_NORMS"]
+__all__ = ["prepare_norm_sites", "relu_after"]
 
-#: norms that carry their own activation
-ACTIVATION_NORMS = (FilterResponseNorm2d, EvoNormS0)
+
+def _carries_activation(module):
+    spec = spec_of(module)
+    return spec is not None and spec.activation
+
 
 # detectron2 ResNet modules and the attributes whose output goes through F.relu_ in forward()
 # (detectron2/modeling/backbone/resnet.py: BasicStem, BasicBlock, BottleneckBlock,
@@ -75,19 +73,6 @@ def relu_after(parent, attr, conv):
     return "none"
 
 
-def frozen_batch_norm_of_brn(norm):
-    """detectron2 ``FrozenBatchNorm2d`` computing BRN's eval map γ·(x − μ)/σ + β."""
-    from detectron2.layers import FrozenBatchNorm2d
-
-    frozen = FrozenBatchNorm2d(norm.num_features, eps=0.0)
-    with torch.no_grad():
-        frozen.weight.copy_(norm.weight)
-        frozen.bias.copy_(norm.bias)
-        frozen.running_mean.copy_(norm.running_mean)
-        frozen.running_var.copy_(norm.running_std.square())
-    return frozen.to(norm.weight.device)
-
-
 def prepare_norm_sites(model):
     """Apply the per-site rules of the module docstring to ``model`` in place; returns it."""
     parents = {}
@@ -98,10 +83,7 @@ def prepare_norm_sites(model):
         norm = getattr(conv, "norm", None)
         if not isinstance(conv, nn.Conv2d) or not isinstance(norm, nn.Module):
             continue
-        if isinstance(norm, BatchRenorm2d) and not any(p.requires_grad for p in norm.parameters()):
-            conv.norm = frozen_batch_norm_of_brn(norm)
-            continue
-        if not isinstance(norm, ACTIVATION_NORMS):
+        if not _carries_activation(norm):
             continue
         parent, attr = parents.get(id(conv), (None, None))
         site = relu_after(parent, attr, conv)
@@ -118,7 +100,7 @@ def prepare_norm_sites(model):
         for i, name in enumerate(names[:-1]):
             norm, nxt = seq._modules[name], seq._modules[names[i + 1]]
             if (
-                isinstance(norm, ACTIVATION_NORMS)
+                _carries_activation(norm)
                 and norm.activation
                 and norm.replace_relu
                 and (isinstance(nxt, nn.ReLU))
