@@ -52,11 +52,16 @@ __all__ = [
 ]
 
 #: variant -> the norm of every backbone stage during pretraining (and the D2NORM options)
+#: ``sections``: the D2NORM options the variant's norm reads (part of the cache key)
 VARIANTS = {
-    "BN": dict(norm="BN"),
-    "GN": dict(norm="GN"),
-    "GN+WS": dict(norm="GN+WS"),
-    "MABN": dict(norm="MABN", opts=("D2NORM.MABN.BUFFER_SIZE", "1", "D2NORM.MABN.WARMUP_ITERS", "0")),
+    "BN": dict(norm="BN", sections=()),
+    "GN": dict(norm="GN", sections=("GN",)),
+    "GN+WS": dict(norm="GN+WS", sections=("GN", "WS")),
+    "MABN": dict(
+        norm="MABN",
+        sections=("MABN",),
+        opts=("D2NORM.MABN.BUFFER_SIZE", "1", "D2NORM.MABN.WARMUP_ITERS", "0"),
+    ),
 }
 PRETRAIN_VERSION = 1
 
@@ -111,7 +116,9 @@ def _settings_key(s, cfg):
     keys = {
         "settings": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("config", "data_root")},
         "resnets": cfg.MODEL.RESNETS.dump(),
-        "norms": {k: cfg.D2NORM[k].dump() for k in ("GN", "WS", "MABN") if k in cfg.D2NORM},
+        "norms": {
+            k: sorted((n, str(v)) for n, v in cfg.D2NORM[k].items()) for k in VARIANTS[s.variant]["sections"]
+        },
         "input": [cfg.INPUT.FORMAT, list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)],
         "versions": [PRETRAIN_VERSION, _upstream().UPSTREAM_VERSION],
     }
