@@ -25,6 +25,7 @@ from d2norm.study.finetune_report import write_finetune_report
 from d2norm.study.pretrain import load_or_pretrain
 from d2norm.study.report import machine_line, write_plot_or_note
 from d2norm.study.run import run_from_args
+from d2norm.study.settings import settings_from_args
 
 
 def parse_args(argv=None):
@@ -73,16 +74,7 @@ def parse_args(argv=None):
         if getattr(args, f"pretrain_{name}") is not None:
             pre[name] = getattr(args, f"pretrain_{name}")
     kw["pretrain"] = tuple(sorted(pre.items()))
-    try:
-        args.settings = FinetuneSettings(
-            total_batch=args.total_batch,
-            threads=args.threads,
-            opts=tuple(preset.get("opts", ())) + tuple(args.opts),
-            data_root=args.data_root,
-            **kw,
-        )
-    except ValueError as e:
-        p.error(str(e))
+    args.settings = settings_from_args(p, FinetuneSettings, args, preset, **kw)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     args.report = args.report or os.path.join(args.output, "finetune_study.md")
@@ -163,11 +155,7 @@ def main(argv=None):
         return []
     if not args.report_only:
         s = args.settings = with_weights(s, progress=not args.no_progress)
-    records, failed = run_from_args(s, args, report)
-    print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
-    if failed:
-        sys.exit(1)
-    return records
+    return run_from_args(s, args, report)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from d2norm.study import FULL, QUICK, StudySettings, load_records, plan, setting
 from d2norm.study.records import run_key
 from d2norm.study.report import machine_line, write_plot_or_note, write_report
 from d2norm.study.run import run_from_args
-from d2norm.study.settings import schedule
+from d2norm.study.settings import schedule, settings_from_args
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -128,19 +128,16 @@ def parse_args(argv=None):
             kw[name] = getattr(args, name)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
-    try:
-        args.settings = StudySettings(
-            config=args.config,
-            total_batch=args.total_batch,
-            threads=args.threads,
-            tail_evals=args.tail_evals,
-            precise_images=args.precise_images,
-            opts=tuple(preset.get("opts", ())) + tuple(args.opts),
-            data_root=args.data_root,
-            **kw,
-        )
-    except ValueError as e:
-        p.error(str(e))
+    args.settings = settings_from_args(
+        p,
+        StudySettings,
+        args,
+        preset,
+        config=args.config,
+        tail_evals=args.tail_evals,
+        precise_images=args.precise_images,
+        **kw,
+    )
     args.report = args.report or os.path.join(args.output, "small_batch_study.md")
     args.plot = args.plot or os.path.join(args.output, "small_batch_study.png")
     return args
@@ -270,11 +267,7 @@ def report(args, records, wall_s=None):
 def main(argv=None):
     args = parse_args(argv)
     s = args.settings
-    records, failed = run_from_args(s, args, report)
-    print(f"wrote {args.report} and {args.plot}")
-    if failed:
-        sys.exit(1)
-    return records
+    return run_from_args(s, args, report)
 
 
 if __name__ == "__main__":

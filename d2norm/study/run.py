@@ -444,8 +444,9 @@ def run_or_report(s, output, report, report_only=False, **grid_kwargs):
 def run_from_args(s, args, report):
     """:func:`run_or_report` with a study command line's flags: ``args.output``,
     ``args.report_only``, ``args.jobs``, ``args.resume``, ``args.no_progress``,
-    ``args.keep_outputs``; ``report(args, records, wall seconds)`` writes the report."""
-    return run_or_report(
+    ``args.keep_outputs``; ``report(args, records, wall seconds)`` writes ``args.report`` and
+    ``args.plot``. Returns the records; exits with status 1 if a run failed."""
+    records, failed = run_or_report(
         s,
         args.output,
         lambda recs, wall_s: report(args, recs, wall_s),
@@ -455,3 +456,7 @@ def run_from_args(s, args, report):
         progress=not args.no_progress,
         keep_outputs=args.keep_outputs,
     )
+    print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
+    if failed:
+        raise SystemExit(1)
+    return records

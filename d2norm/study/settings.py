@@ -36,6 +36,7 @@ __all__ = [
     "build_cfg",
     "plan",
     "settings_id",
+    "settings_from_args",
     "QUICK",
     "FULL",
 ]
@@ -116,6 +117,22 @@ QUICK = dict(
     opts=("DATASETS.TEST", "('d2norm_shapes_hard_quick_val',)"),
 )
 FULL = dict()
+
+
+def settings_from_args(parser, cls, args, preset, **kw):
+    """``cls(**kw)`` with a study command line's common flags (``--total-batch``, ``--threads``,
+    ``--data-root``, the config overrides after the preset's); a ``ValueError`` becomes the
+    parser's error message (exit status 2)."""
+    try:
+        return cls(
+            total_batch=args.total_batch,
+            threads=args.threads,
+            opts=tuple(preset.get("opts", ())) + tuple(args.opts),
+            data_root=args.data_root,
+            **kw,
+        )
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def available_norms():
