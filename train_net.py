@@ -8,16 +8,7 @@ python train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU pr
 """
 
 import d2norm  # noqa: F401  (must precede detectron2.layers: registers norms / the _C stand-in)
-from d2norm.engine.launch import config_device, launch, main, parse_args
+from d2norm.engine.launch import cli
 
 if __name__ == "__main__":
-    args = parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        device=config_device(args),  # "cpu": gloo processes; CUDA: detectron2's launch (NCCL)
-    )
+    cli()

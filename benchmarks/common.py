@@ -6,6 +6,7 @@ Machine facts are measured when a script runs (CPU model from /proc/cpuinfo, the
 process may use, torch threads, load average), never written down.
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,6 +28,16 @@ DOCS_PNG = os.path.join(ROOT, "docs", "benchmarks.png")
 
 
 # ----------------------------------------------------------------------------- device, machine
+def doc_parser(doc):
+    """An ``ArgumentParser`` whose description is the first paragraph of a script's docstring and
+    whose epilog is the rest."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1],
+    )
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -229,7 +240,7 @@ def update_section(path, name, body, data):
     if pat.search(text):
         text = pat.sub(lambda _: block, text)
     else:
-        order = ["layers", "model"]  # keep the sections in this order
+        order = ["layers", "kernels", "model"]  # keep the sections in this order
         later = [n for n in order[order.index(name) + 1 :]] if name in order else []
         pos = min(
             (text.find(f"<!-- BEGIN {n} -->") for n in later if f"<!-- BEGIN {n} -->" in text), default=-1

@@ -36,7 +36,6 @@ The script writes (replaces) the "Layers" section of ``--output`` (Markdown) and
 bar chart ``--plot`` from all sections (``benchmarks/model.py`` writes the "Model" section).
 """
 
-import argparse
 import datetime
 import functools
 import statistics
@@ -51,6 +50,7 @@ from benchmarks.common import (
     DOCS_PNG,
     BatchNormWithNuGradient,
     command_note,
+    doc_parser,
     draw_chart,
     load_note,
     mabn_steady,
@@ -284,11 +284,7 @@ def table(res, variants):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = doc_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -297,7 +293,26 @@ def main(argv=None):
     ap.add_argument("--output", default=DOCS_MD)
     ap.add_argument("--plot", default=DOCS_PNG)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="time only these variants (and each group's reference); implies --no-write",
+    )
+    ap.add_argument(
+        "--groups", nargs="+", default=["norm", "pair"], choices=["norm", "pair"], help="groups to run"
+    )
     args = ap.parse_args(argv)
+    norm_variants, pair_variants = NORM_VARIANTS, PAIR_VARIANTS
+    if args.variants or set(args.groups) != {"norm", "pair"}:
+        args.no_write = True  # a partial table never replaces the committed section
+    if args.variants:
+        unknown = set(args.variants) - set(NORM_VARIANTS) - set(PAIR_VARIANTS)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; choose from {NORM_VARIANTS + PAIR_VARIANTS}")
+        norm_variants = NORM_VARIANTS[:1] + [v for v in NORM_VARIANTS[1:] if v in args.variants]
+        pair_variants = PAIR_VARIANTS[:1] + [v for v in PAIR_VARIANTS[1:] if v in args.variants]
     device = setup_device(args)
     reps = args.reps or (5 if args.quick else 7)
     warmup = max(args.warmup or CBN_K, CBN_K)
@@ -309,35 +324,41 @@ def main(argv=None):
 
     data = {"norm": {}, "pair": {}}
     sections = []
-    for shape_name, shape in norm_shapes.items():
+    for shape_name, shape in norm_shapes.items() if "norm" in args.groups else ():
         res = bench_group(
-            NORM_VARIANTS, functools.partial(build_norm_variant, c=shape[1]), shape, device, reps, warmup
+            norm_variants, functools.partial(build_norm_variant, c=shape[1]), shape, device, reps, warmup
         )
         data["norm"][shape_name] = res
         sections.append(
-            (f"Norm alone, {shape_name} (reference: torch `BatchNorm2d`)", table(res, NORM_VARIANTS))
+            (f"Norm alone, {shape_name} (reference: torch `BatchNorm2d`)", table(res, norm_variants))
         )
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
-        print(
-            f"RATIO MABN official-style / d2norm MABN: "
-            f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x"
-        )
-    for shape_name, (x_shape, conv_kw) in pair_shapes.items():
+        if {"MABN", "MABN official-style"} <= set(res):
+            print(
+                f"RATIO MABN official-style / d2norm MABN: "
+                f"{res['MABN official-style']['ms'] / res['MABN']['ms']:.2f}x"
+            )
+    for shape_name, (x_shape, conv_kw) in pair_shapes.items() if "pair" in args.groups else ():
         build = functools.partial(build_pair_variant, conv_kw=conv_kw)
-        res = bench_group(PAIR_VARIANTS, build, x_shape, device, reps, warmup)
+        res = bench_group(pair_variants, build, x_shape, device, reps, warmup)
         data["pair"][shape_name] = res
         sections.append(
-            (f"Conv + norm, {shape_name} (reference: conv + torch `BatchNorm2d`)", table(res, PAIR_VARIANTS))
+            (f"Conv + norm, {shape_name} (reference: conv + torch `BatchNorm2d`)", table(res, pair_variants))
         )
         print(f"\n{sections[-1][0]}\n{sections[-1][1]}")
-        bn = res["conv+BN (torch)"]["ms"]
-        ours, ref = res["conv+CBN"]["ms"], res["conv+CBN autograd.grad ref"]["ms"]
-        floor = res[CBN_FLOOR]["ms"]
-        print(
-            f"RATIO CBN autograd.grad ref / d2norm CBN: pair {ref / ours:.2f}x; overhead over conv+BN "
-            f"{(ref - bn) / max(ours - bn, 1e-9):.2f}x; d2norm CBN / floor {ours / floor:.2f}x; "
-            f"ref / floor {ref / floor:.2f}x"
-        )
+        if {"conv+CBN", CBN_FLOOR} <= set(res):
+            print(f"RATIO d2norm CBN / floor {res['conv+CBN']['ms'] / res[CBN_FLOOR]['ms']:.2f}x")
+        if {"conv+CBN", CBN_FLOOR, "conv+CBN autograd.grad ref"} <= set(res):
+            bn = res["conv+BN (torch)"]["ms"]
+            ours, ref = res["conv+CBN"]["ms"], res["conv+CBN autograd.grad ref"]["ms"]
+            print(
+                f"RATIO CBN autograd.grad ref / d2norm CBN: pair {ref / ours:.2f}x; overhead over "
+                f"conv+BN {(ref - bn) / max(ours - bn, 1e-9):.2f}x; ref / floor "
+                f"{ref / res[CBN_FLOOR]['ms']:.2f}x"
+            )
+    if args.no_write:
+        print(f"\n({(time.time() - t_start) / 60:.1f} min; not written)")
+        return data
     wall = time.time() - t_start
 
     cmd = (

@@ -5,7 +5,7 @@
 For each shape, three layers run side by side on the same input and output gradient, in the
 steady state (past warm-up and the renorm threshold):
 
-* ``ours``      d2norm.layers.MovingAverageBatchNorm2d (no host reads, tensor-op branches)
+* ``ours``      d2norm.layers.MovingAverageBatchNorm2d (no host reads; branches on a host mirror of the count)
 * ``official``  the official formulation (d2norm/testing/mabn_reference.py): a Python
                 autograd.Function that reads the iteration counter with ``.item()`` and
                 branches in Python

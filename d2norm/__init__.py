@@ -19,6 +19,8 @@ from .norms import NORMS, bind_norms, build_norm, norm  # noqa: E402
 
 patch_get_norm()
 
+from . import lazy  # noqa: E402  (d2norm.lazy: LazyConfig models)
+
 __version__ = "0.1.0"
 __all__ = [
     "add_d2norm_config",
@@ -31,4 +33,5 @@ __all__ = [
     "patch_get_norm",
     "compiled_ops_available",
     "NORMS",
+    "lazy",
 ]

@@ -19,7 +19,9 @@
 File formats, key matching and the errors live in :mod:`d2norm.weights`; this module loads.
 """
 
+import logging
 import os
+import re
 import tempfile
 from urllib.parse import parse_qs, urlparse
 
@@ -29,6 +31,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from .layers.weight_transforms import plain_weight_key, remap_parametrized_keys
+from .safe_pickle import UnsafePickleError, load_weights_pickle
 from .weights import (
     CheckpointError,
     adapt_method_state,
@@ -36,9 +39,13 @@ from .weights import (
     normalize_loaded_checkpoint,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "D2NormCheckpointer",
     "CheckpointError",
+    "UnreadableCheckpointError",
+    "read_weights_file",
     "load_pretrained_backbone",
     "atomic_write_bytes",
     "atomic_torch_save",
@@ -49,8 +56,10 @@ def atomic_write_bytes(path, writer):
     """Call ``writer(file)`` on a temp file next to ``path``, fsync, then rename onto ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, mode)  # mkstemp creates 0600; an open(path, "wb") would not
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()
@@ -62,8 +71,53 @@ def atomic_write_bytes(path, writer):
         raise
 
 
+def _new_file_mode(path):
+    """The permissions ``open(path, "wb")`` gives: the existing file's, else 0666 less the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_torch_save(obj, path):
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read at all (corrupt, truncated, not a checkpoint);
+    ``reason``: the underlying error in one line."""
+
+    def __init__(self, message, reason=""):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_weights_file(f):
+    """The checkpoint dict in file ``f``, by detectron2's format rules, without running code from
+    the file: ``.pkl`` through :func:`d2norm.safe_pickle.load_weights_pickle`, anything else
+    through ``torch.load(weights_only=True)``. Detectron2 model-zoo ``.pkl`` files
+    (``{"model": ..., "__author__": ...}``) are returned as they are; other ``.pkl`` files are
+    Caffe2 / Detectron blobs (``{"blobs": ...}`` or the blobs themselves, ``*_momentum`` dropped)
+    and matched by name heuristics, as are pycls ``.pyth`` files (``model_state``)."""
+    if f.endswith(".pkl"):
+        data = load_weights_pickle(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"a .pkl weights file holds a dict, this one a {type(data).__name__}")
+        if "model" in data and "__author__" in data:
+            logger.info("Reading a file from '%s'", data["__author__"])
+            return data
+        blobs = data.get("blobs", data)
+        blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        return {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+    loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+    if f.endswith(".pyth"):
+        if "model_state" not in loaded:
+            raise ValueError(f"pycls .pyth files hold 'model_state'; this one has {sorted(loaded)}")
+        state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
+        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+    return loaded if "model" in loaded else {"model": loaded}
 
 
 def _first_line(e, limit=200):
@@ -122,6 +176,44 @@ class D2NormCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write_bytes(path, lambda f: f.write(last_filename_basename.encode()))
 
+    def resume_or_load(self, path, *, resume=True):
+        """detectron2's ``resume_or_load``; on resume, a ``last_checkpoint`` file that cannot be
+        read (corrupt, truncated) is skipped with a warning naming it and the file used instead,
+        the newest readable ``.pth`` in the output directory (by modification time)."""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        newest = self.get_checkpoint_file()
+        candidates = [newest] + [c for c in self._checkpoints_newest_first() if c != newest]
+        failures = []
+        for candidate in candidates:
+            try:
+                result = self.load(candidate)
+            except UnreadableCheckpointError as e:
+                failures.append((candidate, e))
+                continue
+            if failures:
+                skipped = "; ".join(f"{c} ({e.reason})" for c, e in failures)
+                logger.warning(
+                    "--resume: could not read checkpoint %s; resuming from %s instead, the newest "
+                    "readable checkpoint in %s. Unreadable: %s.",
+                    newest,
+                    candidate,
+                    self.save_dir,
+                    skipped,
+                )
+            return result
+        tried = ", ".join(c for c, _ in failures)
+        raise UnreadableCheckpointError(
+            f"--resume found no readable checkpoint in {self.save_dir!r}: tried {tried}; each is "
+            f"corrupt or truncated ({failures[0][1].reason}). Fix: remove the unreadable files and "
+            "'last_checkpoint' to start over, or resume from a copy of the run's checkpoints.",
+            reason=failures[0][1].reason,
+        )
+
+    def _checkpoints_newest_first(self):
+        files = [f for f in self.get_all_checkpoint_files() if os.path.isfile(f)]
+        return sorted(files, key=lambda f: (os.path.getmtime(f), f), reverse=True)
+
     def load(self, path, checkpointables=None):
         options = {}
         if path and "://" not in path:
@@ -145,13 +237,24 @@ class D2NormCheckpointer(DetectionCheckpointer):
     def _load_file(self, f):
         self._loading_path = f
         try:
-            loaded = super()._load_file(f)
+            loaded = read_weights_file(f)
+        except UnsafePickleError as e:
+            raise CheckpointError(str(e)) from None
         except Exception as e:  # corrupt/truncated file, wrong format
-            raise CheckpointError(
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if found:  # torch's weights_only refusal
+                raise CheckpointError(
+                    f"Refusing to read {f!r}: it refers to the Python global '{found.group(1)}', "
+                    "which a checkpoint (tensors "
+                    "and plain values) never needs; reading it on would run code from the file, "
+                    "so nothing from it was run. Fix: use a checkpoint written by detectron2 / "
+                    "d2norm, or re-save the state dict of a file you trust as plain tensors."
+                ) from None
+            raise UnreadableCheckpointError(
                 f"Could not read checkpoint {f!r} ({_first_line(e)}). The file is corrupt, "
                 "truncated or not a detectron2/torch checkpoint. Fix: point MODEL.WEIGHTS at a "
-                "valid file; with --resume, delete it and set 'last_checkpoint' in the output "
-                "directory to the previous checkpoint."
+                "valid file (--resume falls back to the newest readable checkpoint by itself).",
+                reason=_first_line(e),
             ) from None
         if getattr(self, "_load_options", {}).get("matching_heuristics"):
             loaded["matching_heuristics"] = True

@@ -20,6 +20,14 @@ def add_d2norm_config(cfg):
     cfg.D2NORM = CN()
     for section, values in CONFIG_SECTIONS.items():
         cfg.D2NORM[section] = CN(copy.deepcopy(values))
+    # Preemption (d2norm/engine/preemption.py): on the first of SIGNALS during training, every
+    # process finishes the iteration in progress, they agree on it, rank 0 writes the checkpoint
+    # model_<iter>.pth (what --resume continues from, exactly), metrics are flushed and the
+    # program exits with EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try again"; what to requeue
+    # on). A second signal ends the process at once, without a checkpoint. SIGNALS () = off.
+    cfg.D2NORM.PREEMPT = CN()
+    cfg.D2NORM.PREEMPT.SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+    cfg.D2NORM.PREEMPT.EXIT_CODE = 75
     # Embedded synthetic dataset ("d2norm_shapes_{train,val}").
     cfg.D2NORM.DATA = CN()
     cfg.D2NORM.DATA.ROOT = ""  # "" -> $D2NORM_DATA or ~/.cache/d2norm/datasets

@@ -18,7 +18,8 @@
 # Dependency venv steps:
 #   1. torch 2.14.1 + torchvision 0.29.1 (CUDA build; runs on CPU).
 #   2. Pillow<10, setuptools<81, numpy<1.24 (detectron2 v0.6 uses np.bool / PIL.Image.LINEAR),
-#      opencv, matplotlib; pytest and ruff (the linter / formatter .ci/run runs).
+#      opencv, matplotlib; pytest and ruff (the linter / formatter .ci/run runs); onnx and
+#      onnxruntime (tools/deploy.py --format onnx).
 #   3. detectron2 from the pb1-detectron2==0.6 sdist (upstream v0.6 Python, no csrc), with its
 #      C++ extension build disabled, installed with --no-build-isolation.
 set -euo pipefail
@@ -45,7 +46,8 @@ else
   # numpy<1.24: detectron2 v0.6 uses np.bool / np.int (removed in numpy 1.24); matplotlib/contourpy
   # versions that still accept numpy 1.23.
   pins=("Pillow<10" "setuptools<81" "numpy<1.24" "matplotlib<3.9" "contourpy<1.3" "opencv-python-headless<4.11")
-  pip install -q "${pins[@]}" tqdm pytest "ruff==$RUFF_VERSION"
+  # onnx / onnxruntime: tools/deploy.py --format onnx (export and the onnxruntime check)
+  pip install -q "${pins[@]}" tqdm pytest "ruff==$RUFF_VERSION" "onnx==1.23.2" "onnxruntime==1.32.0"
   src=$(mktemp -d)
   pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$src" pb1-detectron2==0.6
   tar -xzf "$src"/pb1-detectron2-0.6.tar.gz -C "$src" 2>/dev/null || tar -xzf "$src"/pb1_detectron2-0.6.tar.gz -C "$src"

@@ -67,3 +67,37 @@ def run_tool(name, *argv, timeout=900):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(REPO, "tools", name), *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def c2_name(d2_name):
+    """detectron2 ResNet name -> Caffe2/Detectron blob name (GN models: _gn_s/_gn_b)."""
+    parts = d2_name.split(".")
+    leaf = {"weight": "w", "bias": "b"}[parts[-1]]
+    if parts[0] == "stem":  # stem.conv1.weight / stem.conv1.norm.{weight,bias}
+        return "conv1_gn_" + {"w": "s", "b": "b"}[leaf] if parts[2] == "norm" else "conv1_w"
+    stage, block, conv = parts[0], parts[1], parts[2]
+    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[conv]
+    if parts[3] == "norm":
+        return f"{stage}_{block}_{branch}_gn_" + {"w": "s", "b": "b"}[leaf]
+    return f"{stage}_{block}_{branch}_w"
+
+
+def torchvision_module_pairs(tv, bottom_up):
+    """(torchvision module, detectron2 module) pairs, by walking both networks."""
+    pairs = [(tv.conv1, bottom_up.stem.conv1), (tv.bn1, bottom_up.stem.conv1.norm)]
+    for i in range(1, 5):
+        for tv_block, d2_block in zip(getattr(tv, f"layer{i}"), getattr(bottom_up, f"res{i + 1}")):
+            pairs += [
+                (tv_block.conv1, d2_block.conv1),
+                (tv_block.bn1, d2_block.conv1.norm),
+                (tv_block.conv2, d2_block.conv2),
+                (tv_block.bn2, d2_block.conv2.norm),
+            ]
+            if tv_block.downsample is not None:
+                pairs += [
+                    (tv_block.downsample[0], d2_block.shortcut),
+                    (tv_block.downsample[1], d2_block.shortcut.norm),
+                ]
+            else:
+                assert not hasattr(d2_block, "shortcut") or d2_block.shortcut is None
+    return pairs

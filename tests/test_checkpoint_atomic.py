@@ -1,5 +1,7 @@
 """A process SIGKILLed in the middle of writing a checkpoint leaves the previous checkpoint and
-``last_checkpoint`` loadable (D2NormCheckpointer writes a temp file, fsyncs, renames)."""
+``last_checkpoint`` loadable (D2NormCheckpointer writes a temp file, fsyncs, renames); the files
+get the permissions a plain ``torch.save`` gives; ``--resume`` over an unreadable newest
+checkpoint falls back to the newest readable one, with a warning naming both."""
 
 import os
 import signal
@@ -120,5 +122,48 @@ def test_control_a_plain_save_killed_midway_is_corrupt(tmp_path):
     from d2norm.checkpoint import CheckpointError
 
     _run_and_kill("plain", tmp_path)
-    with pytest.raises(CheckpointError, match="Could not read checkpoint"):
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
         _load(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_get_the_mode_of_a_plain_torch_save(tmp_path, umask):
+    from d2norm.checkpoint import D2NormCheckpointer
+
+    previous = os.umask(umask)
+    try:
+        torch.save({"w": torch.ones(1)}, str(tmp_path / "plain.pth"))  # the reference
+        D2NormCheckpointer(nn.Linear(2, 1), save_dir=str(tmp_path)).save("model_0000001")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain.pth").stat().st_mode
+    assert expected & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model_0000001.pth").stat().st_mode == expected
+    assert (tmp_path / "last_checkpoint").stat().st_mode == expected
+
+
+def test_resume_falls_back_over_a_truncated_newest_checkpoint(tmp_path, caplog):
+    import logging
+
+    from d2norm.checkpoint import D2NormCheckpointer
+
+    def save(value, name):
+        model = nn.Linear(4, 4)
+        with torch.no_grad():
+            model.weight.fill_(value)
+        D2NormCheckpointer(model, save_dir=str(tmp_path)).save(name, iteration=value)
+
+    save(1, "model_0000001")
+    save(2, "model_0000002")
+    save(3, "model_0000003")
+    newest = tmp_path / "model_0000003.pth"
+    newest.write_bytes(newest.read_bytes()[:300])  # truncated, and still the newest file
+    os.utime(tmp_path / "model_0000001.pth", (time.time() - 100,) * 2)
+    os.utime(tmp_path / "model_0000002.pth", (time.time() - 50,) * 2)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    model = nn.Linear(4, 4)
+    with caplog.at_level(logging.WARNING):
+        loaded = D2NormCheckpointer(model, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert loaded["iteration"] == 2 and torch.equal(model.weight, torch.full((4, 4), 2.0))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(newest) in w and str(tmp_path / "model_0000002.pth") in w for w in warnings), warnings

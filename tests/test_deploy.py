@@ -223,6 +223,23 @@ def _load_tool():
     return mod
 
 
+def _run_tool(recipe, out, weights, data_root, *opts, flags=()):
+    """tools/deploy.py on the synthetic ``recipe`` with ``weights``: 2 tiny val images (96 px),
+    1 timing round, to ``out``; ``flags``: more options; ``opts``: config overrides."""
+    argv = ["--config-file", os.path.join(REPO, "configs", "synthetic", recipe), "--output", str(out)]
+    argv += ["--num-images", "2", "--rounds", "1", *flags]
+    argv += ["MODEL.WEIGHTS", weights, "D2NORM.DATA.ROOT", data_root]
+    argv += [
+        "DATASETS.TEST",
+        "('d2norm_shapes_tiny_val',)",
+        "INPUT.MIN_SIZE_TEST",
+        "96",
+        "INPUT.MAX_SIZE_TEST",
+        "96",
+    ]
+    return _load_tool().main([*argv, *opts])
+
+
 def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     from d2norm.checkpoint import D2NormCheckpointer
 
@@ -231,16 +248,6 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     weights = str(tmp_path / "model_final.pth")
     out = tmp_path / "deploy"
     opts = [
-        "MODEL.WEIGHTS",
-        weights,
-        "D2NORM.DATA.ROOT",
-        data_root,
-        "DATASETS.TEST",
-        "('d2norm_shapes_tiny_val',)",
-        "INPUT.MIN_SIZE_TEST",
-        "96",
-        "INPUT.MAX_SIZE_TEST",
-        "96",
         # this model: CBN everywhere with the default window (the recipe: BN heads, window 4)
         "MODEL.ROI_BOX_HEAD.NORM",
         "CBN",
@@ -249,19 +256,7 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
         "D2NORM.CBN.BUFFER_SIZE",
         "3",
     ]
-    report = _load_tool().main(
-        [
-            "--config-file",
-            os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R_18_FPN_CBN.yaml"),
-            "--output",
-            str(out),
-            "--num-images",
-            "2",
-            "--rounds",
-            "1",
-            *opts,
-        ]
-    )
+    report = _run_tool("mask_rcnn_R_18_FPN_CBN.yaml", out, weights, data_root, *opts)
     det = report["detections"]
     assert det["ok"] and det["counts"]["matched"] == det["counts"]["reference"] > 0
     assert report["folded_layers"] == len(convs_with_norm(model)) > 0
@@ -287,3 +282,59 @@ def test_tools_deploy_folds_checks_traces_and_saves(tmp_path, data_root):
     assert torch.equal(traced_out[1], raw.pred_classes)
     torch.testing.assert_close(traced_out[2], raw.pred_masks, rtol=0, atol=1e-5)
     torch.testing.assert_close(traced_out[3], raw.scores, rtol=0, atol=1e-5)
+
+
+_LOAD_TS = """
+import sys, torch
+if sys.argv[2] == "with":
+    import torchvision  # noqa: F401  (registers torchvision::nms / roi_align)
+m = torch.jit.load(sys.argv[1])
+out = m(torch.load(sys.argv[3]))
+print("OK", len(out))
+"""
+
+
+@pytest.mark.slow
+def test_tools_deploy_exports_frn_to_onnx_and_the_ts_loads_with_torchvision(tmp_path, data_root):
+    """``--format torchscript --format onnx`` on a small FRN model (FRN's training path has no ONNX
+    translation): onnxruntime's detections match the eager folded model's under the folding
+    tolerances; the ``.ts`` loads in a fresh process with ``import torchvision`` and only then."""
+    import subprocess
+    import sys
+
+    from d2norm.checkpoint import D2NormCheckpointer
+
+    cfg, model = _trained_model("FRN", data_root, n_train=1)
+    D2NormCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    out = tmp_path / "deploy"
+    report = _run_tool(
+        "mask_rcnn_R_18_FPN_FRN.yaml",
+        out,
+        str(tmp_path / "model_final.pth"),
+        data_root,
+        *[x for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD") for x in (f"MODEL.{k}.NORM", "FRN")],
+        flags=("--format", "torchscript", "--format", "onnx"),
+    )
+    onnx_det = report["onnx"]["detections_vs_eager"]
+    assert onnx_det["ok"], onnx_det
+    assert onnx_det["counts"]["matched"] == onnx_det["counts"]["reference"] > 0
+    assert report["onnx"]["max_abs_output_diff_vs_eager"] < 1e-3
+    assert (out / "model.onnx").is_file() and "onnxruntime" in report["seconds_per_image"]
+    # the ONNX graph holds FRN's math: no custom op, every parameter present
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert not [n.op_type for n in graph.node if n.domain not in ("", "ai.onnx")]
+
+    image = str(tmp_path / "image.pt")
+    torch.save(_val_inputs(cfg, 1)[0]["image"], image)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ts = str(out / "model_traced.ts")
+    runs = {
+        w: subprocess.run(
+            [sys.executable, "-c", _LOAD_TS, ts, w, image], capture_output=True, text=True, env=env
+        )
+        for w in ("with", "without")
+    }
+    assert runs["with"].returncode == 0 and "OK 5" in runs["with"].stdout, runs["with"].stderr[-2000:]
+    assert runs["without"].returncode != 0 and "torchvision" in runs["without"].stderr

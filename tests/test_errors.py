@@ -147,12 +147,14 @@ def test_truncated_last_checkpoint_on_resume(tmp_path, data_root):
 
     out = tmp_path / "out"
     out.mkdir()
-    full = out / "full.pth"
+    full = tmp_path / "full.pth"
     torch.save({"model": {"w": torch.randn(1000)}, "iteration": 3}, full)
     (out / "model_0000003.pth").write_bytes(full.read_bytes()[:2000])
+    (out / "model_0000001.pth").write_bytes(full.read_bytes()[:1000])
     (out / "last_checkpoint").write_text("model_0000003.pth")
+    # every checkpoint is unreadable (the fallback to a readable one: test_checkpoint_atomic.py)
     info = _raise_from_main(_args(out, data_root, resume=True), CheckpointError)
-    _check(info, "Could not read checkpoint", "model_0000003.pth", "last_checkpoint")
+    _check(info, "no readable checkpoint", "model_0000003.pth", "model_0000001.pth", "last_checkpoint", "Fix")
 
 
 def test_data_root_not_writable(tmp_path, data_root):

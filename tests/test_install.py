@@ -68,3 +68,123 @@ def test_each_checkout_imports_its_own_d2norm(tmp_path):
         check=True,
     )
     assert res.stdout.strip() == "None"
+
+
+# Run inside the venv that has only the installed wheel (+ the dependencies), from a folder outside
+# the checkout: the package, its recipes and its metadata as a pip user gets them.
+_WHEEL_USER = r"""
+import json, os, sys
+from importlib import metadata
+import d2norm
+from d2norm import model_zoo
+out = {"d2norm": d2norm.__file__, "config_dir": model_zoo.config_dir()}
+out["n_recipes"] = len(model_zoo.list_configs())
+built = {}
+for name in sys.argv[1:]:
+    cfg = model_zoo.get_config(name)
+    cfg.MODEL.DEVICE = "cpu"
+    model = d2norm.build_model(cfg)
+    norms = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()
+                    or type(m).__name__.endswith(("BN", "BatchNorm2d"))})
+    built[name] = {"params": sum(p.numel() for p in model.parameters()), "norms": norms}
+out["built"] = built
+meta = metadata.metadata("d2norm")
+out["summary"] = meta["Summary"]
+out["license"] = meta.get("License") or meta.get("License-Expression")
+out["home"] = meta.get("Home-page") or " ".join(meta.get_all("Project-URL") or [])
+out["description_type"] = meta.get("Description-Content-Type")
+out["description"] = meta.get_payload() or meta.get("Description") or ""
+scripts = metadata.entry_points(group="console_scripts")
+out["scripts"] = sorted(e.name for e in scripts if e.value.startswith("d2norm"))
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_wheel_ships_recipes_and_builds_them_outside_the_checkout(tmp_path):
+    """``pip wheel .`` of the checkout, installed with ``--no-deps`` into an empty venv that sees
+    only the dependency venv's site-packages (not the checkout): the wheel carries every recipe,
+    ``d2norm.model_zoo`` resolves ``_BASE_`` inside the package, and three recipes build there."""
+    deps = _deps_venv()
+    deps_py = os.path.join(deps, "bin", "python")
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=_NOT_COPIED)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [deps_py, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), src],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = [str(p) for p in wheels.iterdir() if p.name.endswith(".whl")]
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.startswith("d2norm/model_zoo/configs/")}
+    in_checkout = {
+        os.path.relpath(os.path.join(d, f), REPO).replace(os.sep, "/")
+        for d, _, fs in os.walk(os.path.join(REPO, "configs"))
+        for f in fs
+        if f.endswith((".yaml", ".py")) and "__pycache__" not in d
+    }
+    assert {"d2norm/model_zoo/" + n for n in in_checkout} == shipped
+
+    venv = tmp_path / "venv"
+    subprocess.run([deps_py, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
+    py = str(venv / "bin" / "python")
+    site_code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site_dir = subprocess.run([py, "-c", site_code], capture_output=True, text=True, check=True).stdout
+    site_dir = site_dir.strip()
+    deps_site = subprocess.run([deps_py, "-c", site_code], capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(site_dir, "deps.pth"), "w") as f:  # the dependencies only, no checkout
+        f.write(f"import site; site.addsitedir({deps_site.strip()!r})\n")
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    recipes = [
+        "synthetic/mask_rcnn_R_18_FPN_GN_WS.yaml",
+        "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn.yaml",
+        "COCO-Detection/faster_rcnn_R_50_FPN_2x_mabn.yaml",
+    ]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(
+        [py, "-c", _WHEEL_USER, *recipes], cwd=str(elsewhere), env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    assert out["d2norm"].startswith(site_dir), out["d2norm"]  # the installed copy, not the checkout
+    assert out["config_dir"].startswith(site_dir)
+    assert out["n_recipes"] == len(in_checkout)
+    # the _BASE_ chains resolved inside the package: each recipe's own norms were built
+    assert "GroupNorm" in " ".join(out["built"][recipes[0]]["norms"])
+    assert any("CrossIteration" in n or "CBN" in n for n in out["built"][recipes[1]]["norms"])
+    assert any("MovingAverage" in n or "MABN" in n for n in out["built"][recipes[2]]["norms"])
+    # metadata: every method named, README as the description, licence, URL, the command
+    methods = (
+        "BN*",
+        "FrozenStatsBN",
+        "SyncBN",
+        "GN",
+        "GN+WS",
+        "BN+WS",
+        "CBN",
+        "MABN",
+        "BRN",
+        "FRN",
+        "EvoNorm",
+    )
+    for method in methods:
+        assert method in out["summary"], method
+    assert out["license"] == "Apache-2.0"
+    assert out["home"].startswith("https://")
+    assert out["description_type"] == "text/markdown"
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        assert f.read().splitlines()[0] in out["description"]
+    assert out["scripts"] == ["d2norm-train"]

@@ -44,7 +44,9 @@ def test_scripts_do_not_edit_sys_path():
     assert edits == []
 
 
-@pytest.mark.parametrize("name", ["common", "layers", "detector", "model", "cbn_speed", "mabn_speed"])
+@pytest.mark.parametrize(
+    "name", ["common", "layers", "detector", "model", "cbn_speed", "mabn_speed", "kernels"]
+)
 def test_benchmark_modules_import(name):
     mod = importlib.import_module(f"benchmarks.{name}")
     assert os.path.dirname(os.path.abspath(mod.__file__)) == os.path.join(REPO, "benchmarks")

@@ -283,6 +283,38 @@ def test_frn_without_tlu_and_batch_independence():
     _close(mod(x), frn_tlu(x, mod.weight, mod.bias, None, mod.eps))
 
 
+@pytest.mark.parametrize("learnable_eps, tlu", [(False, True), (True, True), (False, False)])
+def test_frn_inference_path_equals_the_training_function_and_exports_to_onnx(learnable_eps, tlu, tmp_path):
+    """Without autograd (inference, tracing, ONNX export) FRN runs out-of-place ops: bit for bit
+    the training path's numbers (its autograd Function), and the ONNX export runs in onnxruntime
+    with the paper reference's output."""
+    from d2norm.layers.filter_response_norm import _FRNFunction
+
+    gen = torch.Generator().manual_seed(12)
+    mod = FilterResponseNorm2d(SHAPE[1], learnable_eps=learnable_eps)
+    if not tlu:
+        mod.drop_activation()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    x = torch.randn(SHAPE, generator=gen) * 3
+    trained = _FRNFunction.apply(x, mod.weight, mod.bias, mod.tau, mod.eps_learned, mod.eps)
+    with torch.no_grad():
+        inferred = mod(x)
+    assert torch.equal(inferred, trained)
+    opt = {
+        n: getattr(mod, n).double() if getattr(mod, n) is not None else None for n in ("tau", "eps_learned")
+    }
+    reference = frn_tlu(
+        x.double(), mod.weight.double(), mod.bias.double(), opt["tau"], mod.eps, opt["eps_learned"]
+    )
+    ort = pytest.importorskip("onnxruntime")
+    path = str(tmp_path / "frn.onnx")
+    torch.onnx.export(mod.eval(), (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+    (out,) = ort.InferenceSession(path).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out).double(), reference, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kw, key",
     [

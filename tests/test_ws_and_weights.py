@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import convs_with_norm, synthetic_cfg
+from helpers import c2_name, convs_with_norm, synthetic_cfg, torchvision_module_pairs
 from torch import nn
 
 import d2norm
@@ -155,19 +155,6 @@ def test_fold_rejects_a_non_module():
 
 
 # ----------------------------------------------------------------------------- pretrained files
-def _c2_name(d2_name):
-    """detectron2 ResNet name -> Caffe2/Detectron blob name (GN models: _gn_s/_gn_b)."""
-    parts = d2_name.split(".")
-    leaf = {"weight": "w", "bias": "b"}[parts[-1]]
-    if parts[0] == "stem":  # stem.conv1.weight / stem.conv1.norm.{weight,bias}
-        return "conv1_gn_" + {"w": "s", "b": "b"}[leaf] if parts[2] == "norm" else "conv1_w"
-    stage, block, conv = parts[0], parts[1], parts[2]
-    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[conv]
-    if parts[3] == "norm":
-        return f"{stage}_{block}_{branch}_gn_" + {"w": "s", "b": "b"}[leaf]
-    return f"{stage}_{block}_{branch}_w"
-
-
 def _plain(k):
     return k.replace("parametrizations.weight.original", "weight")
 
@@ -183,7 +170,7 @@ def test_caffe2_pkl_loads_into_gn_backbones(tmp_path, norm, container):
     g = torch.Generator().manual_seed(1)
     file_tensors = {}
     for d2_name, v in _bottom_up_state(model).items():
-        file_tensors[_c2_name(d2_name)] = torch.randn(v.shape, generator=g).numpy()
+        file_tensors[c2_name(d2_name)] = torch.randn(v.shape, generator=g).numpy()
     assert any(k.endswith("_gn_s") for k in file_tensors)
     extra = {
         "pred_w": np.zeros((10, 512), np.float32),
@@ -210,7 +197,7 @@ def test_caffe2_pkl_loads_into_gn_backbones(tmp_path, norm, container):
             value = module.parametrizations.weight.original  # WS convs: the raw weight
         else:
             value = getattr(module, leaf)
-        expected = torch.from_numpy(file_tensors[_c2_name(d2_name)])
+        expected = torch.from_numpy(file_tensors[c2_name(d2_name)])
         assert torch.equal(value.detach(), expected), d2_name
 
 
@@ -234,27 +221,6 @@ def _tv_resnet18_file():
     return _TV[0]
 
 
-def _tv_pairs(tv, bottom_up):
-    """(torchvision module, detectron2 module) pairs, by walking both networks."""
-    pairs = [(tv.conv1, bottom_up.stem.conv1), (tv.bn1, bottom_up.stem.conv1.norm)]
-    for i in range(1, 5):
-        for tv_block, d2_block in zip(getattr(tv, f"layer{i}"), getattr(bottom_up, f"res{i + 1}")):
-            pairs += [
-                (tv_block.conv1, d2_block.conv1),
-                (tv_block.bn1, d2_block.conv1.norm),
-                (tv_block.conv2, d2_block.conv2),
-                (tv_block.bn2, d2_block.conv2.norm),
-            ]
-            if tv_block.downsample is not None:
-                pairs += [
-                    (tv_block.downsample[0], d2_block.shortcut),
-                    (tv_block.downsample[1], d2_block.shortcut.norm),
-                ]
-            else:
-                assert not hasattr(d2_block, "shortcut") or d2_block.shortcut is None
-    return pairs
-
-
 @pytest.mark.parametrize("norm,wrapper", [("GN+WS", "plain"), ("BN", "state_dict+module"), ("GN", "plain")])
 def test_torchvision_pth_loads_into_the_backbone(tmp_path, norm, wrapper):
     tv = _tv_resnet18_file()
@@ -268,7 +234,7 @@ def test_torchvision_pth_loads_into_the_backbone(tmp_path, norm, wrapper):
     report = load_pretrained_backbone(model, path)
 
     n_convs = len(convs_with_norm(model.backbone.bottom_up))  # each with one torchvision conv + BN
-    pairs = _tv_pairs(tv, model.backbone.bottom_up)
+    pairs = torchvision_module_pairs(tv, model.backbone.bottom_up)
     assert len(pairs) == 2 * n_convs > 0
     for tv_m, d2_m in pairs:
         if isinstance(tv_m, nn.Conv2d):

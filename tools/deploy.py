@@ -9,7 +9,8 @@ Steps: build the model (``d2norm.build_model``), load ``MODEL.WEIGHTS`` with
 SyncBN, BN*, CBN and MABN folded into the preceding conv; GN kept), run the unfolded and the
 folded model on the first ``--num-images`` images of ``DATASETS.TEST[0]`` and compare the
 detections (boxes, scores, classes, masks; ``d2norm.detections.compare_detections``), trace the folded
-model for TorchScript, and time both. Written to ``--output`` (atomically):
+model for TorchScript and / or export it to ONNX (``--format``), and time both. Written to
+``--output`` (atomically):
 
 * ``model_folded.pth``: ``{"model": folded state dict}``; load it with
   ``d2norm.deploy.load_folded_model(cfg, path)``.
@@ -19,11 +20,17 @@ model for TorchScript, and time both. Written to ``--output`` (atomically):
   classes (N,), mask probabilities (N, 1, M, M), scores (N,), image size (2,) — in the resized
   image's coordinates (``detector_postprocess`` / mask pasting are not traced). If a model's
   post-processing cannot be traced, the backbone (+FPN), the part folding changes, is traced
-  instead and the report says so.
+  instead and the report says so. Loading it needs torchvision's operators registered first
+  (``import torchvision`` before ``torch.jit.load``: the traced graph calls ``torchvision::nms``
+  and ``torchvision::roi_align``); nothing else (no detectron2, no d2norm).
+* ``model.onnx`` (``--format onnx``): the same ``TracingAdapter`` graph exported to ONNX (opset
+  17, height / width dynamic), run in onnxruntime on the checked images; its detections (after
+  detectron2's ``detector_postprocess``) are compared with the eager folded model's under the
+  same tolerances as the folding check.
 * ``deploy_report.json``: what was folded / kept, the largest differences, the tolerances,
   per-image inference time before / after folding (median over ``--rounds`` passes).
 
-Exit status 1 if the folded detections differ beyond the tolerances.
+Exit status 1 if the folded (or ONNX) detections differ beyond the tolerances.
 """
 
 import argparse
@@ -53,7 +60,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--num-images", type=int, default=4, help="images of DATASETS.TEST[0] to check")
     p.add_argument("--rounds", type=int, default=3, help="timing passes over the images")
-    p.add_argument("--no-trace", action="store_true", help="skip TorchScript tracing")
+    p.add_argument(
+        "--format",
+        action="append",
+        choices=["torchscript", "onnx"],
+        help="export the folded model to this format; repeat for both (default: torchscript). "
+        "onnx needs onnx + onnxruntime (scripts/install.sh installs them)",
+    )
+    p.add_argument("--no-trace", action="store_true", help="skip TorchScript tracing and ONNX export")
     p.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads for the timing (0: torch's default)"
     )
@@ -165,6 +179,67 @@ def trace(model, inputs):
     )
 
 
+def _adapter(model, image):
+    from d2norm.deploy import import_tracing_adapter
+
+    def inference(m, batched):
+        return [{"instances": m.inference(batched, do_postprocess=False)[0]}]
+
+    return import_tracing_adapter()(model, [{"image": image}], inference).eval()
+
+
+def export_onnx(model, inputs, path):
+    """Export the folded model's inference (``TracingAdapter``, as for TorchScript) to ONNX at
+    ``path``; returns the adapter (its ``outputs_schema`` rebuilds ``Instances``)."""
+    from d2norm.checkpoint import atomic_write_bytes
+
+    adapter = _adapter(model, inputs[0]["image"])
+    with torch.no_grad():
+        atomic_write_bytes(
+            path,
+            lambda f: torch.onnx.export(
+                adapter,
+                adapter.flattened_inputs,
+                f,
+                opset_version=17,
+                dynamo=False,  # the TorchScript-based exporter: detectron2's tracing support
+                input_names=["image"],
+                output_names=["boxes", "classes", "mask_probs", "scores", "image_size"],
+                dynamic_axes={"image": {1: "height", 2: "width"}},
+                # every parameter its own graph input with its value as default: without this the
+                # exporter merges equal-valued parameters (e.g. untrained FRN γ = 1, τ = 0) into
+                # names that no longer exist in the file
+                keep_initializers_as_inputs=True,
+            ),
+        )
+    return adapter
+
+
+def check_onnx(path, adapter, model, inputs):
+    """Run the ONNX file in onnxruntime on ``inputs`` and compare its detections with the eager
+    model's (``d2norm.detections.compare_detections``, after ``detector_postprocess`` of both).
+    Returns the comparison, the largest raw output difference and onnxruntime's time per image."""
+    import onnxruntime
+
+    from detectron2.modeling.postprocessing import detector_postprocess
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    ref, new, raw_diff = [], [], 0.0
+    for inp in inputs:
+        h, w = inp.get("height", inp["image"].shape[1]), inp.get("width", inp["image"].shape[2])
+        outs = [torch.from_numpy(o) for o in session.run(None, {name: inp["image"].numpy()})]
+        with torch.no_grad():
+            eager = adapter(inp["image"])
+            raw = model.inference([{"image": inp["image"]}], do_postprocess=False)[0]
+        raw_diff = max(raw_diff, _max_output_diff(lambda _, o=outs: tuple(o), lambda _, e=eager: e, None))
+        onnx_instances = adapter.outputs_schema(outs)[0]["instances"]
+        ref.append(detector_postprocess(raw, h, w).to("cpu"))
+        new.append(detector_postprocess(onnx_instances, h, w).to("cpu"))
+    seconds = time_per_image(lambda x: session.run(None, {name: x["image"].numpy()}), inputs, 1)
+    return compare_detections(ref, new), raw_diff, seconds
+
+
 def _max_output_diff(traced, eager, img):
     with torch.no_grad():
         a, b = traced(img), eager(img)
@@ -180,6 +255,7 @@ def main(argv=None):
     from d2norm.deploy import fold
 
     args = parse_args(argv)
+    args.format = args.format or ["torchscript"]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = setup(args)
@@ -208,7 +284,19 @@ def main(argv=None):
     t_fold = time_per_image(lambda x: folded([x]), inputs, args.rounds)
     report["seconds_per_image"] = {"unfolded": t_ref, "folded": t_fold}
 
-    if not args.no_trace:
+    if not args.no_trace and "onnx" in args.format:
+        path = os.path.join(args.output, "model.onnx")
+        adapter = export_onnx(folded, inputs, path)
+        onnx_det, raw_diff, t_onnx = check_onnx(path, adapter, folded, inputs)
+        report["onnx"] = {
+            "file": path,
+            "opset": 17,
+            "detections_vs_eager": onnx_det,
+            "max_abs_output_diff_vs_eager": raw_diff,
+        }
+        report["seconds_per_image"]["onnxruntime"] = t_onnx
+
+    if not args.no_trace and "torchscript" in args.format:
         module, traced, eager, what = trace(folded, inputs)
         path = os.path.join(args.output, "model_traced.ts")
         atomic_write_bytes(path, lambda f: torch.jit.save(module, f))
@@ -217,6 +305,8 @@ def main(argv=None):
             "file": path,
             "what": what,
             "max_abs_diff_vs_eager": _max_output_diff(traced, eager, check_img),
+            # torchvision registers the nms / roi_align operators the graph calls
+            "load": "import torch, torchvision; torch.jit.load(path)",
         }
         report["seconds_per_image"]["traced"] = time_per_image(
             lambda x: traced(x["image"]), inputs, args.rounds
@@ -232,6 +322,13 @@ def main(argv=None):
 
     det, t = report["detections"], report["seconds_per_image"]
     traced_ms = f", traced {1e3 * t['traced']:.1f} ms" if "traced" in t else ""
+    if "onnx" in report:
+        od = report["onnx"]["detections_vs_eager"]
+        traced_ms += (
+            f", onnxruntime {1e3 * t['onnxruntime']:.1f} ms (ONNX detections "
+            f"{'MATCH' if od['ok'] else 'DIFFER'}: max |dbox| {od['max_diff']['box_px']:.2g} px, "
+            f"|dscore| {od['max_diff']['score']:.2g})"
+        )
     print(
         f"Folded {report['folded_layers']} norm layers "
         f"({', '.join(report['folded_norm_types']) or '-'}), kept {len(report['kept_layers'])}. "
@@ -245,4 +342,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["detections"]["ok"] else 1)
+    _report = main()
+    _ok = (
+        _report["detections"]["ok"] and _report.get("onnx", {}).get("detections_vs_eager", {"ok": True})["ok"]
+    )
+    sys.exit(0 if _ok else 1)

@@ -1,7 +1,12 @@
 """The body of ``train_net.py``: config setup, the train / eval-only entry point, and
-``launch`` (detectron2's, plus multi-process CPU training with gloo)."""
+``launch`` (detectron2's, plus multi-process CPU training with gloo, and the launching process's
+part of the stop on a signal: :mod:`d2norm.engine.preemption`)."""
 
+import contextlib
+import logging
+import multiprocessing
 import os
+import signal
 from datetime import timedelta
 
 import torch
@@ -17,9 +22,22 @@ from ..checkpoint import D2NormCheckpointer
 from ..config import add_d2norm_config
 from ..data.synthetic_shapes import register_datasets
 from ..patches import local_process_group
+from .preemption import TrainingPreempted, parse_signals, set_launcher_stop
 from .trainer import Trainer
 
-__all__ = ["setup", "main", "parse_args", "launch", "launch_cpu", "config_device"]
+__all__ = [
+    "setup",
+    "main",
+    "parse_args",
+    "launch",
+    "launch_cpu",
+    "config_device",
+    "config_stop_signals",
+    "cli",
+    "setup_d2norm_logger",
+]
+
+logger = logging.getLogger("d2norm")
 
 
 def parse_args(argv=None):
@@ -48,7 +66,18 @@ def setup(args):
         ) from None
     cfg.freeze()
     default_setup(cfg, args)
+    setup_d2norm_logger(cfg.OUTPUT_DIR)
     return cfg
+
+
+def setup_d2norm_logger(output_dir):
+    """Send d2norm's messages (every logger under ``"d2norm"``: the CBN regime warning, skipped
+    non-finite steps, weight loading, the model printout) where detectron2's ``default_setup``
+    sends its own: the console and ``<output_dir>/log.txt`` (``log.txt.rank<N>`` on other ranks),
+    with detectron2's ``setup_logger``."""
+    from detectron2.utils.logger import setup_logger
+
+    return setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2norm", abbrev_name="d2norm")
 
 
 def main(args):
@@ -68,21 +97,55 @@ def main(args):
     return trainer.train()
 
 
+def cli(argv=None):
+    """``train_net.py`` (and the ``d2norm-train`` command of an installed package): parse the
+    command line and launch :func:`main` in ``--num-gpus`` processes."""
+    args = parse_args(argv)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=config_device(args),  # "cpu": gloo processes; CUDA: detectron2's launch (NCCL)
+        stop_signals=config_stop_signals(args),  # D2NORM.PREEMPT.SIGNALS, passed on to the workers
+    )
+
+
 # ---------------------------------------------------------------------------------- launching
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
-def config_device(args):
-    """``MODEL.DEVICE`` of the config that ``args`` describe; the default device if the config
-    cannot be read (``main`` then reports the problem)."""
+def _read_config(args):
+    """The config ``args`` describe, or None if it cannot be read (``main`` then reports it)."""
     try:
         cfg = get_cfg()
         add_d2norm_config(cfg)
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
-        return cfg.MODEL.DEVICE
+        return cfg
     except Exception:
+        return None
+
+
+def config_device(args):
+    """``MODEL.DEVICE`` of the config that ``args`` describe; the default device if the config
+    cannot be read."""
+    cfg = _read_config(args)
+    if cfg is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.MODEL.DEVICE
+
+
+def config_stop_signals(args):
+    """``D2NORM.PREEMPT.SIGNALS`` of the config that ``args`` describe (the default if the config
+    cannot be read; an invalid name is reported by the workers)."""
+    cfg = _read_config(args)
+    try:
+        return parse_signals(cfg.D2NORM.PREEMPT.SIGNALS)
+    except (AttributeError, ValueError):
+        return parse_signals(add_d2norm_config(get_cfg()).D2NORM.PREEMPT.SIGNALS)
 
 
 def launch(
@@ -94,29 +157,97 @@ def launch(
     args=(),
     timeout=DEFAULT_TIMEOUT,
     device=None,
+    stop_signals=(),
 ):
     """Run ``main_func(*args)`` in ``num_machines × num_processes_per_machine`` processes.
 
     ``device`` (``MODEL.DEVICE``; default: "cuda" if available) picks the backend: a CUDA device
     goes to detectron2's ``launch`` (one process per GPU, NCCL); "cpu" to :func:`launch_cpu`
     (gloo). ``--num-gpus N`` is the number of processes per machine either way.
+
+    With several processes, this process waits for them: the first of ``stop_signals`` it
+    receives is passed on to the workers (they stop after the iteration in progress, with a
+    checkpoint), a second one kills them at once. When the workers stopped on a signal, this
+    process exits with their status (``D2NORM.PREEMPT.EXIT_CODE``).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if num_machines * num_processes_per_machine > 1 and str(device).startswith("cpu"):
-        return launch_cpu(
-            main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args, timeout
-        )
-    from detectron2.engine import launch as d2_launch
+    if num_machines * num_processes_per_machine == 1:
+        return main_func(*args)
+    ctx = multiprocessing.get_context("spawn")
+    stop, status = ctx.Value("i", 0), ctx.Value("i", 0)
+    worker_args = (stop, status, main_func, *args)
+    with _forward_stop_signals(stop, stop_signals):
+        if str(device).startswith("cpu"):
+            launch_cpu(
+                _run_stoppable,
+                num_processes_per_machine,
+                num_machines,
+                machine_rank,
+                dist_url,
+                worker_args,
+                timeout,
+            )
+        else:
+            from detectron2.engine import launch as d2_launch
 
-    return d2_launch(
-        main_func,
-        num_processes_per_machine,
-        num_machines=num_machines,
-        machine_rank=machine_rank,
-        dist_url=dist_url,
-        args=args,
-        timeout=timeout,
-    )
+            d2_launch(
+                _run_stoppable,
+                num_processes_per_machine,
+                num_machines=num_machines,
+                machine_rank=machine_rank,
+                dist_url=dist_url,
+                args=worker_args,
+                timeout=timeout,
+            )
+    if status.value:
+        logger.warning("The workers stopped on a signal; exiting with status %d.", status.value)
+        raise SystemExit(status.value)
+
+
+def _run_stoppable(stop, status, main_func, *args):
+    """A worker: ``main_func(*args)``, stopping also when the launcher sets ``stop``; a stop on
+    a signal is reported in ``status`` and the worker exits normally (so that the launcher does
+    not terminate the other workers while they finish)."""
+    set_launcher_stop(stop)
+    try:
+        return main_func(*args)
+    except TrainingPreempted as e:
+        with status.get_lock():
+            status.value = int(e.code)
+    finally:
+        set_launcher_stop(None)
+
+
+@contextlib.contextmanager
+def _forward_stop_signals(stop, signals):
+    """In the launching process: the first of ``signals`` sets ``stop`` (read by the workers),
+    a second kills the workers and this process."""
+    if not signals:
+        yield
+        return
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.value:
+            os.write(2, f"\n{name} received again: killing the workers, no checkpoint.\n".encode())
+            for p in multiprocessing.active_children():
+                p.kill()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.value = int(signum)
+        logger.warning(
+            "%s received by the launcher: the workers stop after the iteration in progress and "
+            "write a checkpoint (send it again to kill them at once, without one).",
+            name,
+        )
+
+    previous = {sig: signal.signal(sig, handle) for sig in parse_signals(signals)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_cpu(

@@ -2,14 +2,16 @@
 
 - ``build_model``: d2norm's norm names and the model-preparation pass (:mod:`d2norm.modeling`).
 - ``build_optimizer``: detectron2's, with ``SOLVER.WEIGHT_DECAY_NORM`` for every norm (:mod:`d2norm.optim`).
-- Checkpoints (atomic, :mod:`d2norm.checkpoint`) also hold the RNG states and the data-stream
-  seed, and the training data resumes where it stopped, so ``--resume`` continues a run exactly
-  (on CPU: identical losses). CBN history and MABN buffers are module buffers, hence in the
-  model's state_dict.
+- Checkpoints (atomic, :mod:`d2norm.checkpoint`) also hold the RNG states (of every process)
+  and the data-stream seed, and the training data resumes where it stopped, so ``--resume``
+  continues a run exactly (on CPU: identical losses). CBN history and MABN buffers are module
+  buffers, hence in the model's state_dict.
 - A hook logs the end of CBN burn-in.
 - COCO evaluation uses pycocotools when detectron2's compiled ops are absent.
 - A step with a non-finite loss is skipped and undone, norm statistics included
   (:mod:`d2norm.engine.guards`).
+- A signal (``D2NORM.PREEMPT.SIGNALS``) stops training after the iteration in progress with a
+  checkpoint and exit status ``D2NORM.PREEMPT.EXIT_CODE`` (:mod:`d2norm.engine.preemption`).
 """
 
 import logging
@@ -19,7 +21,8 @@ import weakref
 import numpy as np
 import torch
 
-from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
+from detectron2.engine import DefaultTrainer, HookBase, TrainerBase, hooks
+from detectron2.utils import comm
 
 from ..checkpoint import D2NormCheckpointer
 from ..data.resumable_loader import DeferredTrainLoader
@@ -29,19 +32,31 @@ from ..patches import ddp_for_cpu_models
 from .cbn_regime import warn_cbn_regime
 from .data import build_evaluator, build_resumable_train_loader
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
+from .preemption import PreemptionHook, parse_signals
 
-__all__ = ["Trainer", "RNGState", "NormMilestoneHook"]
+__all__ = ["Trainer", "RNGState", "RNGGatherHook", "NormMilestoneHook"]
 
 logger = logging.getLogger("d2norm")
 
 
 class RNGState:
-    """Checkpointable global RNG state (python, numpy, torch) and the data-stream seed."""
+    """Checkpointable global RNG state (python, numpy, torch) and the data-stream seed.
 
-    def __init__(self, loader=None):
+    With several processes each has its own RNG state (its images draw other proposals) and its
+    own norm buffers (CBN history, MABN buffers, BN running statistics: DDP does not broadcast
+    them), but only rank 0 writes checkpoints. :meth:`gather` (collective; called on every rank
+    by :class:`RNGGatherHook` and by the preemption stop before a checkpoint is written) collects
+    every rank's RNG state and model buffers into rank 0's checkpoint, and on resume each rank
+    takes its own, so that a multi-process run also continues exactly."""
+
+    def __init__(self, loader=None, iteration=None, model=None):
         self._loader = loader
+        self._iteration = iteration  # callable: the trainer's iteration
+        self._model = model
+        self._gathered = None  # (iteration, [state of rank r])
 
-    def state_dict(self):
+    @staticmethod
+    def _rng():
         # only tensors and plain Python values, so torch.load(weights_only=True) can read it
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
@@ -51,19 +66,65 @@ class RNGState:
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def gather(self):
+        """Collect every rank's RNG state and model buffers (all ranks call it, at the iteration
+        of the checkpoint)."""
+        if comm.get_world_size() > 1:
+            own = {"rng": self._rng()}
+            if self._model is not None:
+                own["buffers"] = {k: v.detach().cpu().clone() for k, v in self._model.named_buffers()}
+            self._gathered = (self._iteration(), comm.all_gather(own))
+
+    def state_dict(self):
+        state = self._rng()
+        if self._gathered is not None and self._gathered[0] == self._iteration():
+            state["ranks"] = self._gathered[1]
         if self._loader is not None:
             state["data_seed"] = self._loader.seed
         return state
 
     def load_state_dict(self, state):
-        random.setstate(state["python"])
-        kind, keys, pos, has_gauss, cached = state["numpy"]
+        # called after the model was loaded (fvcore loads checkpointables after the model)
+        world, rank = comm.get_world_size(), comm.get_rank()
+        rng = state
+        if world > 1 and len(state.get("ranks", ())) == world:
+            rng = state["ranks"][rank]["rng"]
+            if rank > 0 and self._model is not None and "buffers" in state["ranks"][rank]:
+                buffers = dict(self._model.named_buffers())
+                with torch.no_grad():
+                    for k, v in state["ranks"][rank]["buffers"].items():
+                        if k in buffers and buffers[k].shape == v.shape:
+                            buffers[k].copy_(v)
+        elif world > 1:
+            logger.warning(
+                "The checkpoint holds the RNG state and norm buffers of %s, not of each of the %d "
+                "processes: the run continues, but not exactly as it would have without the stop.",
+                f"{len(state['ranks'])} processes" if "ranks" in state else "one process",
+                world,
+            )
+        random.setstate(rng["python"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         if self._loader is not None and "data_seed" in state:
             self._loader.seed = int(state["data_seed"])
+
+
+class RNGGatherHook(HookBase):
+    """On every rank, before each periodic checkpoint (``SOLVER.CHECKPOINT_PERIOD``, the last
+    iteration): :meth:`RNGState.gather`. Place it before the checkpointer."""
+
+    def __init__(self, rng_state, period):
+        self._rng, self._period = rng_state, period
+
+    def after_step(self):
+        it = self.trainer.iter
+        if (it + 1) % self._period == 0 or it >= self.trainer.max_iter - 1:
+            self._rng.gather()
 
 
 class NormMilestoneHook(HookBase):
@@ -128,16 +189,44 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # Replace the default checkpointer before the hooks that use it are created.
         loader = self._trainer.data_loader
-        self._rng_state = RNGState(loader if isinstance(loader, DeferredTrainLoader) else None)
+        self._rng_state = RNGState(
+            loader if isinstance(loader, DeferredTrainLoader) else None,
+            iteration=lambda: self.iter,
+            model=self._trainer.model,
+        )
         self.checkpointer = D2NormCheckpointer(
             self._trainer.model,
             self.cfg.OUTPUT_DIR,
             trainer=weakref.proxy(self),
             rng=self._rng_state,
         )
-        hooks = super().build_hooks()
-        hooks.insert(2, NormMilestoneHook(self._trainer.model))
-        return hooks
+        ret = super().build_hooks()
+        ret.insert(2, NormMilestoneHook(self._trainer.model))
+        if comm.get_world_size() > 1:  # every rank's RNG state into rank 0's checkpoints
+            ret.insert(3, RNGGatherHook(self._rng_state, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        signals = parse_signals(self.cfg.D2NORM.PREEMPT.SIGNALS)
+        if signals:  # after the scheduler and periodic checkpointer, before evaluation
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+            preempt = PreemptionHook(
+                self.checkpointer,
+                signals,
+                self.cfg.D2NORM.PREEMPT.EXIT_CODE,
+                before_save=self._rng_state.gather,
+            )
+            ret.insert(at, preempt)
+        return ret
+
+    #: The :class:`~d2norm.engine.preemption.TrainingPreempted` that stopped training, if any.
+    preempted = None
+
+    def after_train(self):
+        if self.preempted is None:
+            return super().after_train()
+        # Stopped on a signal: flush the writers; no final checkpoint or evaluation.
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, (hooks.EvalHook, hooks.PeriodicCheckpointer)):
+                h.after_train()
 
     # detectron2 v0.6's DefaultTrainer leaves the optimizer out of its checkpoints (later versions
     # add it as "_trainer"); add it where the installed version does not.

@@ -91,6 +91,13 @@ class CrossIterationBatchNorm2d(ConvFedNorm, nn.Module):
       (mubar, sigma2bar); backward = BN's backward with its batch means divided by n, see
       ``_WindowBatchNorm``); per recorded iteration the extra cost is one conv weight gradient
       (dnu/dW) plus O(|x| + k|W|) elementwise work (one read of the history). No double backward.
+      Few kernels (a small step is launch-bound on a GPU): the batch mean and variance in one
+      fused pass, the compensation of all k-1 stored iterations in one batched product each for
+      mu and nu, the window statistics as one ``var_mean`` over the n means plus one
+      matrix-vector product, the history slots written in place by the ops that compute them,
+      pbar as two small products with cached tap matrices; 29 ATen kernel ops per conv + CBN
+      step in the steady state (k = 4), against 9 for conv + BN + dnu/dW
+      (``benchmarks/kernels.py``).
     * Running stats track the *window* statistics the model is trained with: running_mean <- mubar,
       running_var <- sigma2bar * nM/(nM-1) (n window entries, M values per channel in the current
       batch; for n = 1 torch BN's unbiased update). Eval: ``F.batch_norm`` with the running
@@ -429,8 +436,9 @@ class CrossIterationBatchNorm2d(ConvFedNorm, nn.Module):
                 f"not match this layer's input {tuple(y.shape)}; the bound conv must "
                 "run right before this layer."
             )
+        w_conv = conv.weight  # one access (a parametrized weight is computed once)
         if not self._history_checked:
-            self._ensure_history(conv.weight)
+            self._ensure_history(w_conv)
         sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
         m_count = y.shape[0] * y.shape[2] * y.shape[3]
         h = self._count if t >= self.burnin else 0  # plain BN (h = 0) in burn-in / empty history
@@ -441,27 +449,37 @@ class CrossIterationBatchNorm2d(ConvFedNorm, nn.Module):
                 f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
             )
         with torch.no_grad():
-            mu_t, var_t = _batch_mean_var(y.to(sdt))
+            ys = y.detach().to(sdt)
+            # batch mean and biased variance in one fused pass
+            mu_t, var_t = torch.batch_norm_update_stats(ys, None, None, 0.0)
             if h == 0:
                 mu_bar, var_bar = mu_t, var_t
             else:
-                mu_p, nu_p = self._compensated_history(conv.weight.detach().to(sdt), h, sdt)
-                var_p = nu_p - mu_p * mu_p
+                mu_p, nu_p = self._compensated_history(w_conv.detach().to(sdt), h, sdt)
+                mu_p, nu_p = mu_p.t(), nu_p.t()  # (C, h) each
+                var_p = torch.addcmul(nu_p, mu_p, mu_p, value=-1.0)
                 if self.grad_through_compensation:
                     # d/dW of the stored entries (the history slots are overwritten below)
                     comp = (
                         self.hist_grad_mean[:h].to(sdt, copy=True),
                         self.hist_grad_sqmean[:h].to(sdt, copy=True),
-                        mu_p,
-                        var_p >= 0,
+                        mu_p.t(),
+                        (var_p >= 0).t(),
                     )
-                var_p = var_p.clamp_min(0)  # the paper's max(nu, mu^2)
-                mu_bar = (mu_t + mu_p.sum(0)) / n
-                # = mean_i max(nu_i, mu_i^2) - mubar^2, free of cancellation
-                var_bar = (var_t + var_p.sum(0) + (mu_t - mu_bar) ** 2 + ((mu_p - mu_bar) ** 2).sum(0)) / n
+                var_p.clamp_min_(0)  # the paper's max(nu, mu^2)
+                # sigma2bar = mean_i max(nu_i, mu_i^2) - mubar^2, free of cancellation:
+                # mean_i max(nu_i - mu_i^2, 0) + mean_i (mu_i - mubar)^2
+                var_mu, mu_bar = torch.var_mean(torch.cat([mu_t.unsqueeze(1), mu_p], 1), 1, correction=0)
+                var_bar = torch.addmv(var_mu, var_p, self._ones(h, sdt, y.device), alpha=1.0 / n)
+                var_bar.add_(var_t, alpha=1.0 / n)
             total = n * m_count
-            self.running_mean.mul_(1 - self.momentum).add_(mu_bar, alpha=self.momentum)
-            self.running_var.mul_(1 - self.momentum).add_(var_bar, alpha=self.momentum * total / (total - 1))
+            # running stats EMA, both in two ops
+            run = [self.running_mean, self.running_var]
+            torch._foreach_mul_(run, 1.0 - self.momentum)
+            ones = self._ones(self.num_features, sdt, y.device)
+            torch._foreach_addcmul_(
+                run, [mu_bar, var_bar], [ones, ones], [self.momentum, self.momentum * total / (total - 1)]
+            )
         out = _WindowBatchNorm.apply(
             y,
             self.weight,
@@ -470,45 +488,60 @@ class CrossIterationBatchNorm2d(ConvFedNorm, nn.Module):
             var_bar,
             n,
             self.eps,
-            conv.weight if comp is not None else None,
+            w_conv if comp is not None else None,
             comp,
         )
         if record:
             with torch.no_grad():
-                self._record(x, y, conv, mu_t, var_t, sdt)
+                self._record(x, ys, conv, w_conv, mu_t, var_t, sdt)
         self._iter = t + 1
         self.num_iterations.fill_(self._iter)
         return out
 
+    def _ones(self, size, dtype, device):
+        """A cached ones vector (never written; not state)."""
+        cache = self.__dict__.setdefault("_ones_cache", {})
+        key = (size, dtype, device)
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.ones(size, dtype=dtype, device=device)
+        return t
+
     def _compensated_history(self, w_t, h, sdt):
-        """mu_{t-r}(W_t), nu_{t-r}(W_t) of the h stored iterations, each (h, C)."""
+        """mu_{t-r}(W_t), nu_{t-r}(W_t) of the h stored iterations, each (h, C) (transposed views of
+        (C, h) results), one batched matrix product each."""
         c_out = w_t.shape[0]
         groups = self.hist_grad_mean.shape[1]
         w = w_t.reshape(c_out, -1)  # (C, K)
         # mu: <pbar_g, W_c> for each channel c of group g; (G, C/G, K) @ (G, K, h)
         pbar = self.hist_grad_mean[:h].to(sdt).permute(1, 2, 0)
-        mu = torch.bmm(w.view(groups, c_out // groups, -1), pbar).reshape(c_out, h).t()
-        nu = torch.linalg.vecdot(self.hist_grad_sqmean[:h].to(sdt), w) - self.hist_sqmean[:h].to(sdt)
-        return mu, nu
+        mu = torch.bmm(w.view(groups, c_out // groups, -1), pbar).reshape(c_out, h)
+        # nu: <dnu/dW_c, W_c> - nu; (C, h, K) @ (C, K, 1) - (C, h, 1)
+        g_nu = self.hist_grad_sqmean[:h].to(sdt).transpose(0, 1)
+        nu_stored = self.hist_sqmean[:h].to(sdt).t().unsqueeze(2)
+        nu = torch.baddbmm(nu_stored, g_nu, w.unsqueeze(2), beta=-1.0).squeeze(2)
+        return mu.t(), nu.t()
 
-    def _record(self, x, y, conv, mu_t, var_t, sdt):
-        """Store this iteration's dnu/dW, dmu/dW (= pbar) and nu in the ring buffer."""
-        w4 = conv.weight.detach().to(sdt)
-        c_out = w4.shape[0]
+    def _record(self, x, ys, conv, w_conv, mu_t, var_t, sdt):
+        """Store this iteration's dnu/dW, dmu/dW (= pbar) and nu in the ring buffer, in place."""
+        w4 = w_conv.detach().to(sdt)
         xf = x.to(sdt)
         stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
         i = self._pos
-        g_nu = sqmean_weight_gradient(xf, y.to(sdt), w4, stride, padding, dilation, conv.groups)
-        self.hist_grad_sqmean[i].copy_(g_nu.reshape(c_out, -1))
+        g_nu = _sqmean_weight_gradient_unscaled(xf, ys, w4, stride, padding, dilation, conv.groups)
+        m = ys.shape[0] * ys.shape[2] * ys.shape[3]
+        torch.mul(g_nu, 2.0 / m, out=self.hist_grad_sqmean[i].view(g_nu.shape))
         # dmu_c/dW_c = pbar: the mean input patch of the group of channel c
-        self.hist_grad_mean[i].copy_(
-            _mean_patch(xf, w4.shape, stride, padding, dilation, conv.groups, y.shape[2:])
+        _mean_patch(
+            xf, w4.shape, stride, padding, dilation, conv.groups, ys.shape[2:], out=self.hist_grad_mean[i]
         )
-        self.hist_sqmean[i].copy_(var_t + mu_t * mu_t)
-        self._pos = (i + 1) % (self.buffer_size - 1)
-        self._count = min(self._count + 1, self.buffer_size - 1)
+        torch.addcmul(var_t, mu_t, mu_t, out=self.hist_sqmean[i])
+        h = self.buffer_size - 1
+        self._pos = (i + 1) % h
         self.hist_pos.fill_(self._pos)
-        self.hist_count.fill_(self._count)
+        if self._count < h:
+            self._count += 1
+            self.hist_count.fill_(self._count)
 
 
 class _WindowBatchNorm(torch.autograd.Function):
@@ -541,15 +574,22 @@ class _WindowBatchNorm(torch.autograd.Function):
         if want_w:
             mask[1] = mask[2] = True  # sum(g * yhat) and sum(g) feed the compensation gradient
         gamma_s = gamma.to(mu_bar.dtype)
-        fmt = (
-            torch.channels_last
-            if not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format
-        )
+        # (1/n) [BN train-mode backward] = BN backward with weight gamma/n; the second term's
+        # coefficient gamma*invstd; both per-channel vectors in one op
+        if n > 1:
+            gamma_n, coef = torch._foreach_mul([gamma_s, gamma_s], [_full_like(gamma_s, 1.0 / n), invstd])
+        else:
+            gamma_n = gamma_s
+        if (
+            not y.is_contiguous()
+            and y.is_contiguous(memory_format=torch.channels_last)
+            and not grad_out.is_contiguous(memory_format=torch.channels_last)
+        ):
+            grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         gy, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=fmt),
+            grad_out,
             y,
-            gamma_s,
+            gamma_n,
             None,
             None,
             mu_bar,
@@ -559,8 +599,7 @@ class _WindowBatchNorm(torch.autograd.Function):
             mask,
         )
         if gy is not None and n > 1:
-            coef = (gamma_s * invstd).to(gy.dtype).view(1, -1, 1, 1)
-            gy = gy.mul_(1.0 / n).addcmul_(grad_out, coef, value=1.0 - 1.0 / n)
+            gy = gy.addcmul_(grad_out, coef.to(gy.dtype).view(1, -1, 1, 1), value=1.0 - 1.0 / n)
         gw = None
         if want_w:
             gw = _compensation_weight_grad(ctx.comp, gamma_s, mu_bar, invstd, ggamma, gbeta, n)
@@ -598,29 +637,64 @@ def sqmean_weight_gradient(x, y, weight, stride, padding, dilation, groups):
     """dnu_c/dW_c for nu_c = E[y_c^2], y = conv(x, weight) (no bias): (2/M) sum_pos y_c * patch,
     the conv weight gradient for grad_output 2y/M, M = N*H_out*W_out; shaped like ``weight``."""
     m = y.shape[0] * y.shape[2] * y.shape[3]
+    return _sqmean_weight_gradient_unscaled(x, y, weight, stride, padding, dilation, groups).mul_(2.0 / m)
+
+
+def _sqmean_weight_gradient_unscaled(x, y, weight, stride, padding, dilation, groups):
     return torch.ops.aten.convolution_backward(
         y, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
-    )[1].mul_(2.0 / m)
+    )[1]
 
 
-def _batch_mean_var(y):
-    """Per-channel mean and biased variance over (N, H, W), two-pass (no E[y^2] - mu^2
-    cancellation); faster on CPU than ``torch.var_mean`` over non-trailing dims."""
-    m = y.numel() // y.shape[1]
-    mu = y.sum((0, 2, 3)).div_(m)
-    d = y - mu.view(1, -1, 1, 1)
-    return mu, d.mul_(d).sum((0, 2, 3)).div_(m)
+_FULL = {}  # (value, size, dtype, device) -> constant vector (never written)
 
 
-def _mean_patch(x, weight_shape, stride, padding, dilation, groups, out_hw):
+def _full_like(t, value):
+    key = (value, t.shape[0], t.dtype, t.device)
+    c = _FULL.get(key)
+    if c is None:
+        if len(_FULL) > 256:
+            _FULL.clear()
+        c = _FULL[key] = torch.full((t.shape[0],), value, dtype=t.dtype, device=t.device)
+    return c
+
+
+_TAPS = {}  # (size, kernel, stride, padding, dilation, out size, scale, dtype, device) -> matrix
+
+
+def _tap_matrix(size, k, s, p, d, out, scale, dtype, device):
+    """A (size, k) matrix: entry (r, i) = scale * #{q < out : i*d + q*s - p = r}, so that
+    ``x @ A`` sums, for each kernel tap i, the input values that tap sees over the output
+    positions (zero padding: the taps that fall outside are absent)."""
+    key = (size, k, s, p, d, out, scale, dtype, device)
+    a = _TAPS.get(key)
+    if a is None:
+        if len(_TAPS) > 256:
+            _TAPS.clear()
+        a = torch.zeros(size, k, dtype=torch.float64)
+        for i in range(k):
+            for q in range(out):
+                r = i * d + q * s - p
+                if 0 <= r < size:
+                    a[r, i] += scale
+        a = _TAPS[key] = a.to(dtype=dtype, device=device)
+    return a
+
+
+def _mean_patch(x, weight_shape, stride, padding, dilation, groups, out_hw, out=None):
     """pbar: mean over (batch, output positions) of the zero-padded input patch of each group,
-    shape (G, Cin/G * kh * kw); separable sums over the strided, dilated kernel taps."""
+    shape (G, Cin/G * kh * kw): ``A_h^T (mean_n x_n) A_w`` per input channel, with the tap
+    matrices of :func:`_tap_matrix` (the 1/(H_out W_out) folded into A_w); three ops."""
     _, c_in_g, kh, kw = weight_shape
     (sh, sw), (ph, pw), (dh, dw), (ho, wo) = stride, padding, dilation, tuple(out_hw)
-    xs = F.pad(x.sum(0), (pw, pw, ph, ph))  # (Cin, H + 2ph, W + 2pw)
-    rows = torch.stack([xs[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh].sum(1) for i in range(kh)], 1)
-    p = torch.stack([rows[:, :, j * dw : j * dw + sw * (wo - 1) + 1 : sw].sum(-1) for j in range(kw)], 2)
-    return p.reshape(groups, c_in_g * kh * kw).div_(x.shape[0] * ho * wo)
+    c_in, h_in, w_in = x.shape[1:]
+    a_h = _tap_matrix(h_in, kh, sh, ph, dh, ho, 1.0, x.dtype, x.device)
+    a_w = _tap_matrix(w_in, kw, sw, pw, dw, wo, 1.0 / (ho * wo), x.dtype, x.device)
+    rows = torch.matmul(x.mean(0), a_w)  # (Cin, H, kw)
+    if out is None:
+        out = x.new_empty(groups, c_in_g * kh * kw)
+    torch.matmul(a_h.t(), rows, out=out.view(c_in, kh, kw))
+    return out
 
 
 def _conv_padding(conv):

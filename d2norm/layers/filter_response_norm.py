@@ -35,7 +35,7 @@ A layer built outside :func:`d2norm.build_model` keeps its TLU.
 import torch
 from torch import nn
 
-__all__ = ["FilterResponseNorm2d", "check_frn_options"]
+__all__ = ["FilterResponseNorm2d", "check_frn_options", "frn_forward"]
 
 
 def check_frn_options(eps, learnable_eps, learned_eps_init):
@@ -122,7 +122,22 @@ class FilterResponseNorm2d(nn.Module):
         if x.numel() == 0:  # nothing to normalize: an empty output connected to the parameters
             y = x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
             return y if self.tau is None else torch.maximum(y, self.tau.view(1, -1, 1, 1))
-        return _FRNFunction.apply(x, self.weight, self.bias, self.tau, self.eps_learned, self.eps)
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return _FRNFunction.apply(x, self.weight, self.bias, self.tau, self.eps_learned, self.eps)
+        # inference, TorchScript tracing and ONNX export: the same operations, without the custom
+        # autograd Function (its in-place ``out=`` maximum has no ONNX translation)
+        return frn_forward(x, self.weight, self.bias, self.tau, self.eps_learned, self.eps)
+
+
+def frn_forward(x, weight, bias, tau, eps_learned, eps0):
+    """FRN (+ TLU where ``tau`` is given) out of place: the numbers of :class:`_FRNFunction`'s
+    forward, operation for operation, in ops that trace and export (ONNX)."""
+    n, c, h, w = x.shape
+    nu2 = torch.linalg.vector_norm(x, 2, dim=(2, 3)).square().div(h * w)  # (N, C)
+    eps = eps0 if eps_learned is None else eps_learned.abs() + eps0
+    inv = torch.rsqrt(nu2 + eps)
+    y = torch.addcmul(bias.view(1, c, 1, 1), x, (inv * weight).view(n, c, 1, 1))
+    return y if tau is None else torch.maximum(y, tau.view(1, c, 1, 1))
 
 
 class _FRNFunction(torch.autograd.Function):

@@ -8,7 +8,7 @@ over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and
 from torch import nn
 
 from .base import ConvFedNorm, EvalStatistics
-from .weight_transforms import WeightStandardization, check_ws_options
+from .weight_transforms import WeightStandardization, check_ws_options, release_transformed_weight
 
 __all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups", "check_ws_options"]
 
@@ -73,6 +73,10 @@ class _StandardizesPrecedingConv(ConvFedNorm):
     def conv_transform(self):
         """The parametrization this norm puts on the weight of the conv that feeds it."""
         return WeightStandardization(eps=self.ws_eps, convention=self.ws_convention)
+
+    def forward(self, x):
+        release_transformed_weight(x)  # the conv's W_hat is rebuilt in backward, not kept
+        return super().forward(x)
 
 
 class GroupNormWS(_StandardizesPrecedingConv, GroupNorm):

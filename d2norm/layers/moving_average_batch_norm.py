@@ -36,29 +36,38 @@ from ``t = max(B + 1, warmup_iters)`` on; the renorm clamp is active from
 (weight of the *old* value, default 0.98), the opposite of ``nn.BatchNorm2d``'s convention.
 
 Unlike the official code, no iteration-dependent decision reads a tensor on the host: the
-counter is a tensor buffer and every choice is a tensor op (``torch.where``, ``index_copy_``
-with a tensor index), so there is no host-device synchronization in forward or backward and
-the layer is CUDA-graph friendly. The counter advances once per training forward (in
-detectron2 every norm runs once per step). Under AMP (autocast) the statistics, buffers and
-parameter gradients stay in the module's dtype (float32) and reductions accumulate in float32;
-the output and the input gradient have the input's dtype.
+layer keeps a host mirror of the counter (advanced with the buffer, re-read once only when
+something else wrote the buffer: a checkpoint load, ``fill_``, the trainer's restore; its version
+counter tells), so forward and backward synchronize nothing. The counter advances once per
+training forward (in detectron2 every norm runs once per step). Few kernels per step: the renorm
+factor is folded into the normalizer (``gamma r z = gamma x / sqrt(d)`` with
+``d = (sigma2 + eps) / r^2 = clamp(running_var + eps, (sigma2 + eps)/25, 25 (sigma2 + eps))``),
+so the forward is one inference-mode batch norm, and one inference-mode batch-norm backward gives
+the input-gradient term, ``dgamma`` and ``dbeta`` together (15 ATen kernel ops per step in the
+steady state, forward and backward, against the official formulation's 37:
+``benchmarks/kernels.py``). Under AMP
+(autocast) the statistics, buffers and parameter gradients stay in the module's dtype (float32)
+and reductions accumulate in float32; the output and the input gradient have the input's dtype.
 
 Under a gradient scaler (``torch.amp.GradScaler``) the backward receives ``S * dL/dy``. Before
 the forward, :func:`set_grad_scale` gives each layer the current scale ``S`` (d2norm's trainer
 does this every AMP step); the backward then stores ``psi / S`` (unscaled) and uses
 ``S * mean(buffer_gz)``, so a change of scale never mixes scales inside the ring. A ``psi`` that
 overflowed (inf/NaN, which makes the scaler skip the step) is never stored: that channel keeps its
-previous entry, so one overflow does not poison later steps.
+previous entry, so one overflow does not poison later steps. Without a scaler psi is stored as
+computed (a non-finite psi comes with non-finite weight gradients: that step is lost anyway).
 
 The conv before each MABN must use centralized weights (``W - mean(W)`` per output channel);
 :meth:`MovingAverageBatchNorm2d.prepare_preceding_conv` installs that parametrization.
 """
 
+import math
+
 import torch
 from torch import nn
 
 from .base import ConvFedNorm, EvalStatistics
-from .weight_transforms import WeightCentralization
+from .weight_transforms import WeightCentralization, release_transformed_weight
 
 __all__ = ["MovingAverageBatchNorm2d", "set_grad_scale"]
 
@@ -82,62 +91,78 @@ def _channel_dot(grad: torch.Tensor, x: torch.Tensor, zeros, ones, invstd, need_
 
 
 class _MABNFunction(torch.autograd.Function):
-    """y = gamma * r * (x * inv_std) + beta, with the MABN backward.
+    """y = gamma * x / sqrt(d) + beta with d = (sigma2 + eps) / r^2, and the MABN backward.
 
-    The forward statistics are computed by the module without autograd and passed in ``st``
-    (a dict of small tensors and constants); this Function applies them and implements the
-    moving-average backward, writing ``st["buffer_gz"]`` (the module buffer, in place) at slot
-    ``st["idx"]``. Only ``x`` goes through ``save_for_backward``; the per-channel tensors are
-    fresh, never-mutated, grad-free intermediates and ride on ``ctx`` (the ring buffer must,
-    since it is mutated in backward).
+    The module computes the statistics without autograd and passes them in ``st`` (a dict of
+    small tensors and Python values): ``d`` and the ``eps`` to add to it (r = 1: d = sigma2,
+    eps = the layer's; renorm on: d = clamp(running_var + eps, (sigma2 + eps)/25, 25 (sigma2 + eps)),
+    eps = 0, the same as (sigma2 + eps) / clamp(r, 1/5, 5)^2), ``var_eps`` = sigma2 + eps (or
+    ``var_eps_25`` = (sigma2 + eps)/25), the ring slot and whether the moving average is on. The
+    forward is one inference-mode batch norm. The backward is one inference-mode batch-norm
+    backward, which gives ``g / sqrt(sigma2 + eps)`` (g = dy gamma r), ``dgamma = sum(dy r z)`` and
+    ``dbeta = sum(dy)`` at once; then psi = gamma dgamma / M goes into ``st["buffer_gz"]`` (the
+    module buffer, in place) and ``dx = g / sqrt(sigma2 + eps) - x psi_bar / (sigma2 + eps)``.
+    Only ``x`` goes through ``save_for_backward``; the per-channel tensors are fresh, never-mutated,
+    grad-free intermediates and ride on ``ctx`` (the ring buffer must, since it is mutated in
+    backward).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, st):
-        gr = weight * st["r"]  # gamma * r
-        # y = x * gr / sqrt(var + eps) + beta as an inference-mode batch norm with mean 0: one
-        # fused pass, about 2x faster than a broadcast addcmul on CPU.
-        y = torch.batch_norm(x, gr, bias, st["zeros"], st["var"], False, 0.0, st["eps"], False)
-        ctx.save_for_backward(x)
+        y = torch.batch_norm(x, weight, bias, st["zeros"], st["d"], False, 0.0, st["d_eps"], False)
+        ctx.save_for_backward(x, weight)
         ctx.st = st
-        ctx.gr = gr
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        st, gr = ctx.st, ctx.gr
-        inv_std, buffer_gz = st["inv_std"], st["buffer_gz"]
+        x, weight = ctx.saved_tensors
+        st = ctx.st
+        buffer_gz = st["buffer_gz"]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_out.dtype != x.dtype:
             grad_out = grad_out.to(x.dtype)
-
-        # With g = dy * gamma * r and z = x * inv_std:
-        #   psi = E[g z] = gamma r E[dy z],  dgamma = r sum(dy z),  dbeta = sum(dy),
-        #   dx = (g - z psi_bar) inv_std = dy (gamma r inv_std) - x (psi_bar inv_std^2).
-        sum_dy_z, sum_dy = _channel_dot(grad_out, x, st["zeros"], st["ones"], inv_std, need_b)
-        psi = torch.mul(gr, sum_dy_z).mul_(st["inv_num"])
-        # The ring holds unscaled, finite values: a loss scale S (AMP) is divided out, and a
-        # channel whose psi overflowed keeps its previous entry (the scaler skips that step).
-        scale = st["grad_scale"]
-        psi_u = psi if scale is None else psi / scale
-        idx = st["idx"]
-        buffer_gz.index_copy_(
-            0, idx, torch.where(torch.isfinite(psi_u), psi_u.unsqueeze(0), buffer_gz.index_select(0, idx))
+        # grad_in = dy * gamma / sqrt(d) = g / sqrt(sigma2 + eps); dgamma = sum(dy x / sqrt(d))
+        # = sum(dy r z); dbeta = sum(dy). The weight gradient feeds psi, so it is always computed.
+        grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out,
+            x,
+            weight.to(st["zeros"].dtype),
+            st["zeros"],
+            st["d"],
+            None,
+            None,
+            False,
+            st["d_eps"],
+            [need_x, True, need_b],
         )
-        psi_mean = buffer_gz.mean(dim=0)
-        psi_bar = torch.where(st["use_sma"], psi_mean if scale is None else psi_mean * scale, psi)
-
-        grad_x = grad_w = None
+        # psi = E[g z] = gamma r E[dy z] = gamma * dgamma / M
+        psi = torch.addcmul(st["zeros"], weight, grad_w, value=st["inv_num"])
+        # Under a loss scale S (AMP) the ring holds unscaled, finite values: S is divided out, and
+        # a channel whose psi overflowed keeps its previous entry (the scaler skips that step).
+        # Unscaled, psi is stored as is (a non-finite one comes with non-finite weight gradients).
+        scale = st["grad_scale"]
+        row = buffer_gz[st["slot"]]
+        if scale is None:
+            row.copy_(psi)
+        else:
+            psi_u = psi / scale
+            torch.where(psi_u.abs() < math.inf, psi_u, row, out=row)
+        if st["use_sma"]:
+            psi_bar = buffer_gz.mean(dim=0)
+            if scale is not None:
+                psi_bar = psi_bar * scale
+        else:
+            psi_bar = psi
+        grad_x = None
         if need_x:
-            grad_x = torch.mul(grad_out, (gr * inv_std).view(1, -1, 1, 1))
-            grad_x.addcmul_(x, (psi_bar * st["inv_var"]).view(1, -1, 1, 1), value=-1.0)
+            # dx = g / sqrt(sigma2 + eps) - x * psi_bar / (sigma2 + eps)
+            coef = torch.div(psi_bar, st["var_eps"]).view(1, -1, 1, 1)
+            grad_x = grad_in.addcmul_(x, coef, value=-st["var_eps_factor"])
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)
-        if need_w:
-            grad_w = st["r"] * sum_dy_z
-        return grad_x, grad_w, sum_dy if need_b else None, None
+        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None
 
 
 class MovingAverageBatchNorm2d(ConvFedNorm, nn.Module):
@@ -201,6 +226,7 @@ class MovingAverageBatchNorm2d(ConvFedNorm, nn.Module):
         #: The loss scale of the coming backward (a tensor or float; None: unscaled). Set by
         #: :func:`set_grad_scale`; not state.
         self.grad_scale = None
+        self._mirror_iters()
 
     def extra_repr(self):
         return (
@@ -235,7 +261,7 @@ class MovingAverageBatchNorm2d(ConvFedNorm, nn.Module):
 
         if not self.training:
             # y = gamma * x / sqrt(running_var + eps) + beta: an inference batch norm with mean 0
-            zeros, _ = self._constants(x.device)
+            zeros = self._constants(x.device, 1)[0]
             return torch.batch_norm(
                 x,
                 self.weight,
@@ -248,57 +274,91 @@ class MovingAverageBatchNorm2d(ConvFedNorm, nn.Module):
                 torch.backends.cudnn.enabled,
             )
 
+        release_transformed_weight(x)  # the centralized conv's weight is rebuilt in backward
         with torch.no_grad():
-            zeros, ones = self._constants(x.device)
             num = x.numel() // x.shape[1]
-            # iteration bookkeeping, all on the device: t = iters after the increment
-            t = self.iters.add_(1)
-            idx = torch.remainder(t, self.buffer_size).view(1)
+            zeros, ones, inv_num, eps_25, inv_b = self._constants(x.device, num)
+            # iteration bookkeeping on the host (t = iters after the increment): no device reads
+            t = self._host_iters() + 1
+            self.iters.add_(1)
+            self._t = t
+            self._mirror_iters()
+            slot = t % self.buffer_size
             # (t > B) and (t >= warmup)  <=>  t >= max(B + 1, warmup)
             use_sma = t >= max(self.buffer_size + 1, self.warmup_iters)
             renorm_on = t > max(_RENORM_MIN_ITERS, self.warmup_iters)
 
-            chi, _ = _channel_dot(x, x, zeros, ones, ones, False)  # sum(x^2), one pass
-            chi.mul_(1.0 / num)
-            self.buffer_x2.index_copy_(0, idx, chi.unsqueeze(0))
-            var = torch.where(use_sma, self.buffer_x2.mean(dim=0), chi)
-            var_eps = var + self.eps
-            inv_var = torch.reciprocal(var_eps)
-            r = torch.where(
-                renorm_on,
-                torch.div(var_eps, self.running_var + self.eps).sqrt_().clamp_(_R_MIN, _R_MAX),
-                1.0,
-            )
-            self.running_var.lerp_(var, 1.0 - self.momentum)
-            st = {
-                "var": var,
-                "inv_std": inv_var.sqrt(),
-                "inv_var": inv_var,
-                "r": r,
-                "zeros": zeros,
-                "ones": ones,
-                "idx": idx,
-                "use_sma": use_sma,
-                "buffer_gz": self.buffer_gz,
-                "eps": self.eps,
-                "inv_num": 1.0 / num,
-                "grad_scale": self.grad_scale,
-            }
+            chi, _ = _channel_dot(x, x, zeros, ones, inv_num, False)  # E[x^2], one pass
+            self.buffer_x2[slot].copy_(chi)
+            st = {"zeros": zeros, "slot": slot, "use_sma": use_sma, "buffer_gz": self.buffer_gz}
+            st.update(inv_num=1.0 / num, grad_scale=self.grad_scale)
+            if renorm_on:
+                # r^2 = clamp((sigma2 + eps) / (running_var + eps), 1/25, 25) (running_var before
+                # this step's update) folded into the normalizer: d = (sigma2 + eps) / r^2
+                buf_t = self.buffer_x2.t()
+                if use_sma:  # (sigma2 + eps) / 25 and 25 (sigma2 + eps), each in one op
+                    lo = torch.addmv(eps_25, buf_t, inv_b, alpha=1.0 / 25.0)
+                    hi = torch.addmv(eps_25, buf_t, inv_b, beta=625.0, alpha=25.0)
+                else:
+                    lo = torch.add(chi, self.eps).mul_(1.0 / 25.0)
+                    hi = lo * 625.0
+                st.update(d=torch.clamp(self.running_var + self.eps, lo, hi), d_eps=0.0)
+                st.update(var_eps=lo, var_eps_factor=1.0 / 25.0)
+                if use_sma:  # running_var <- momentum running_var + (1 - momentum) mean(buffer_x2)
+                    self.running_var.addmv_(buf_t, inv_b, beta=self.momentum, alpha=1.0 - self.momentum)
+                else:
+                    self.running_var.lerp_(chi, 1.0 - self.momentum)
+            else:
+                var = self.buffer_x2.mean(dim=0) if use_sma else chi
+                st.update(d=var, d_eps=self.eps, var_eps=var + self.eps, var_eps_factor=1.0)
+                self.running_var.lerp_(var, 1.0 - self.momentum)
         return _MABNFunction.apply(x, self.weight, self.bias, st)
 
-    def _constants(self, device):
-        """Per-channel zeros / ones in the statistics dtype, cached per device (not state)."""
+    def _mirror_iters(self):
+        """Record that the host mirror ``_t`` equals the ``iters`` buffer as it is now."""
+        it = self.iters
+        if "_t" not in self.__dict__:
+            self._t = 0  # a new layer: iters is 0
+        self.__dict__["_seen"] = it
+        self._seen_version = it._version
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .double() copy the buffer: the mirror stays valid if it was
+        it = self.iters
+        in_sync = self.__dict__.get("_seen") is it and self.__dict__.get("_seen_version") == it._version
+        out = super()._apply(fn, *args, **kwargs)
+        if in_sync:
+            self._mirror_iters()
+        return out
+
+    def _host_iters(self):
+        """The iteration count, mirrored on the host. Re-read from the buffer (one host read) only
+        when something else wrote it since this layer last did (a checkpoint load, ``.to()``,
+        ``fill_``, a restore by the trainer's non-finite guard): its version counter tells."""
+        it = self.iters
+        if self.__dict__.get("_seen") is not it or self.__dict__.get("_seen_version") != it._version:
+            self._t = int(it.item())
+            self._mirror_iters()
+        return self._t
+
+    def _constants(self, device, num):
+        """Per-channel zeros / ones / 1/num / eps/25 and the ring's 1/B vector in the statistics
+        dtype, cached per device and batch size (not state; never written)."""
         dtype = self.running_var.dtype
-        key = (device, dtype)
+        key = (device, dtype, num, self.eps)
         cached = self.__dict__.get("_const_cache")
         if cached is None or cached[0] != key:
+            c = self.num_features
             cached = (
                 key,
-                torch.zeros(self.num_features, dtype=dtype, device=device),
-                torch.ones(self.num_features, dtype=dtype, device=device),
+                torch.zeros(c, dtype=dtype, device=device),
+                torch.ones(c, dtype=dtype, device=device),
+                torch.full((c,), 1.0 / num, dtype=dtype, device=device),
+                torch.full((c,), self.eps / 25.0, dtype=dtype, device=device),
+                torch.full((self.buffer_size,), 1.0 / self.buffer_size, dtype=dtype, device=device),
             )
             self.__dict__["_const_cache"] = cached
-        return cached[1], cached[2]
+        return cached[1:]
 
 
 def set_grad_scale(model, scale):

@@ -25,6 +25,15 @@ The parametrization moves the conv's state dict key from ``<conv>.weight`` to
 creates the key: :func:`apply_weight_transform` lets ``load_state_dict`` accept the plain key
 (:func:`bake_weight_transforms` removes that again), and :func:`remap_parametrized_keys` /
 :func:`plain_weight_key` rename keys of whole checkpoints.
+
+Cost: each transform is one ``autograd.Function`` (``_WeightTransform``) with an analytic
+backward. Weight standardization (``sqrt_var``) is one batch-norm kernel on the weight viewed as
+``(1, out, in*kh*kw)`` forward and one batch-norm backward kernel. The transformed weight is not
+kept for the conv's backward: the norm after the conv (GN+WS, BN+WS, MABN) calls
+:func:`release_transformed_weight` on its input, which swaps the ``W_hat`` the conv op saved for
+the recipe ``(W, mean, scale)``, rebuilt with one kernel when the backward needs it; training
+holds no second copy of every conv's weight between forward and backward. A WS conv costs 3 ATen
+kernel ops per training step more than a plain conv (``benchmarks/kernels.py``).
 """
 
 from typing import Tuple
@@ -42,6 +51,7 @@ __all__ = [
     "bake_weight_transforms",
     "get_weight_transform",
     "check_ws_options",
+    "release_transformed_weight",
     "WS_CONVENTIONS",
     "PARAMETRIZED_WEIGHT_SUFFIX",
     "plain_weight_key",
@@ -76,9 +86,91 @@ def _reduce_dims(w: torch.Tensor) -> Tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
+_ONES = {}  # (device, dtype, C) -> a ones vector (never written)
+
+
+def _ones(like, c):
+    key = (like.device, like.dtype, c)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(c, dtype=like.dtype, device=like.device)
+    return t
+
+
+def _apply_affine(w3, mean, scale, ones):
+    """``(w3 - mean) * scale`` per channel of ``w3`` (1, C, K) as one inference-mode batch norm
+    (variance 1, eps 0: the normalizer is exactly 1); ``scale`` None: centralization."""
+    return torch.batch_norm(w3, scale, None, mean, ones, False, 0.0, 0.0, False)
+
+
+class _WeightTransform(torch.autograd.Function):
+    """``W_hat = (W - mean) * scale`` per output channel, with an analytic backward that needs only
+    ``W`` (the parameter itself), ``mean`` and ``scale``; nothing of the size of ``W`` is saved.
+
+    * centralization: ``scale = 1``; ``dW = g - mean(g)``;
+    * ``sqrt_var``: ``scale = 1 / sqrt(var_biased + eps)``; ``dW`` is the training-mode batch-norm
+      input gradient of ``W`` (one fused kernel);
+    * ``std_plus_eps``: ``scale = 1 / (std_unbiased + eps)``; with sigma = std_unbiased and n the
+      fan-in, ``dW = scale * (g - mean(g) - W_hat * sum(g * W_hat) * (sigma + eps) / ((n - 1) sigma))``:
+      the same batch-norm backward kernel, run with ``invstd' = sqrt(n scale / ((n - 1) sigma))``
+      and weight ``scale / invstd'``.
+
+    Each output carries the ``(W, mean, scale)`` it was made from (``_d2norm_recompute``): a conv
+    prepared by :func:`apply_weight_transform` hands autograd that recipe instead of ``W_hat`` and
+    recomputes ``W_hat`` (one kernel) when its backward needs it (see :func:`_pack_weight`)."""
+
+    @staticmethod
+    def forward(ctx, w, kind, eps):
+        c = w.shape[0]
+        w3 = w.detach().reshape(1, c, -1)
+        n = w3.shape[2]
+        ones = _ones(w3, c)
+        bn_weight = bn_invstd = None
+        if kind == "sqrt_var":
+            out, mean, scale = torch.native_batch_norm(w3, None, None, None, None, True, 0.0, eps)
+            bn_invstd = scale
+        else:
+            if kind == "centralization":
+                mean, scale = w3.mean(2)[0], None
+            else:  # std_plus_eps
+                std, mean = torch.std_mean(w3[0], 1, correction=1)
+                scale = torch.add(std, eps).reciprocal_()
+                if w.requires_grad:
+                    # invstd' = sqrt(n scale / ((n - 1) sigma)), weight' = scale / invstd'
+                    bn_weight = torch.mul(std, scale).mul_((n - 1) / n).sqrt_()
+                    bn_invstd = torch.div(scale, bn_weight)
+            out = _apply_affine(w3, mean, scale, ones)
+        out = out.reshape(w.shape)
+        ctx.save_for_backward(w, mean, bn_weight, bn_invstd)
+        ctx.kind, ctx.eps = kind, eps
+        ctx.recipe = (mean, scale, ones)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        w, mean, bn_weight, bn_invstd = ctx.saved_tensors
+        g3 = grad.reshape(1, w.shape[0], -1)
+        if ctx.kind == "centralization":
+            return grad - g3.mean(2, keepdim=True).reshape(w.shape[0], *([1] * (w.dim() - 1))), None, None
+        w3 = w.reshape(1, w.shape[0], -1)
+        gw = torch.ops.aten.native_batch_norm_backward(
+            g3.contiguous(), w3, bn_weight, None, None, mean, bn_invstd, True, 0.0, [True, False, False]
+        )[0]
+        return gw.reshape(w.shape), None, None
+
+
+def _transform(w: torch.Tensor, kind: str, eps: float = 0.0) -> torch.Tensor:
+    _reduce_dims(w)
+    out = _WeightTransform.apply(w, kind, eps)
+    if out.requires_grad:
+        out._d2norm_recompute = (w, out.grad_fn, out._version)
+    return out
+
+
 def centralize_weight(w: torch.Tensor) -> torch.Tensor:
     """``W - mean(W)``, the mean taken per output channel over all other dims."""
-    return w - w.mean(dim=_reduce_dims(w), keepdim=True)
+    return _transform(w, "centralization")
 
 
 def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sqrt_var") -> torch.Tensor:
@@ -88,14 +180,63 @@ def standardize_weight(w: torch.Tensor, eps: float = 1e-5, convention: str = "sq
     ``convention="std_plus_eps"``: ``(W - mean) / (std_unbiased + eps)`` (mmcv ``ConvWS2d``,
     original WS code).
     """
-    dims = _reduce_dims(w)
-    if convention == "sqrt_var":
-        var, mean = torch.var_mean(w, dim=dims, correction=0, keepdim=True)
-        return (w - mean) / torch.sqrt(var + eps)
-    if convention == "std_plus_eps":
-        std, mean = torch.std_mean(w, dim=dims, correction=1, keepdim=True)
-        return (w - mean) / (std + eps)
-    raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")
+    if convention not in WS_CONVENTIONS:
+        raise ValueError(f"unknown WS convention {convention!r}; expected one of {WS_CONVENTIONS}")
+    return _transform(w, convention, float(eps))
+
+
+# ----------------------------------------------------------------------------- recompute in backward
+# A norm that follows a transformed conv hands autograd, in place of the transformed weight W_hat
+# the conv op saved for its backward, the recipe (raw weight, mean, scale), and W_hat is rebuilt
+# (one kernel) when the backward runs: training keeps no copy of every conv's W_hat alive between
+# forward and backward.
+
+
+class _Recipe:
+    __slots__ = ("weight", "version", "grad_fn")
+
+    def __init__(self, weight, grad_fn):
+        self.weight, self.version, self.grad_fn = weight, weight._version, grad_fn
+
+
+def _unpack_weight(p):
+    if not isinstance(p, _Recipe):
+        return p
+    if p.weight._version != p.version:
+        raise RuntimeError(
+            "The raw weight of a weight-transformed conv was modified in place between the forward "
+            "and the backward (e.g. an optimizer step before backward); its gradient would be wrong."
+        )
+    mean, scale, ones = p.grad_fn.recipe
+    w = p.weight
+    with torch.no_grad():
+        return _apply_affine(w.reshape(1, w.shape[0], -1), mean, scale, ones).reshape(w.shape)
+
+
+def release_transformed_weight(y: torch.Tensor) -> None:
+    """Called by a norm on its input ``y``: if ``y`` is the output of a conv whose weight is a
+    d2norm weight transform (and the conv op saved that weight for its backward), store the
+    recipe of the weight instead, to be rebuilt in the backward. Anything else: no change."""
+    fn = y.grad_fn
+    if fn is None or not hasattr(fn, "_raw_saved_weight"):
+        return
+    try:
+        w = fn._saved_weight
+    except RuntimeError:  # not saved / already released
+        return
+    made = getattr(w, "_d2norm_recompute", None) if w is not None else None
+    if made is None or made[2] != w._version:  # not a transform output, or changed in place
+        return
+    recipe, ptr = _Recipe(made[0], made[1]), w.data_ptr()
+    del w
+
+    def pack(t):  # called at once, with the saved W_hat (detached)
+        return recipe if t.data_ptr() == ptr else t
+
+    try:
+        fn._raw_saved_weight.register_hooks(pack, _unpack_weight)
+    except RuntimeError:  # hooks already registered (the norm ran twice on one output)
+        pass
 
 
 class WeightCentralization(nn.Module):

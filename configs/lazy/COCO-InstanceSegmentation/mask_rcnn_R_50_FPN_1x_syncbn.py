@@ -1,0 +1,9 @@
+"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml (model):
+FrozenStatsBN backbone, SyncBN in FPN and heads (4conv1fc box head), torchvision R-50 input."""
+
+from ..common.mask_rcnn_fpn import four_conv_one_fc_heads, model, set_norm, torchvision_input
+
+torchvision_input(model)
+four_conv_one_fc_heads(model)
+set_norm(model, "FrozenStatsBN", fpn=False, box_head=False, mask_head=False)
+set_norm(model, "SyncBN", backbone=False)

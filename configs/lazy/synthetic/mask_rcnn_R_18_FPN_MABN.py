@@ -1,0 +1,8 @@
+"""LazyConfig of configs/synthetic/mask_rcnn_R_18_FPN_MABN.yaml (model): MABN everywhere, buffer 4."""
+
+import d2norm
+
+from ..common.mask_rcnn_fpn import set_norm
+from .mask_rcnn_R_18_FPN_GN import model
+
+set_norm(model, d2norm.norm("MABN", buffer_size=4))

@@ -1,0 +1,224 @@
+"""Converting pretrained files from other code bases into the layouts d2norm's recipes load.
+
+:func:`convert_weights` reads a file with d2norm's own loader (:class:`D2NormCheckpointer`: ``.pkl``
+of Detectron / detectron2, torch files, ``state_dict`` / ``model`` / ``module.`` wrappers),
+renames its keys from the source's layout to detectron2's, loads them into the model the recipe
+builds (every check of :mod:`d2norm.weights` applies: a file whose backbone keys or shapes do not
+fit is refused with the keys it found), checks the recipe's input format against the one the
+weights were trained with, and returns the loaded tensors under the model's own names.
+
+Sources (``source=``; ``"auto"`` tells them apart by their keys):
+
+========================  ===================================================  ================
+source                    layout (keys)                                        trained on input
+========================  ===================================================  ================
+``torchvision``           ``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.   RGB, ImageNet
+                          downsample.0/1``, ``fc`` (also the WS authors' files)  mean / std
+``timm``                  torchvision's names (``resnet50_gn``: GroupNorm in     RGB, ImageNet
+                          the ``bn*`` slots); ResNetV2 / BiT (``stem.conv``,     mean / std
+                          ``stages.*``, pre-activation) is refused
+``detectron2``            Detectron / detectron2 ``.pkl`` (Caffe2 names, e.g.   BGR, mean
+                          ``res2_0_branch2a_w``), matched by detectron2's       [103.53, 116.28,
+                          heuristics                                           123.675], std 1
+``mmdet`` (official CBN)  ``{"state_dict"}``: ``backbone.`` + torchvision's     RGB, ImageNet
+                          names, ``neck.*``, ``rpn_head.*``, ``bbox_head.*``    mean / std
+``maskrcnn_benchmark``    ``{"model"}``: ``module.backbone.body.stem.conv1``,   BGR, mean
+(official MABN)           ``stem.bn1``, ``layer1.0.*``; ``backbone.fpn.*``,     [102.9801,
+                          ``rpn.*``, ``roi_heads.*``                             115.9465,
+                                                                               122.7717], std 1
+``mabn`` (MABN authors'   torchvision's names (``R50-wc.pth``); not told apart   as
+ImageNet backbones)       from torchvision by keys: pass it explicitly           maskrcnn_benchmark
+========================  ===================================================  ================
+
+Backbones are converted; the detector parts of mmdet / maskrcnn-benchmark files (FPN, RPN, heads)
+are listed as not converted (their class order and box encodings differ from detectron2's).
+"""
+
+import os
+import tempfile
+
+import torch
+
+from .checkpoint import D2NormCheckpointer, load_pretrained_backbone
+from .weights import CheckpointError, convert_torchvision_resnet, is_torchvision_resnet
+
+__all__ = [
+    "SOURCES",
+    "INPUT_CONVENTIONS",
+    "detect_source",
+    "rename_backbone",
+    "check_input_format",
+    "convert_weights",
+]
+
+_IMAGENET_RGB = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530],
+    "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+}
+_MRCNN_BENCHMARK_BGR = {
+    "INPUT.FORMAT": "BGR",
+    "MODEL.PIXEL_MEAN": [102.9801, 115.9465, 122.7717],
+    "MODEL.PIXEL_STD": [1.0, 1.0, 1.0],
+    "MODEL.RESNETS.STRIDE_IN_1X1": True,
+}
+#: The input each source's weights were trained with (config keys and values).
+INPUT_CONVENTIONS = {
+    "torchvision": _IMAGENET_RGB,
+    "timm": _IMAGENET_RGB,
+    "mmdet": _IMAGENET_RGB,
+    "detectron2": {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.530, 116.280, 123.675]},
+    "maskrcnn_benchmark": _MRCNN_BENCHMARK_BGR,
+    # the MABN authors' weight-centralized ImageNet backbones (R50-wc.pth): torchvision's names,
+    # maskrcnn-benchmark's input; not told apart from torchvision by keys: pass source="mabn"
+    "mabn": _MRCNN_BENCHMARK_BGR,
+}
+SOURCES = tuple(INPUT_CONVENTIONS)
+_BACKBONE = "backbone.bottom_up."
+
+
+def _read(path):
+    """The file's tensors by name, read by d2norm's checkpoint loader (which also unwraps
+    containers and strips ``module.``); ``(state_dict, checkpoint)``."""
+    checkpoint = D2NormCheckpointer(torch.nn.Module(), save_to_disk=False)._load_file(path)
+    return dict(checkpoint["model"]), checkpoint
+
+
+def detect_source(state_dict, checkpoint=None, path=""):
+    """The source layout of ``state_dict`` (see the module docstring), or a ``CheckpointError``
+    listing the keys found."""
+    keys = list(state_dict)
+    if (checkpoint or {}).get("__author__") == "Caffe2" or str(path).endswith(".pkl"):
+        return "detectron2"
+    if (checkpoint or {}).get("__author__") == "torchvision":  # already renamed by the loader
+        return "timm" if not any(k.endswith("running_mean") for k in keys) else "torchvision"
+    if any(k.startswith("backbone.body.") for k in keys):
+        return "maskrcnn_benchmark"
+    if any(k.startswith("backbone.layer1.") for k in keys):
+        return "mmdet"
+    if any(k.startswith(("stages.", "stem.conv.")) for k in keys):
+        raise CheckpointError(
+            f"{path!r} is a pre-activation ResNetV2 / BiT layout (stem.conv, stages.*: e.g. timm's "
+            "resnetv2_*), which detectron2's ResNet (post-activation) cannot load. Fix: use a "
+            "post-activation ResNet (torchvision / timm resnet*, e.g. timm resnet50_gn)."
+        )
+    if is_torchvision_resnet(state_dict):
+        return "torchvision"
+    raise CheckpointError(
+        f"Unrecognized weights layout in {path!r}: {len(keys)} tensors, e.g. {sorted(keys)[:8]}. "
+        f"Fix: pass a file of one of the sources {list(SOURCES)} (docs/weights.md)."
+    )
+
+
+def _source_resnet_name(key, source):
+    """A key's torchvision-style (or already detectron2) ResNet name, or None if not backbone."""
+    if source == "mmdet":
+        return key[len("backbone.") :] if key.startswith("backbone.") else None
+    if source == "maskrcnn_benchmark":
+        body = "backbone.body."
+        if not key.startswith(body):
+            return None
+        rest = key[len(body) :]
+        for old, new in (("stem.bn1.", "bn1."), ("stem.conv1.", "conv1.")):
+            if rest.startswith(old):
+                return new + rest[len(old) :]
+        return rest
+    return key
+
+
+def rename_backbone(state_dict, source):
+    """``(backbone, other)``: the backbone tensors under detectron2's ``backbone.bottom_up.`` names,
+    and the file's keys that are not backbone (classifier, FPN, heads), sorted."""
+    backbone, other = {}, []
+    for key, value in state_dict.items():
+        name = _source_resnet_name(key, source)
+        renamed = convert_torchvision_resnet({name: value}) if name is not None else {}
+        (new,) = renamed or (None,)
+        if new is not None and new.startswith(("stem.", "res2.", "res3.", "res4.", "res5.")):
+            backbone[_BACKBONE + new] = value
+        elif not key.endswith("num_batches_tracked"):
+            other.append(key)
+    return backbone, sorted(other)
+
+
+def check_input_format(cfg, source):
+    """Raise ``ValueError`` if ``cfg``'s input format differs from the one the ``source``'s weights
+    were trained with (:data:`INPUT_CONVENTIONS`), naming each key and the value to set."""
+    bad = []
+    for key, want in INPUT_CONVENTIONS[source].items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        have = list(node) if isinstance(want, list) else node
+        same = (
+            len(have) == len(want) and all(abs(float(a) - float(b)) < 1e-2 for a, b in zip(have, want))
+            if isinstance(want, list)
+            else have == want
+        )
+        if not same:
+            bad.append(f"{key} is {have}, the weights expect {want}")
+    if bad:
+        raise ValueError(
+            f"The recipe's input format does not match the {source} weights: {'; '.join(bad)}. Fix: "
+            "set these keys (channel order and normalization the weights were trained with), or "
+            "use weights trained with this input format."
+        )
+
+
+def convert_weights(cfg, path, source="auto", check_input=True):
+    """Convert ``path`` for the model of ``cfg`` (see the module docstring).
+
+    Returns ``(state_dict, report)``: the model's tensors loaded from the file (model names), and
+    ``{"source", "loaded", "not_converted", "input"}``. Raises ``CheckpointError`` for a file whose
+    keys or shapes do not fit the recipe's backbone, ``ValueError`` for an input-format mismatch.
+    """
+    from .modeling import build_model
+
+    raw, checkpoint = _read(path)
+    if source == "auto":
+        source = detect_source(raw, checkpoint, path)
+    elif source not in SOURCES:
+        raise ValueError(f"Unknown source {source!r}. Fix: one of {list(SOURCES)} or 'auto'.")
+    if check_input:
+        check_input_format(cfg, source)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    if source == "detectron2":
+        not_converted = []
+        load_from = path  # Caffe2 names: detectron2's matching heuristics, as MODEL.WEIGHTS does
+        report = load_pretrained_backbone(model, load_from)
+    else:
+        backbone, not_converted = rename_backbone(raw, source)
+        if not backbone:
+            raise CheckpointError(
+                f"No ResNet backbone tensors found in {path!r} as a {source} file ({len(raw)} "
+                f"tensors, e.g. {sorted(raw)[:8]}). Fix: pass the matching --source."
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            renamed = os.path.join(tmp, "renamed.pth")
+            torch.save({"model": backbone}, renamed)
+            report = load_pretrained_backbone(model, renamed)
+        # statistics a norm of the recipe does not keep (BN running_mean for MABN / GN) may go
+        unused_backbone = [
+            k
+            for k in report.unused
+            if k.startswith(_BACKBONE) and not k.endswith(("running_mean", "running_var"))
+        ]
+        if unused_backbone:
+            raise CheckpointError(
+                f"{len(unused_backbone)} backbone tensors of {path!r} have no place in this model "
+                f"({unused_backbone[:8]}). The file is for another backbone. Fix: use weights of "
+                "the backbone in MODEL.RESNETS, or change MODEL.RESNETS to match the file."
+            )
+    model_sd = model.state_dict()
+    state = {k: model_sd[k].detach().clone() for k in report.loaded}
+    info = {
+        "source": source,
+        "loaded": len(state),
+        "not_converted": list(not_converted),
+        "input": dict(INPUT_CONVENTIONS[source]),
+    }
+    return state, info
