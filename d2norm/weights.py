@@ -69,6 +69,7 @@ __all__ = [
     "CheckpointError",
     "adapt_method_state",
     "convert_torchvision_resnet",
+    "to_torchvision_resnet",
     "is_torchvision_resnet",
     "normalize_loaded_checkpoint",
     "check_loaded_weights",
@@ -154,6 +155,42 @@ def _bcn_authors_layout(key, value):
     ):
         return key, value.reshape(-1)
     return key, value
+
+
+_D2_BLOCK = re.compile(r"^res(\d+)\.(\d+)\.(.+)$")
+_D2_NORM = re.compile(r"^conv(\d+)\.norm\.(.+)$")
+
+
+def to_torchvision_resnet(state_dict):
+    """detectron2 ResNet names -> torchvision's (the inverse of :func:`convert_torchvision_resnet`
+    on the keys it renames; pure). A parametrized conv's raw weight
+    ``X.parametrizations.weight.original`` is written as ``X.weight``, the way files trained with
+    Weight Standardization / centralization store it; other keys (a classifier ``fc.*``) are kept.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        key = plain_weight_key(key)
+        new = key
+        if key.startswith("stem.conv1.norm."):
+            new = "bn1." + key[len("stem.conv1.norm.") :]
+        elif key.startswith("stem.conv1."):
+            new = key[len("stem.") :]
+        else:
+            m = _D2_BLOCK.match(key)
+            if m:
+                stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
+                norm = _D2_NORM.match(rest)
+                if norm:
+                    rest = f"bn{norm.group(1)}.{norm.group(2)}"
+                elif rest.startswith("shortcut.norm."):
+                    rest = "downsample.1." + rest[len("shortcut.norm.") :]
+                elif rest.startswith("shortcut."):
+                    rest = "downsample.0." + rest[len("shortcut.") :]
+                new = f"layer{stage - 1}.{block}.{rest}"
+        if new in out:
+            raise ValueError(f"to_torchvision_resnet: two keys map to {new!r}")
+        out[new] = value
+    return out
 
 
 def _is_tensor_dict(d):

@@ -59,6 +59,16 @@ def convs_with_norm(module):
     return [m for m in module.modules() if isinstance(m, Conv2d) and getattr(m, "norm", None) is not None]
 
 
+def run_tool(name, *argv, timeout=900):
+    """``python tools/<name> argv...`` in a subprocess with 1 torch thread; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(REPO, "tools", name), *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def c2_name(d2_name):
     """detectron2 ResNet name -> Caffe2/Detectron blob name (GN models: _gn_s/_gn_b)."""
     parts = d2_name.split(".")

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, run_tool
 
 from d2norm import study
 from d2norm.study import report
@@ -209,9 +209,6 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
     each process b of them; every run is also evaluated with re-estimated statistics, over its
     last checkpoints, with a val loss and kept predictions; the report and plot are written; a
     second call resumes without training."""
-    import subprocess
-    import sys
-
     out = tmp_path / "study"
     argv = [
         "--norms",
@@ -245,11 +242,9 @@ def test_tiny_study_end_to_end(tmp_path, data_root):
         "MODEL.ROI_HEADS.NUM_CLASSES",
         "3",
     ]
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
 
     def cli(*extra):
-        cmd = [sys.executable, os.path.join(REPO, "tools", "small_batch_study.py"), *extra, *argv]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        return run_tool("small_batch_study.py", *extra, *argv)
 
     first = cli()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -16,12 +16,12 @@ import argparse
 import os
 import shlex
 import sys
-import time
 
-from d2norm.study import FULL, QUICK, StudySettings, load_records, plan, run_grid, settings_id
+from d2norm.study import FULL, QUICK, StudySettings, load_records, plan, settings_id
 from d2norm.study.records import run_key
-from d2norm.study.report import machine_line, write_plot, write_report
-from d2norm.study.settings import schedule
+from d2norm.study.report import machine_line, write_plot_or_note, write_report
+from d2norm.study.run import run_from_args
+from d2norm.study.settings import schedule, settings_from_args
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -128,19 +128,16 @@ def parse_args(argv=None):
             kw[name] = getattr(args, name)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
-    try:
-        args.settings = StudySettings(
-            config=args.config,
-            total_batch=args.total_batch,
-            threads=args.threads,
-            tail_evals=args.tail_evals,
-            precise_images=args.precise_images,
-            opts=tuple(preset.get("opts", ())) + tuple(args.opts),
-            data_root=args.data_root,
-            **kw,
-        )
-    except ValueError as e:
-        p.error(str(e))
+    args.settings = settings_from_args(
+        p,
+        StudySettings,
+        args,
+        preset,
+        config=args.config,
+        tail_evals=args.tail_evals,
+        precise_images=args.precise_images,
+        **kw,
+    )
     args.report = args.report or os.path.join(args.output, "small_batch_study.md")
     args.plot = args.plot or os.path.join(args.output, "small_batch_study.png")
     return args
@@ -263,36 +260,14 @@ def report(args, records, wall_s=None):
         s.total_batch,
         plot_rel,
     )
-    try:
-        title = f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds"
-        write_plot(args.plot, records, total_batch=s.total_batch, title=title)
-    except ImportError as e:  # the records and the tables do not need matplotlib
-        print(f"note: no plot ({e}). Fix: install matplotlib, then rerun with --report-only.")
+    title = f"{s.iters} iterations, {s.total_batch} images per iteration; mean ± std over seeds"
+    write_plot_or_note(args.plot, records, s.total_batch, title)
 
 
 def main(argv=None):
     args = parse_args(argv)
     s = args.settings
-    if args.report_only:
-        records = _study_records(args)
-        report(args, records)
-        print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
-        return records
-    t0 = time.time()
-    records, failed = run_grid(
-        s,
-        args.output,
-        jobs=args.jobs,
-        resume=args.resume,
-        progress=not args.no_progress,
-        keep_outputs=args.keep_outputs,
-        on_record=lambda recs: report(args, recs, time.time() - t0),
-    )
-    report(args, records, time.time() - t0)
-    print(f"wrote {args.report} and {args.plot}")
-    if failed:
-        sys.exit(1)
-    return records
+    return run_from_args(s, args, report)
 
 
 if __name__ == "__main__":

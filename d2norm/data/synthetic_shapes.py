@@ -38,6 +38,8 @@ __all__ = [
     "generate_split",
     "make_image",
     "make_hard_image",
+    "draw_clutter",
+    "noisy_gradient",
     "register_synthetic_datasets",
 ]
 
@@ -175,26 +177,24 @@ def _fill(shape, poly):
     return m.astype(bool)
 
 
-def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=(1, 5), num_clutter=(0, 2)):
-    """One "hard" image (H×W×3 uint8, BGR) and its objects: list of (class index, visible mask).
-
-    Background: a colour gradient with pixel noise (sigma 6); clutter: ``num_clutter``
-    (inclusive range) unannotated outlines (circles, rectangles), line segments and dots. Then
-    ``num_objects`` objects of :data:`HARD_SHAPE_CLASSES`, circumradius log-uniform in ``radius``
-    × size, each drawn over the previous ones; a placement is redrawn (up to 30 times, else the
-    object is dropped) if it would leave an earlier object, or itself, less than ``min_visible``
-    of its area visible or smaller than 12 pixels. A mask is exactly the object's pixels that
-    stay visible.
-    """
-    import cv2
-
+def noisy_gradient(rng, size, base, slope, noise):
+    """A size×size×3 uint8 background: per channel a base level uniform in ``base``, plus
+    horizontal and vertical ramps with end-to-end change uniform in ±``slope``, plus Gaussian
+    pixel noise of std ``noise``."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = (
-        rng.uniform(30, 120, size=3)
-        + xx[..., None] * rng.uniform(-50, 50, size=3)
-        + yy[..., None] * rng.uniform(-50, 50, size=3)
+        rng.uniform(base[0], base[1], size=3)
+        + xx[..., None] * rng.uniform(-slope, slope, size=3)
+        + yy[..., None] * rng.uniform(-slope, slope, size=3)
     )
-    img = np.clip(img + rng.normal(0, 6, size=img.shape), 0, 255).astype(np.uint8)
+    return np.clip(img + rng.normal(0, noise, size=img.shape), 0, 255).astype(np.uint8)
+
+
+def draw_clutter(img, rng, size, num_clutter):
+    """Draw ``num_clutter`` (inclusive range) unannotated items into ``img`` in place: outlines
+    (circles, rectangles), line segments and dots, each a random colour, position and size."""
+    import cv2
+
     for _ in range(int(rng.integers(num_clutter[0], num_clutter[1] + 1))):  # clutter, never annotated
         color = tuple(int(c) for c in rng.uniform(40, 255, size=3))
         kind = int(rng.integers(4))
@@ -211,6 +211,22 @@ def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=
             cv2.line(img, (cx, cy), (x2, y2), color, thickness=int(rng.integers(1, 4)))
         else:
             cv2.circle(img, (cx, cy), max(1, r // 4), color, thickness=-1)
+
+
+def make_hard_image(rng, size, min_visible=0.7, radius=(0.1, 0.25), num_objects=(1, 5), num_clutter=(0, 2)):
+    """One "hard" image (H×W×3 uint8, BGR) and its objects: list of (class index, visible mask).
+
+    Background: a colour gradient with pixel noise (sigma 6); clutter: ``num_clutter``
+    (inclusive range) unannotated outlines (circles, rectangles), line segments and dots. Then
+    ``num_objects`` objects of :data:`HARD_SHAPE_CLASSES`, circumradius log-uniform in ``radius``
+    × size, each drawn over the previous ones; a placement is redrawn (up to 30 times, else the
+    object is dropped) if it would leave an earlier object, or itself, less than ``min_visible``
+    of its area visible or smaller than 12 pixels. A mask is exactly the object's pixels that
+    stay visible.
+    """
+
+    img = noisy_gradient(rng, size, base=(30, 120), slope=50, noise=6)
+    draw_clutter(img, rng, size, num_clutter)
 
     objects = []  # (class, full mask, visible mask)
     lo, hi = math.log(radius[0]), math.log(radius[1])

@@ -12,7 +12,7 @@
 from . import model  # noqa: F401  (registers build_study_resnet_fpn_backbone)
 from .records import append_record, load_records, pending_runs, run_key
 from .report import write_plot, write_report
-from .run import execute_run, run_grid
+from .run import execute_run, run_grid, run_or_report
 from .settings import FULL, QUICK, StudySettings, available_norms, build_cfg, plan, settings_id
 from .stats import aggregate, paired_difference, t_quantile
 
@@ -25,6 +25,7 @@ __all__ = [
     "plan",
     "settings_id",
     "run_grid",
+    "run_or_report",
     "execute_run",
     "append_record",
     "load_records",

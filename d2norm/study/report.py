@@ -18,9 +18,28 @@ __all__ = [
     "machine_line",
     "write_plot",
     "write_report",
+    "common_sections",
+    "finish_report",
+    "write_text",
+    "write_plot_or_note",
 ]
 
-_ORDER = ("BN", "SyncBN", "GN", "GN+WS", "BCN+WS", "CBN", "MABN", "BRN", "FRN", "EvoNorm-S0")
+# the small-batch study's norms and the fine-tuning study's arms (d2norm.study.finetune.ARMS)
+_ORDER = (
+    "BN*",
+    "BN",
+    "SyncBN",
+    "GN",
+    "GN+WS",
+    "BCN+WS",
+    "CBN",
+    "CBN exact",
+    "MABN",
+    "BRN",
+    "FRN",
+    "EvoNorm-S0",
+    "BN* random",
+)
 
 
 def norm_order(norms):
@@ -75,6 +94,8 @@ def _interval(d):
     if d is None:
         return "–"
     mean, ci, n = d
+    if isinstance(n, tuple):  # an unpaired difference: (n_a, n_b)
+        n = "/".join(map(str, n))
     if ci is None:
         return f"{mean:+.1f} (n={n})"
     return f"{mean:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}] (n={n})"
@@ -376,9 +397,6 @@ def write_plot(path, records, metric="box_ap", title="", total_batch=8):
 def write_report(path, records, header="", settings_text="", footer="", total_batch=8, plot_name=None):
     """The Markdown report of ``records`` (tables computed here) between ``header`` and ``footer``."""
     d1, d2 = difference_tables(records, total_batch=total_batch)
-    conv, conv_summary = convergence_table(records)
-    cost, total_cpu = cost_table(records, total_batch)
-    inv = invariants(records, total_batch)
     parts = [header.strip(), ""]
     if settings_text:
         parts += ["## Settings", "", settings_text.strip(), ""]
@@ -455,7 +473,15 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
             ap_table(records, "precise_val_loss", total_batch, digits=3, only_measured=True),
             "",
         ]
-    parts += [
+    finish_report(path, parts, records, footer, total_batch)
+
+
+def common_sections(records, total_batch=8):
+    """The report's sections that do not depend on the study: convergence, design checks, cost."""
+    conv, conv_summary = convergence_table(records)
+    cost, total_cpu = cost_table(records, total_batch)
+    inv = invariants(records, total_batch)
+    return [
         "## Convergence",
         "",
         "Box AP of the runs evaluated along the schedule "
@@ -479,7 +505,24 @@ def write_report(path, records, header="", settings_text="", footer="", total_ba
         f"Total: {total_cpu / 60:.1f} CPU minutes over {len(latest_records(records))} runs.",
         "",
     ]
+
+
+def finish_report(path, parts, records, footer="", total_batch=8):
+    """Append :func:`common_sections` and ``footer`` to the lines ``parts``, write ``path``."""
+    parts = parts + common_sections(records, total_batch)
     if footer:
         parts += [footer.strip(), ""]
-    text = "\n".join(parts)
+    write_text(path, "\n".join(parts))
+
+
+def write_text(path, text):
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_plot_or_note(path, records, total_batch, title):
+    """:func:`write_plot`, or a note saying how to get it where matplotlib is missing (the
+    records and the tables do not need it)."""
+    try:
+        write_plot(path, records, total_batch=total_batch, title=title)
+    except ImportError as e:
+        print(f"note: no plot ({e}). Fix: install matplotlib, then rerun with --report-only.")

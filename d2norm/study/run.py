@@ -31,9 +31,9 @@ from datetime import timedelta
 
 from ..data import register_datasets
 from .records import append_record, load_records, pending_runs, run_key
-from .settings import StudySettings, build_cfg, plan, settings_id
+from .settings import StudySettings
 
-__all__ = ["execute_run", "run_grid", "run_dir_name"]
+__all__ = ["execute_run", "run_grid", "run_or_report", "run_from_args", "run_dir_name"]
 
 PROGRESS_EVERY = 5  # iterations between progress-file writes
 
@@ -123,7 +123,7 @@ def _rank_main(s, spec, run_dir):
     torch.set_num_threads(s.threads)
     rank = comm.get_rank()
     _setup_logging(run_dir, rank)
-    cfg = build_cfg(s, spec["norm"], spec["procs"], spec["seed"], run_dir)
+    cfg = s.build_cfg(spec["norm"], spec["procs"], spec["seed"], run_dir)
     register_datasets(cfg)
     seed_all_rng(spec["seed"])
     trainer = _study_trainer(set(_eval_iters(s, spec["seed"])), run_dir)(cfg)
@@ -242,11 +242,12 @@ def execute_run(s, spec, run_dir):
         info = json.load(f)
     rec = dict(spec, **info)
     rec["wall_train_s"] = time.perf_counter() - t0
-    cfg = build_cfg(s, spec["norm"], spec["procs"], spec["seed"], run_dir)
+    cfg = s.build_cfg(spec["norm"], spec["procs"], spec["seed"], run_dir)
     rec["lr"] = cfg.SOLVER.BASE_LR
     rec["cbn_window"] = cfg.D2NORM.CBN.BUFFER_SIZE if spec["norm"] == "CBN" else None
     rec["mabn_buffer"] = cfg.D2NORM.MABN.BUFFER_SIZE if spec["norm"] == "MABN" else None
     rec["brn_momentum"] = cfg.D2NORM.BRN.MOMENTUM if spec["norm"] == "BRN" else None
+    rec["weights"] = os.path.basename(cfg.MODEL.WEIGHTS) or None
     t0, cpu0 = time.perf_counter(), time.process_time()
     if rec["status"] == "ok":
         _setup_logging(run_dir, 0)
@@ -336,8 +337,8 @@ def run_grid(
     records, bad = load_records(results)
     if bad:
         print(f"note: skipped {bad} unreadable line(s) of {results} (an interrupted write)")
-    sid = settings_id(s)
-    planned = plan(s, sid)
+    sid = s.settings_id()
+    planned = s.plan(sid)
     keys = {run_key(p) for p in planned}
     mine = [r for r in records if run_key(r) in keys]
     if records and not resume:
@@ -347,7 +348,7 @@ def run_grid(
         )
     todo = pending_runs(planned, records)
     if todo:  # generate the synthetic splits once, not in every concurrent run
-        register_datasets(build_cfg(s, todo[0]["norm"], todo[0]["procs"], todo[0]["seed"], output))
+        register_datasets(s.build_cfg(todo[0]["norm"], todo[0]["procs"], todo[0]["seed"], output))
     print(
         f"{len(planned)} runs planned, {len(planned) - len(todo)} already done, {len(todo)} to go; "
         f"up to {jobs} processes at once, {s.threads} thread(s) each"
@@ -419,3 +420,43 @@ def run_grid(
         + (f"; {failed} run(s) FAILED (see their logs; --resume retries them)" if failed else "")
     )
     return mine, failed
+
+
+def run_or_report(s, output, report, report_only=False, **grid_kwargs):
+    """What a study's command line does: with ``report_only``, call ``report(records, None)`` on
+    the records of ``<output>/results.jsonl`` that belong to ``s``; else :func:`run_grid` (keyword
+    arguments ``grid_kwargs``), calling ``report(records, wall seconds)`` after every finished
+    run and at the end. Returns (records, number of failed runs)."""
+    if report_only:
+        keys = {run_key(p) for p in s.plan(s.settings_id())}
+        records = load_records(os.path.join(output, "results.jsonl"))[0]
+        records = [r for r in records if run_key(r) in keys]
+        report(records, None)
+        return records, 0
+    t0 = time.time()
+    records, failed = run_grid(
+        s, output, on_record=lambda recs: report(recs, time.time() - t0), **grid_kwargs
+    )
+    report(records, time.time() - t0)
+    return records, failed
+
+
+def run_from_args(s, args, report):
+    """:func:`run_or_report` with a study command line's flags: ``args.output``,
+    ``args.report_only``, ``args.jobs``, ``args.resume``, ``args.no_progress``,
+    ``args.keep_outputs``; ``report(args, records, wall seconds)`` writes ``args.report`` and
+    ``args.plot``. Returns the records; exits with status 1 if a run failed."""
+    records, failed = run_or_report(
+        s,
+        args.output,
+        lambda recs, wall_s: report(args, recs, wall_s),
+        report_only=args.report_only,
+        jobs=args.jobs,
+        resume=args.resume,
+        progress=not args.no_progress,
+        keep_outputs=args.keep_outputs,
+    )
+    print(f"wrote {args.report} and {args.plot} from {len(records)} record(s)")
+    if failed:
+        raise SystemExit(1)
+    return records

@@ -36,6 +36,7 @@ __all__ = [
     "build_cfg",
     "plan",
     "settings_id",
+    "settings_from_args",
     "QUICK",
     "FULL",
 ]
@@ -86,6 +87,20 @@ class StudySettings:
     def per_proc(self, procs):
         return self.total_batch // procs
 
+    # What the runner (d2norm.study.run) asks of a study; another study (e.g. the fine-tuning
+    # study, d2norm.study.finetune) overrides these four.
+    def check_norms(self):
+        check_norms(self.norms)
+
+    def build_cfg(self, norm, procs, seed, output_dir):
+        return build_cfg(self, norm, procs, seed, output_dir)
+
+    def settings_id(self):
+        return settings_id(self)
+
+    def plan(self, sid=None):
+        return plan(self, sid)
+
     def tail_iters(self):
         """The iterations of the last ``tail_evals`` checkpoints (every ``iters // 30``)."""
         step = max(1, self.iters // 30)
@@ -102,6 +117,22 @@ QUICK = dict(
     opts=("DATASETS.TEST", "('d2norm_shapes_hard_quick_val',)"),
 )
 FULL = dict()
+
+
+def settings_from_args(parser, cls, args, preset, **kw):
+    """``cls(**kw)`` with a study command line's common flags (``--total-batch``, ``--threads``,
+    ``--data-root``, the config overrides after the preset's); a ``ValueError`` becomes the
+    parser's error message (exit status 2)."""
+    try:
+        return cls(
+            total_batch=args.total_batch,
+            threads=args.threads,
+            opts=tuple(preset.get("opts", ())) + tuple(args.opts),
+            data_root=args.data_root,
+            **kw,
+        )
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def available_norms():
@@ -232,15 +263,16 @@ def settings_id(s):
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def plan(s, sid=None):
-    """The study's runs, as dicts with the run-key fields (see :func:`records.run_key`)."""
-    check_norms(s.norms)
-    sid = sid or settings_id(s)
+def plan(s, sid=None, skip=None):
+    """The study's runs, as dicts with the run-key fields (see :func:`records.run_key`);
+    ``skip(norm, P)`` True leaves a point out (besides SyncBN at P = 1 with ``skip_redundant``)."""
+    s.check_norms()
+    sid = sid or s.settings_id()
     out = []
     for seed in s.seeds:
         for norm in s.norms:
             for p in s.procs:
-                if s.skip_redundant and norm == "SyncBN" and p == 1:
+                if s.skip_redundant and norm == "SyncBN" and p == 1 or skip is not None and skip(norm, p):
                     continue
                 out.append(
                     dict(

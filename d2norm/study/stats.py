@@ -2,7 +2,8 @@
 
 A point is (norm, images per process b). Runs at two points with the same seed share the
 weight initialization and the order of the images, so differences are taken per seed (paired)
-and summarized by a Student-t interval:
+and summarized by a Student-t interval (across norms, where pairing by seed buys nothing, the
+unpaired Welch interval of :func:`welch_difference`):
 
     d_s = AP(point A, seed s) - AP(point B, seed s),   s in the seeds both points have
     mean(d) +- t_{0.975, n-1} * sd(d) / sqrt(n)        (n >= 2; sd = sample standard deviation)
@@ -13,7 +14,7 @@ import statistics
 
 from .records import latest_records
 
-__all__ = ["t_quantile", "point_values", "aggregate", "paired_difference", "convergence"]
+__all__ = ["t_quantile", "point_values", "aggregate", "paired_difference", "welch_difference", "convergence"]
 
 
 def _t_pdf(x, df):
@@ -79,6 +80,28 @@ def paired_difference(values_a, values_b, level=0.95):
         return mean, None, len(d)
     half = t_quantile(0.5 + level / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return mean, (mean - half, mean + half), len(d)
+
+
+def welch_difference(values_a, values_b, level=0.95):
+    """Mean of a − mean of b, its Welch 95% t-interval (None unless both have >= 2 values), (n_a, n_b).
+
+    ``values_a``, ``values_b``: {seed: value} (all values count, unpaired)::
+
+        se² = s_a²/n_a + s_b²/n_b,  df = se⁴ / ((s_a²/n_a)²/(n_a−1) + (s_b²/n_b)²/(n_b−1))
+    """
+    a, b = list(values_a.values()), list(values_b.values())
+    if not a or not b:
+        return None
+    mean = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return mean, None, (len(a), len(b))
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se2 = va + vb
+    if se2 == 0:
+        return mean, (mean, mean), (len(a), len(b))
+    df = se2 * se2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    half = t_quantile(0.5 + level / 2, max(1.0, df)) * math.sqrt(se2)
+    return mean, (mean - half, mean + half), (len(a), len(b))
 
 
 def convergence(records, metric="box_ap", tail_from=0.8):
