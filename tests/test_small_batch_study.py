@@ -339,3 +339,13 @@ def test_committed_decision_table_is_rederived_from_the_committed_jsonl():
             assert nums[1] == pytest.approx(ci[0], abs=0.051) and nums[2] == pytest.approx(ci[1], abs=0.051)
             ok = ok and ((-3 <= ci[0] and ci[1] <= 3) if within else ci[0] > 0)
         assert verdict == ("**established**" if ok else "not established"), claim
+
+
+def test_the_committed_records_are_this_study():
+    """The study's settings id (a hash of the merged config, schedule and generator) is the one
+    every committed record carries: a config key added to d2norm must not orphan the records that
+    ``--resume`` continues (new option nodes are hashed only when set away from their defaults)."""
+    with open(os.path.join(DOCS, "small_batch_study.jsonl"), encoding="utf-8") as f:
+        ids = {json.loads(ln)["settings_id"] for ln in f if ln.strip()}
+    s = study.StudySettings(config=os.path.join(REPO, "configs", "synthetic", "study", "Base-Study.yaml"))
+    assert ids == {study.settings_id(s)}

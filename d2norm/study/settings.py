@@ -234,6 +234,9 @@ def build_cfg(s, norm, procs, seed, output_dir):
 #: ``cfg.D2NORM`` option nodes added after the study's runs were recorded (norms added later):
 #: hashed only when set away from their defaults, so the recorded runs keep their settings id
 LATER_OPTION_NODES = ("BCN",)
+#: ``cfg.D2NORM`` nodes that never change what a run computes (when a run stops on a signal, not
+#: what it trains): never hashed
+RESULT_NEUTRAL_NODES = ("PREEMPT",)
 
 
 def _drop_default_later_nodes(cfg):
@@ -245,6 +248,8 @@ def _drop_default_later_nodes(cfg):
     for key in LATER_OPTION_NODES:
         if key in cfg.D2NORM and cfg.D2NORM[key] == defaults[key]:
             cfg.D2NORM.pop(key)
+    for key in RESULT_NEUTRAL_NODES:
+        cfg.D2NORM.pop(key, None)
 
 
 def settings_id(s):
