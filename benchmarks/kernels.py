@@ -59,6 +59,7 @@ from benchmarks.common import (
     update_section,
 )
 from d2norm.layers import (
+    BatchChannelNormWS,
     BatchNormWS,
     BatchRenorm2d,
     CrossIterationBatchNorm2d,
@@ -220,6 +221,7 @@ def build_pair(name, kw=COUNT_CONV):
         "conv+SyncBN (1 proc)": lambda: nn.Sequential(conv, SyncBatchNorm2d(c)),
         "conv+GN": lambda: nn.Sequential(conv, GroupNorm(32, c)),
         "conv+GN+WS": lambda: _prepared(conv, GroupNormWS(32, c)),
+        "conv+BCN+WS": lambda: _prepared(conv, BatchChannelNormWS(c, num_groups=32)),
         "conv+BN+WS": lambda: _prepared(conv, BatchNormWS(c)),
         "conv+CBN": lambda: nn.Sequential(conv, CrossIterationBatchNorm2d(c, buffer_size=CBN_K).bind(conv)),
         CBN_FLOOR: lambda: BatchNormWithNuGradient(conv, nn.BatchNorm2d(c)),
@@ -241,6 +243,7 @@ PAIR_ROWS = [
     "conv+SyncBN (1 proc)",
     "conv+GN",
     "conv+GN+WS",
+    "conv+BCN+WS",
     "conv+BN+WS",
     "conv+CBN",
     CBN_FLOOR,

@@ -287,6 +287,22 @@ def test_fold_moves_the_batch_part_into_the_conv(cls, mode):
     torch.testing.assert_close(traced(x), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cls", [BatchChannelNorm2d, BatchChannelNormWS])
+def test_folded_model_exports_to_onnx(cls, tmp_path):
+    """The deployed form (batch part folded into the conv, WS baked, channel part kept) exports to
+    ONNX, and onnxruntime computes the eager model's output."""
+    ort = pytest.importorskip("onnxruntime")
+    net = _trained_net(cls, dtype=torch.float32).eval()
+    x = torch.randn(3, 3, 6, 6) * 2 + 1
+    with torch.no_grad():
+        ref = net(x)
+        folded = fold(copy.deepcopy(net))
+    path = str(tmp_path / "bcn.onnx")
+    torch.onnx.export(folded, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+    (out,) = ort.InferenceSession(path).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_frozen_form_is_the_eval_map_in_training():
     """Frozen (parameters not trainable, then the preparation pass as after detectron2's freeze):
     the batch part becomes the FrozenBatchNorm2d of its eval map, the conv keeps WS, and the
