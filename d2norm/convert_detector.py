@@ -165,14 +165,40 @@ def _cli_value(value):
 # renaming
 
 
+# source module -> (detectron2 module, kind): the classifier, box regressor, mask deconv and
+# mask logits, each a weight and a bias
+_MMDET_PREDICTORS = {
+    "bbox_head.fc_cls.": ("roi_heads.box_predictor.cls_score.", "cls"),
+    "bbox_head.fc_reg.": ("roi_heads.box_predictor.bbox_pred.", "box"),
+    "mask_head.upsample.": ("roi_heads.mask_head.deconv.", "roi_heads"),
+    "mask_head.conv_logits.": ("roi_heads.mask_head.predictor.", "mask"),
+}
+_MRCNN_PREDICTORS = {
+    "roi_heads.box.predictor.cls_score.": ("roi_heads.box_predictor.cls_score.", "cls"),
+    "roi_heads.box.predictor.bbox_pred.": ("roi_heads.box_predictor.bbox_pred.", "box"),
+    "roi_heads.mask.predictor.conv5_mask.": ("roi_heads.mask_head.deconv.", "roi_heads"),
+    "roi_heads.mask.predictor.mask_fcn_logits.": ("roi_heads.mask_head.predictor.", "mask"),
+}
+
+
+def _predictor_name(key, table):
+    for src, (dst, kind) in table.items():
+        if key.startswith(src) and key[len(src) :] in ("weight", "bias"):
+            return dst + key[len(src) :], kind
+    return None, None
+
+
+def _fpn_name(lateral, level, is_norm, leaf):
+    kind = "fpn_lateral" if lateral else "fpn_output"
+    return f"backbone.{kind}{level}.{'norm.' if is_norm else ''}{leaf}", "fpn"
+
+
 def _mmdet_name(key):
     """``(detectron2 name, kind)`` of an mmdetection detector key, or ``(None, None)`` for a key
     outside the converted parts; raises for a key of a part that has no detectron2 counterpart."""
-    for src, dst in (("lateral_convs", "fpn_lateral"), ("fpn_convs", "fpn_output")):
-        m = re.match(rf"^neck\.{src}\.(\d+)\.(conv|bn|gn)\.(.+)$", key)
-        if m:
-            norm = "" if m.group(2) == "conv" else "norm."
-            return f"backbone.{dst}{int(m.group(1)) + 2}.{norm}{m.group(3)}", "fpn"
+    m = re.match(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.(conv|bn|gn)\.(.+)$", key)
+    if m:  # level i is res{i+2}
+        return _fpn_name(m.group(1) == "lateral_convs", int(m.group(2)) + 2, m.group(3) != "conv", m.group(4))
     m = re.match(r"^rpn_head\.rpn_(conv|cls|reg)\.(weight|bias)$", key)
     if m:
         name = {"conv": "conv", "cls": "objectness_logits", "reg": "anchor_deltas"}[m.group(1)]
@@ -185,26 +211,15 @@ def _mmdet_name(key):
     m = re.match(r"^bbox_head\.shared_fcs\.(\d+)\.(weight|bias)$", key)
     if m:
         return f"roi_heads.box_head.fc{int(m.group(1)) + 1}.{m.group(2)}", "roi_heads"
-    simple = {
-        "bbox_head.fc_cls.": ("roi_heads.box_predictor.cls_score.", "cls"),
-        "bbox_head.fc_reg.": ("roi_heads.box_predictor.bbox_pred.", "box"),
-        "mask_head.upsample.": ("roi_heads.mask_head.deconv.", "roi_heads"),
-        "mask_head.conv_logits.": ("roi_heads.mask_head.predictor.", "mask"),
-    }
-    for src, (dst, kind) in simple.items():
-        if key.startswith(src) and key[len(src) :] in ("weight", "bias"):
-            return dst + key[len(src) :], kind
-    return None, None
+    return _predictor_name(key, _MMDET_PREDICTORS)
 
 
 def _mrcnn_name(key, box_convs):
     """As :func:`_mmdet_name`, for maskrcnn-benchmark keys (``box_convs``: ``{xconvs index:
     (conv number, is_norm)}`` of the box head's conv stack)."""
-    for src, dst in (("fpn_inner", "fpn_lateral"), ("fpn_layer", "fpn_output")):
-        m = re.match(rf"^backbone\.fpn\.{src}(\d+)\.(?:(0|1)\.)?(.+)$", key)
-        if m:
-            norm = "norm." if m.group(2) == "1" else ""
-            return f"backbone.{dst}{int(m.group(1)) + 1}.{norm}{m.group(3)}", "fpn"
+    m = re.match(r"^backbone\.fpn\.(fpn_inner|fpn_layer)(\d+)\.(?:(0|1)\.)?(.+)$", key)
+    if m:  # fpn_inner{i} is res{i+1}; Sequential(conv, norm) when normalized
+        return _fpn_name(m.group(1) == "fpn_inner", int(m.group(2)) + 1, m.group(3) == "1", m.group(4))
     m = re.match(r"^rpn\.head\.(conv|cls_logits|bbox_pred)\.(weight|bias)$", key)
     if m:
         name, kind = {
@@ -226,16 +241,7 @@ def _mrcnn_name(key, box_convs):
     if m:
         norm = "norm." if m.group(2) == "1" else ""
         return f"roi_heads.mask_head.mask_fcn{int(m.group(1))}.{norm}{m.group(3)}", "roi_heads"
-    simple = {
-        "roi_heads.box.predictor.cls_score.": ("roi_heads.box_predictor.cls_score.", "cls"),
-        "roi_heads.box.predictor.bbox_pred.": ("roi_heads.box_predictor.bbox_pred.", "box"),
-        "roi_heads.mask.predictor.conv5_mask.": ("roi_heads.mask_head.deconv.", "roi_heads"),
-        "roi_heads.mask.predictor.mask_fcn_logits.": ("roi_heads.mask_head.predictor.", "mask"),
-    }
-    for src, (dst, kind) in simple.items():
-        if key.startswith(src) and key[len(src) :] in ("weight", "bias"):
-            return dst + key[len(src) :], kind
-    return None, None
+    return _predictor_name(key, _MRCNN_PREDICTORS)
 
 
 def _box_conv_numbers(state_dict):

@@ -21,6 +21,7 @@ SHA-256 is computed and printed, and said to be unverified.
 
 import hashlib
 import os
+import re
 import urllib.request
 from dataclasses import dataclass
 
@@ -72,6 +73,11 @@ def _file(name, url=None, prefix=None, source="", how=""):
     return PretrainedFile(name, url, prefix, source, how)
 
 
+def _hashed(name, url, source):
+    """A file whose published name carries the first 8+ hex digits of its SHA-256."""
+    return _file(name, url, re.search(r"-([0-9a-f]{8,})\.pth$", url).group(1), source)
+
+
 #: The files of the recipes' ``MODEL.WEIGHTS``, by file name.
 PRETRAINED = {
     f.name: f
@@ -81,35 +87,21 @@ PRETRAINED = {
         _file("R-50-GN.pkl", _FAIR + "47261647/R-50-GN.pkl"),
         _file("R-101-GN.pkl", _FAIR + "47592356/R-101-GN.pkl"),
         _file("X-101-32x8d.pkl", _FAIR + "20171220/X-101-32x8d.pkl"),
-        _file("resnet50-19c8e357.pth", _TORCHVISION + "resnet50-19c8e357.pth", "19c8e357", _IN_NAME_TV),
-        _file("resnet101-5d3b4d8f.pth", _TORCHVISION + "resnet101-5d3b4d8f.pth", "5d3b4d8f", _IN_NAME_TV),
-        _file(
-            "resnext101_32x8d-8ba56ff5.pth",
-            _TORCHVISION + "resnext101_32x8d-8ba56ff5.pth",
-            "8ba56ff5",
-            _IN_NAME_TV,
+        *(
+            _hashed(name, _TORCHVISION + name, _IN_NAME_TV)
+            for name in ("resnet50-19c8e357.pth", "resnet101-5d3b4d8f.pth", "resnext101_32x8d-8ba56ff5.pth")
         ),
-        # the WS authors' GN+WS backbones, as mmdetection's open-mmlab://jhu/* serve them
-        _file("R-50-GN-WS.pth", _OPENMMLAB + "resnet50_gn_ws-15beedd8.pth", "15beedd8", _IN_NAME_MM),
-        _file("R-101-GN-WS.pth", _OPENMMLAB + "resnet101_gn_ws-3e3c308c.pth", "3e3c308c", _IN_NAME_MM),
-        _file(
-            "X-50-32x4d-GN-WS.pth",
-            _OPENMMLAB + "resnext50_32x4d_gn_ws-0d87ac85.pth",
-            "0d87ac85",
-            _IN_NAME_MM,
-        ),
-        _file(
-            "X-101-32x4d-GN-WS.pth",
-            _OPENMMLAB + "resnext101_32x4d_gn_ws-34ac1a9e.pth",
-            "34ac1a9e",
-            _IN_NAME_MM,
-        ),
-        # mmdetection's open-mmlab://contrib/resnet50_gn
-        _file(
-            "R-50-GN-contrib.pth",
-            _OPENMMLAB + "resnet50_gn_thangvubk-ad1730dd.pth",
-            "ad1730dd",
-            _IN_NAME_MM,
+        # the WS authors' GN+WS backbones as mmdetection's open-mmlab://jhu/* serve them, and
+        # open-mmlab://contrib/resnet50_gn
+        *(
+            _hashed(name, _OPENMMLAB + served, _IN_NAME_MM)
+            for name, served in (
+                ("R-50-GN-WS.pth", "resnet50_gn_ws-15beedd8.pth"),
+                ("R-101-GN-WS.pth", "resnet101_gn_ws-3e3c308c.pth"),
+                ("X-50-32x4d-GN-WS.pth", "resnext50_32x4d_gn_ws-0d87ac85.pth"),
+                ("X-101-32x4d-GN-WS.pth", "resnext101_32x4d_gn_ws-34ac1a9e.pth"),
+                ("R-50-GN-contrib.pth", "resnet50_gn_thangvubk-ad1730dd.pth"),
+            )
         ),
         # the BCN authors' BCN+WS R-50 (Batch-Channel-Normalization imagenet/README.md)
         _file("R-50-BCN-WS.pth", "https://cs.jhu.edu/~syqiao/BatchChannelNormalization/rn50_bcn_ws.pth"),
@@ -118,10 +110,10 @@ PRETRAINED = {
             how="the MABN authors' README (github.com/megvii-model/MABN) links it on a file-sharing "
             "page, not as a direct download: download it there by hand and put it at this path",
         ),
-        _file("R-101-wc.pth", how=_NO_PUBLIC),
-        _file("X-101-32x8d-wc.pth", how=_NO_PUBLIC),
-        _file("X-101-32x8d-GN.pkl", how=_NO_PUBLIC),
-        _file("X-101-32x8d-GN-WS.pth", how=_NO_PUBLIC),
+        *(
+            _file(name, how=_NO_PUBLIC)
+            for name in ("R-101-wc.pth", "X-101-32x8d-wc.pth", "X-101-32x8d-GN.pkl", "X-101-32x8d-GN-WS.pth")
+        ),
     )
 }
 

@@ -35,24 +35,15 @@ from helpers import REPO, synthetic_cfg
 import d2norm
 from d2norm import model_zoo
 from d2norm.checkpoint import CheckpointError, D2NormCheckpointer
-from d2norm.convert import convert_weights
+from d2norm.convert import INPUT_CONVENTIONS, convert_weights
 from d2norm.convert_detector import legacy_cell_anchors, source_settings
 
 from detectron2.structures import Boxes, Instances
 
 K = 3  # the synthetic recipes' classes; the sources add background at index 0
-_RGB = {
-    "INPUT.FORMAT": "RGB",
-    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
-    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
-    "MODEL.RESNETS.STRIDE_IN_1X1": False,
-}
-_MRCNN = {
-    "INPUT.FORMAT": "BGR",
-    "MODEL.PIXEL_MEAN": [102.9801, 115.9465, 122.7717],
-    "MODEL.PIXEL_STD": [1.0, 1.0, 1.0],
-    "MODEL.RESNETS.STRIDE_IN_1X1": True,
-}
+# the input each source's weights were trained with (its check is tests/test_convert_weights.py)
+_RGB = INPUT_CONVENTIONS["mmdet"]
+_MRCNN = INPUT_CONVENTIONS["maskrcnn_benchmark"]
 
 
 def _with_source_settings(cfg, parts=("fpn", "rpn", "roi_heads")):
