@@ -48,6 +48,7 @@ import torch
 from .checkpoint import D2NormCheckpointer, load_pretrained_backbone
 from .convert_detector import (
     DETECTOR_PARTS,
+    DETECTOR_SOURCES,
     anchor_residual_px,
     check_detector_settings,
     check_file_anchors,
@@ -199,14 +200,16 @@ def _parts(parts, available, source, path):
     if unknown:
         raise ValueError(f"Unknown parts {unknown}. Fix: a subset of {list(PARTS)}.")
     missing = [p for p in parts if p != "backbone" and p not in available]
-    if missing:
-        has = (
-            f"has only {['backbone', *available]}"
-            if source in ("mmdet", "maskrcnn_benchmark")
-            else "is a backbone"
-        )
+    if missing and source not in DETECTOR_SOURCES:
         raise CheckpointError(
-            f"{path!r} ({source}) {has}; no {missing}. Fix: --parts with what the file holds."
+            f"{path!r} is a {source} file: only its backbone is converted, not {missing}. Fix: "
+            "--parts backbone (a whole Detectron / detectron2 detector loads through "
+            "MODEL.WEIGHTS as it is)."
+        )
+    if missing:
+        raise CheckpointError(
+            f"{path!r} ({source}) holds only {['backbone', *available]}, not {missing}. Fix: "
+            "--parts with what the file holds."
         )
     return tuple(p for p in DETECTOR_PARTS if p in parts)
 
@@ -221,6 +224,13 @@ def _restartable(model):
                 if leaf not in ("running_mean", "running_var", "weight", "bias"):
                     out.add(f"{name}.{leaf}")
     return out
+
+
+def _fresh_norm_state(model, report, parts):
+    """The model's norm buffers in the converted ``parts`` that the file did not fill."""
+    prefixes = tuple(p for part in parts for p in DETECTOR_PARTS[part])
+    loaded = set(report.loaded)
+    return sorted(k for k in _restartable(model) if k.startswith(prefixes) and k not in loaded)
 
 
 def _check_detector_fit(model, path, converted, report, parts, origin):
@@ -330,6 +340,13 @@ def convert_weights(cfg, path, source="auto", check_input=True, parts=None, chec
             )
         if parts:
             _check_detector_fit(model, path, converted, report, parts, origin)
+            fresh = sorted({k.rsplit(".", 1)[1] for k in _fresh_norm_state(model, report, parts)})
+            if fresh:
+                burnin = ", CBN's burn-in count among them: fine-tuning from this file burns in again"
+                approximations.append(
+                    f"norm state the source does not save starts fresh ({', '.join(fresh)}"
+                    f"{burnin if 'num_iterations' in fresh else ''})"
+                )
             if "rpn" in parts:
                 approximations.append(
                     f"anchors: detectron2's differ from the {source} ones by up to "

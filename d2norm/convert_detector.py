@@ -195,7 +195,7 @@ def _fpn_name(lateral, level, is_norm, leaf):
 
 def _mmdet_name(key):
     """``(detectron2 name, kind)`` of an mmdetection detector key, or ``(None, None)`` for a key
-    outside the converted parts; raises for a key of a part that has no detectron2 counterpart."""
+    with no detectron2 counterpart (:func:`rename_detector` refuses those)."""
     m = re.match(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.(conv|bn|gn)\.(.+)$", key)
     if m:  # level i is res{i+2}
         return _fpn_name(m.group(1) == "lateral_convs", int(m.group(2)) + 2, m.group(3) != "conv", m.group(4))

@@ -342,6 +342,11 @@ def test_whole_detector_computes_what_the_source_computes(tmp_path, source):
     assert info["source"] == source
     assert info["parts"] == ["backbone", "fpn", "rpn", "roi_heads"]
     assert info["not_converted"] == []
+    fresh = [n for n in info["approximations"] if n.startswith("norm state")]
+    if source == "mmdet":  # CBN's window and iteration count are not in the official files
+        assert "hist_sqmean" in fresh[0] and "burns in again" in fresh[0]
+    else:  # the official MABN layout holds all of MABN's state
+        assert fresh == []
     # the output loads by exact names into the recipe's model, as MODEL.WEIGHTS does
     out = str(tmp_path / "out.pth")
     torch.save({"model": state}, out)
@@ -458,7 +463,7 @@ def test_recipe_settings_that_differ_are_refused(tmp_path):
     # without the check the parts convert (the user takes the difference on)
     _, info = convert_weights(cfg, path, check_settings=False)
     assert info["parts"] == ["backbone", "fpn", "rpn", "roi_heads"]
-    with pytest.raises(CheckpointError, match=r"has only \['backbone'\]; no \['rpn'\]"):
+    with pytest.raises(CheckpointError, match=r"holds only \['backbone'\], not \['rpn'\]"):
         convert_weights(cfg, mmdet_file(tmp_path, {}), parts=["rpn"])
 
 
