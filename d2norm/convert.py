@@ -238,15 +238,15 @@ def _check_detector_fit(model, path, converted, report, parts, origin):
     converted parts got every parameter and running statistic from the file."""
     model_sd = model.state_dict()
     loaded = set(report.loaded)
+    restartable = _restartable(model)
     misfits = []
     for key, value in converted.items():
-        if key in loaded:
-            continue
+        if key in loaded or (key in restartable and key in model_sd):
+            continue  # history of another size restarts (d2norm.weights.adapt_method_state)
         have = model_sd.get(key)
         where = "no such tensor in the model" if have is None else f"model {tuple(have.shape)}"
         misfits.append(f"{origin.get(key, key)} -> {key}: file {tuple(value.shape)}, {where}")
     prefixes = tuple(p for part in parts for p in DETECTOR_PARTS[part])
-    restartable = _restartable(model)
     missing = sorted(
         k for k in model_sd if k.startswith(prefixes) and k not in loaded and k not in restartable
     )
@@ -344,7 +344,8 @@ def convert_weights(cfg, path, source="auto", check_input=True, parts=None, chec
             if fresh:
                 burnin = ", CBN's burn-in count among them: fine-tuning from this file burns in again"
                 approximations.append(
-                    f"norm state the source does not save starts fresh ({', '.join(fresh)}"
+                    f"norm state starts fresh where the file has none or of another buffer size "
+                    f"({', '.join(fresh)}"
                     f"{burnin if 'num_iterations' in fresh else ''})"
                 )
             if "rpn" in parts:

@@ -505,6 +505,21 @@ def test_parts_without_a_detectron2_counterpart_are_refused(tmp_path):
     assert "rpn.head.conv.weight" in info["not_converted"]
 
 
+def test_mabn_history_of_another_buffer_size_restarts(tmp_path):
+    # the official files hold 16-entry MABN rings (real_B / B = 32 / 2); a recipe with 8 keeps
+    # running_var and the affine parameters and starts its rings empty, as MODEL.WEIGHTS does
+    src = mrcnn_detector(_Gen(9))
+    cfg = _mabn_cfg(**{"D2NORM.MABN.BUFFER_SIZE": 8})
+    state, info = convert_weights(cfg, mrcnn_file(tmp_path, src), parts=["fpn", "roi_heads"])
+    (note,) = [n for n in info["approximations"] if n.startswith("norm state")]
+    assert "buffer_x2" in note and int(state["roi_heads.box_head.conv2.norm.iters"]) == 0
+    torch.testing.assert_close(
+        state["roi_heads.box_head.conv2.norm.running_var"],
+        src["roi_heads.box.feature_extractor.xconvs.4.running_var"].flatten(),
+    )
+    assert "roi_heads.box_head.conv2.norm.buffer_x2" not in state
+
+
 def _bn_keys(gen, prefix):
     return {prefix + k: v for k, v in _bn(gen, 64).items()}
 
