@@ -101,6 +101,7 @@ def mmdet_detector(
     fc=256,
     classes=K + 1,
     mask_convs=2,
+    fcs=1,
     anchors=3,
     softmax_rpn=False,
     norm="bn",
@@ -127,8 +128,10 @@ def mmdet_detector(
     )
     for i in range(box_convs):
         conv_module(f"bbox_head.shared_convs.{i}", dim, dim, 3)
-    sd["bbox_head.shared_fcs.0.weight"] = gen(fc, dim * 49) / (dim * 49) ** 0.5
-    sd["bbox_head.shared_fcs.0.bias"] = gen(fc)
+    for j in range(fcs):  # the first fc reads the (C, 7, 7) features flattened
+        fan_in = dim * 49 if j == 0 else fc
+        sd[f"bbox_head.shared_fcs.{j}.weight"] = gen(fc, fan_in) / fan_in**0.5
+        sd[f"bbox_head.shared_fcs.{j}.bias"] = gen(fc)
     sd["bbox_head.fc_cls.weight"], sd["bbox_head.fc_cls.bias"] = gen(classes, fc), gen(classes)
     sd["bbox_head.fc_reg.weight"] = gen(4 * classes, fc) * 0.1
     sd["bbox_head.fc_reg.bias"] = gen(4 * classes) * 0.1
@@ -140,7 +143,9 @@ def mmdet_detector(
     return sd
 
 
-def mrcnn_detector(gen, ins=(64, 128, 256, 512), dim=64, box_convs=4, fc=256, classes=K + 1, mask_convs=2):
+def mrcnn_detector(
+    gen, ins=(64, 128, 256, 512), dim=64, box_convs=4, fc=256, classes=K + 1, mask_convs=2, fcs=1
+):
     """A maskrcnn-benchmark Mask R-CNN as the official MABN config builds it (CenConv2d + MABN2d
     in FPN, the Xconv1fc box head and the mask head)."""
     sd = {}
@@ -163,8 +168,10 @@ def mrcnn_detector(gen, ins=(64, 128, 256, 512), dim=64, box_convs=4, fc=256, cl
     for i in range(box_convs):
         sd[f"{xconvs}.{3 * i}.weight"] = _conv(gen, dim, dim, 3)
         sd.update({f"{xconvs}.{3 * i + 1}.{n}": v for n, v in _mabn(gen, dim).items()})
-    sd["roi_heads.box.feature_extractor.fc6.weight"] = gen(fc, dim * 49) / (dim * 49) ** 0.5
-    sd["roi_heads.box.feature_extractor.fc6.bias"] = gen(fc)
+    for j in range(fcs):  # fc6, fc7 (FPN2MLPFeatureExtractor)
+        fan_in = dim * 49 if j == 0 else fc
+        sd[f"roi_heads.box.feature_extractor.fc{6 + j}.weight"] = gen(fc, fan_in) / fan_in**0.5
+        sd[f"roi_heads.box.feature_extractor.fc{6 + j}.bias"] = gen(fc)
     sd["roi_heads.box.predictor.cls_score.weight"] = gen(classes, fc)
     sd["roi_heads.box.predictor.cls_score.bias"] = gen(classes)
     sd["roi_heads.box.predictor.bbox_pred.weight"] = gen(4 * classes, fc) * 0.1
@@ -267,23 +274,25 @@ def _src_fpn(sd, feats, source):
 
 
 def _src_box_head(sd, x, source):
-    """``(class probabilities (R, K+1), deltas (R, 4 (K+1)))`` of the source box head."""
+    """``(class probabilities (R, K+1), deltas (R, 4 (K+1)))`` of the source box head: its
+    convs (conv, norm, ReLU), then its fcs (ReLU) on the features flattened as (C, H, W)."""
     if source == "mmdet":
-        for i in range(4):
-            p = f"bbox_head.shared_convs.{i}"
-            x = F.relu(_src_conv_norm(sd, p + ".conv.weight", p + ".bn.", x, "bn", 1))
-        x = F.relu(
-            F.linear(x.flatten(1), sd["bbox_head.shared_fcs.0.weight"], sd["bbox_head.shared_fcs.0.bias"])
-        )
+        convs = [
+            (f"bbox_head.shared_convs.{i}.conv.weight", f"bbox_head.shared_convs.{i}.bn.") for i in range(4)
+        ]
+        fcs = [f"bbox_head.shared_fcs.{j}." for j in range(2)]
         cls, reg = "bbox_head.fc_cls.", "bbox_head.fc_reg."
     else:
         p = "roi_heads.box.feature_extractor."
-        for i in range(4):
-            x = F.relu(
-                _src_conv_norm(sd, f"{p}xconvs.{3 * i}.weight", f"{p}xconvs.{3 * i + 1}.", x, "mabn", 1)
-            )
-        x = F.relu(F.linear(x.flatten(1), sd[p + "fc6.weight"], sd[p + "fc6.bias"]))
+        convs = [(f"{p}xconvs.{3 * i}.weight", f"{p}xconvs.{3 * i + 1}.") for i in range(4)]
+        fcs = [f"{p}fc6.", f"{p}fc7."]
         cls, reg = "roi_heads.box.predictor.cls_score.", "roi_heads.box.predictor.bbox_pred."
+    kind = "bn" if source == "mmdet" else "mabn"
+    for conv, norm in (c for c in convs if c[0] in sd):
+        x = F.relu(_src_conv_norm(sd, conv, norm, x, kind, 1))
+    x = x.flatten(1)
+    for fc in (f for f in fcs if f + "weight" in sd):
+        x = F.relu(F.linear(x, sd[fc + "weight"], sd[fc + "bias"]))
     scores = F.linear(x, sd[cls + "weight"], sd[cls + "bias"]).softmax(-1)
     return scores, F.linear(x, sd[reg + "weight"], sd[reg + "bias"])
 
@@ -397,6 +406,34 @@ def test_whole_detector_computes_what_the_source_computes(tmp_path, source):
         src_masks = _src_mask_logits(src, mask_rois, source)
     assert masks.shape == (4, K, 28, 28)
     torch.testing.assert_close(masks, src_masks[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["mmdet", "maskrcnn_benchmark"])
+def test_a_2fc_box_head_maps_to_detectron2s_fc_head(tmp_path, source):
+    """The plain FPN box head (no convs, two fcs: mmdetection SharedFCBBoxHead, maskrcnn-benchmark
+    FPN2MLPFeatureExtractor fc6 / fc7) into a recipe with NUM_CONV 0, NUM_FC 2: the first fc
+    reads the pooled (C, 7, 7) features flattened in the same order."""
+    gen = _Gen(11)
+    head = {"ROI_BOX_HEAD.NUM_CONV": 0, "ROI_BOX_HEAD.NUM_FC": 2}
+    over = {f"MODEL.{k}": v for k, v in head.items()}
+    if source == "mmdet":
+        src, cfg = mmdet_detector(gen, box_convs=0, fcs=2), _cbn_cfg(**over)
+        path = mmdet_file(tmp_path, src)
+    else:
+        src, cfg = mrcnn_detector(gen, box_convs=0, fcs=2), _mabn_cfg(**over)
+        path = mrcnn_file(tmp_path, src)
+    state, _ = convert_weights(cfg, path, parts=["fpn", "roi_heads"])
+    model = _load(cfg, state)
+    rois = torch.randn(5, 64, 7, 7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        scores, _ = model.roi_heads.box_predictor(model.roi_heads.box_head(rois))
+        src_probs, _ = _src_box_head(src, rois, source)
+    torch.testing.assert_close(scores.softmax(-1)[:, :K], src_probs[:, 1:], rtol=1e-4, atol=1e-6)
+    # the same file into the 4conv1fc recipe is refused, naming what is missing
+    with pytest.raises(
+        CheckpointError, match=r"roi_heads\.box_head\.fc2\.weight: file \(256, 256\), no such tensor"
+    ):
+        convert_weights(_cbn_cfg() if source == "mmdet" else _mabn_cfg(), path, parts=["fpn", "roi_heads"])
 
 
 def test_source_anchor_generators_match_transcribed_values():
