@@ -21,7 +21,7 @@ is refused with the key to fix. Without ``cfg`` (e.g. a LazyConfig model built w
 import torch
 
 from ..layers import ConvFedNorm, CycleNormList
-from ..norms import bind_norms, config_options, layer_options, spec_of
+from ..norms import bind_norms, config_options, end_pass_checks, layer_options, spec_of
 from ..patches import patch_get_norm
 from .freeze import freeze_norm, is_frozen_norm
 from .link import find_feeding_conv, install_link_check, no_conv_error, remove_zero_bias, split
@@ -59,6 +59,7 @@ def prepare_model(model, cfg=None):
         if not structural:
             install_link_check(norm, path, conv, conv_path)
     prepare_norm_sites(model)
+    end_pass_checks(model)  # layers built by name no longer refuse to train (d2norm.norms)
     return model
 
 
