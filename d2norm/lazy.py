@@ -5,9 +5,13 @@ In a LazyConfig, wrap the model (``configs/lazy/common/mask_rcnn_fpn.py`` does):
 
     model = L(d2norm.lazy.prepared)(model=L(GeneralizedRCNN)(...))
     optimizer.params = L(d2norm.lazy.param_groups)(weight_decay_norm=0.0)  # model filled in
-    lr_multiplier = L(d2norm.lazy.warmup_multistep)(max_iter="${train.max_iter}", steps=[...], warmup_iters=50)
+    lr_multiplier = L(d2norm.lazy.warmup_multistep)(
+        max_iter="${train.max_iter}", steps=[420, 540], warmup_iters=50
+    )
 
-and give norms as a name or with options: ``norm=d2norm.norm("CBN", buffer_size=4)``.
+and give norms as a name or with options: ``norm=d2norm.norm("CBN", buffer_size=4)``. Such a
+config trains with ``train_net.py --config-file x.py key=value ...``
+(:mod:`d2norm.engine.lazy_trainer`; ``configs/lazy/synthetic/`` has complete ones).
 :func:`prepared` is what :func:`d2norm.build_model` does after building from a yacs config
 (:func:`d2norm.prepare_model`, without a config: the options are those the layers carry).
 """

@@ -15,12 +15,17 @@ from omegaconf import ListConfig
 
 import d2norm
 from d2norm import model_zoo
-from d2norm.engine.lazy_trainer import TRAINER_KEYS, LazyTrainer, load_lazy_config, trainer_config
 from d2norm.engine.launch import cli
+from d2norm.engine.lazy_trainer import TRAINER_KEYS, LazyTrainer, load_lazy_config, trainer_config
 
 from detectron2.config import LazyConfig, instantiate
 
-TWINS = ["mask_rcnn_R_18_FPN_GN", "mask_rcnn_R_18_FPN_CBN", "mask_rcnn_R_18_FPN_MABN", "mask_rcnn_R_18_FPN_GN_WS"]
+TWINS = [
+    "mask_rcnn_R_18_FPN_GN",
+    "mask_rcnn_R_18_FPN_CBN",
+    "mask_rcnn_R_18_FPN_MABN",
+    "mask_rcnn_R_18_FPN_GN_WS",
+]
 
 
 def _lazy_file(name):
@@ -54,10 +59,10 @@ def test_lazy_recipe_gives_the_trainer_the_yacs_recipe_settings(name):
     """Trainer keys, data mapper, optimizer groups and the lr schedule of every iteration equal
     those detectron2 builds from the yacs twin (``build_lr_scheduler``, ``DatasetMapper(cfg)``,
     d2norm's ``build_optimizer``), also after a ``train.max_iter`` override."""
+    from d2norm.optim import build_optimizer
+
     from detectron2.data import DatasetMapper
     from detectron2.solver import LRMultiplier, build_lr_scheduler
-
-    from d2norm.optim import build_optimizer
 
     for max_iter in (None, 20):
         cfg = _yacs(name)
@@ -77,7 +82,9 @@ def test_lazy_recipe_gives_the_trainer_the_yacs_recipe_settings(name):
         b = instantiate(spec)
         assert type(a) is type(b) and len(a.param_groups) == len(b.param_groups) == 2
         for ga, gb in zip(a.param_groups, b.param_groups):
-            assert {k: v for k, v in ga.items() if k != "params"} == {k: v for k, v in gb.items() if k != "params"}
+            assert {k: v for k, v in ga.items() if k != "params"} == {
+                k: v for k, v in gb.items() if k != "params"
+            }
             assert all(p is q for p, q in zip(ga["params"], gb["params"]))
         sa = build_lr_scheduler(cfg, a)
         sb = LRMultiplier(b, instantiate(conf.lr_multiplier), max_iter=view.SOLVER.MAX_ITER)
@@ -115,7 +122,10 @@ _LAZY_TINY = [
     "dataloader.evaluator=null",
     "train.max_iter=4",
     "train.checkpointer.period=2",
-    *(f"model.model.backbone.{site}={_CBN}" for site in ("bottom_up.stem.norm", "bottom_up.stages.norm", "norm")),
+    *(
+        f"model.model.backbone.{site}={_CBN}"
+        for site in ("bottom_up.stem.norm", "bottom_up.stages.norm", "norm")
+    ),
 ]
 
 
@@ -128,7 +138,14 @@ def test_lazy_and_yacs_cbn_recipes_train_the_same_and_lazy_resume_is_exact(tmp_p
     _run(
         ["--config-file", os.path.join(CONFIGS, "synthetic", "mask_rcnn_R_18_FPN_CBN.yaml")]
         + ["OUTPUT_DIR", yacs_out, "MODEL.WEIGHTS", init, "D2NORM.DATA.ROOT", data_root]
-        + ["DATASETS.TRAIN", "('d2norm_shapes_tiny_train',)", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2"]
+        + [
+            "DATASETS.TRAIN",
+            "('d2norm_shapes_tiny_train',)",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+        ]
         + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "D2NORM.CBN.BURNIN_ITERS", "1"]
     )
     lazy = ["--config-file", _lazy_file("mask_rcnn_R_18_FPN_CBN"), *_LAZY_TINY]
@@ -136,7 +153,10 @@ def test_lazy_and_yacs_cbn_recipes_train_the_same_and_lazy_resume_is_exact(tmp_p
     _run(lazy + [f"train.output_dir={lazy_out}"])
     a, b = _losses(yacs_out), _losses(lazy_out)  # metrics.json: the median of the 4 losses
     assert sorted(a) == sorted(b) == [3] and b[3] == pytest.approx(a[3], rel=1e-5), (a, b)
-    wa, wb = _weights(os.path.join(yacs_out, "model_final.pth")), _weights(os.path.join(lazy_out, "model_final.pth"))
+    wa, wb = (
+        _weights(os.path.join(yacs_out, "model_final.pth")),
+        _weights(os.path.join(lazy_out, "model_final.pth")),
+    )
     assert wa.keys() == wb.keys()
     assert any(k.endswith("hist_sqmean") for k in wb)  # CBN history is checkpointed
     for k in wa:
@@ -202,7 +222,11 @@ def test_unprepared_model_refuses_to_train_in_detectron2s_plain_loop(data_root, 
     # the same layer constructed directly, in a user's own module, trains without the pass
     from d2norm.layers import BatchRenorm2d, EvoNormS0, FilterResponseNorm2d
 
-    layer = {"FRN": FilterResponseNorm2d(8), "EvoNorm-S0": EvoNormS0(8, num_groups=4), "BRN": BatchRenorm2d(8)}[norm]
+    layer = {
+        "FRN": FilterResponseNorm2d(8),
+        "EvoNorm-S0": EvoNormS0(8, num_groups=4),
+        "BRN": BatchRenorm2d(8),
+    }[norm]
     own = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), layer).train()
     own(torch.randn(2, 3, 8, 8)).sum().backward()
 
@@ -214,7 +238,9 @@ def test_layer_messages_reach_log_txt(tmp_path, data_root):
 
     class LoadForeignHistory(HookBase):
         def before_train(self):
-            path, cbn = next((p, m) for p, m in self.trainer.model.named_modules() if hasattr(m, "hist_sqmean"))
+            path, cbn = next(
+                (p, m) for p, m in self.trainer.model.named_modules() if hasattr(m, "hist_sqmean")
+            )
             other = d2norm.build_norm("CBN", cbn.num_features, buffer_size=4)
             conv = torch.nn.Conv2d(cbn.num_features, cbn.num_features, 1, bias=False)
             other.prepare_preceding_conv(conv)
@@ -224,8 +250,8 @@ def test_layer_messages_reach_log_txt(tmp_path, data_root):
 
     conf_args = ["--config-file", _lazy_file("mask_rcnn_R_18_FPN_CBN")] + _LAZY_TINY[:4]
     conf_args += ["train.max_iter=1", f"train.data_root={data_root}", f"train.output_dir={tmp_path}"]
-    from d2norm.engine.launch import parse_args, setup_lazy
     from d2norm.data.synthetic_shapes import register_datasets
+    from d2norm.engine.launch import parse_args, setup_lazy
 
     args = parse_args(conf_args)
     try:

@@ -32,7 +32,12 @@ from torch.utils.data import Sampler
 from ..compat import compiled_ops_available
 from ..data.resumable_loader import DeferredTrainLoader, ResumableTrainingSampler
 
-__all__ = ["build_resumable_train_loader", "build_resumable_lazy_train_loader", "build_evaluator", "SkippingSampler"]
+__all__ = [
+    "build_resumable_train_loader",
+    "build_resumable_lazy_train_loader",
+    "build_evaluator",
+    "SkippingSampler",
+]
 
 logger = logging.getLogger("d2norm")
 

@@ -205,7 +205,9 @@ class LazyTrainer(Trainer):
     def build_lr_scheduler(self, cfg, optimizer):
         from detectron2.solver import LRMultiplier
 
-        return LRMultiplier(optimizer, multiplier=instantiate(self.lazy.lr_multiplier), max_iter=cfg.SOLVER.MAX_ITER)
+        return LRMultiplier(
+            optimizer, multiplier=instantiate(self.lazy.lr_multiplier), max_iter=cfg.SOLVER.MAX_ITER
+        )
 
     def build_train_loader(self, cfg):
         check_datasets(cfg.DATASETS.TRAIN, "dataloader.train.dataset.names")

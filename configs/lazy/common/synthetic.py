@@ -25,7 +25,9 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(DatasetMapper)(
         is_train=True,
         # INPUT.MIN_SIZE_TRAIN (128,), MAX_SIZE_TRAIN 128; RANDOM_FLIP "none" (exact --resume)
-        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=(128,), max_size=128, sample_style="choice")],
+        augmentations=[
+            L(T.ResizeShortestEdge)(short_edge_length=(128,), max_size=128, sample_style="choice")
+        ],
         image_format="BGR",
         use_instance_mask=True,
     ),
@@ -55,7 +57,9 @@ optimizer = L(torch.optim.SGD)(
     momentum=0.9,
     weight_decay=1e-4,
 )
-lr_multiplier = L(d2norm.lazy.warmup_multistep)(max_iter="${train.max_iter}", steps=[420, 540], warmup_iters=50)
+lr_multiplier = L(d2norm.lazy.warmup_multistep)(
+    max_iter="${train.max_iter}", steps=[420, 540], warmup_iters=50
+)
 
 train = OmegaConf.create(
     dict(
