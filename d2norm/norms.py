@@ -425,10 +425,10 @@ def build_norm(name, channels, **options):
         raise _unknown_options_error(name, unknown)
     kwargs = {**spec.defaults(), **options}
     layer = (spec.build or spec.layer)(channels, **kwargs)
-    if isinstance(layer, ConvFedNorm) and layer.conv_transform() is not None:
-        _require_prepared_conv(layer)
-    if spec.activation or spec.frozen is not None:
-        _require_pass(layer)
+    if (isinstance(layer, ConvFedNorm) and layer.conv_transform() is not None) or (
+        spec.activation or spec.frozen is not None
+    ):
+        _require_prepared(layer)
     return layer
 
 
@@ -537,30 +537,9 @@ _PREPARE_FIX = (
 )
 
 
-def _check_prepared(norm, args):
-    """Forward pre-hook: the first training forward of an unprepared norm raises."""
-    if not norm.training:
-        return None
-    if not norm.conv_prepared:
-        raise RuntimeError(
-            f"{_layer_name(norm)} needs {norm.conv_requirement}, but the conv before it was never "
-            f"prepared, so training would silently use another normalization. Fix: {_PREPARE_FIX}; "
-            "for a standalone layer, call norm.prepare_preceding_conv(conv) with the conv whose "
-            "output it normalizes."
-        )
-    remove_hook(norm._forward_pre_hooks, _check_prepared)
-    return None
-
-
-def _require_prepared_conv(norm):
-    if not any(h is _check_prepared for h in norm._forward_pre_hooks.values()):
-        norm.register_forward_pre_hook(_check_prepared)
-    return norm
-
-
 def _unvisited_reason(norm):
     """Why training ``norm`` (built by name) without the preparation pass would silently use
-    another method, or None."""
+    another method (besides an unprepared conv), or None."""
     spec = spec_of(norm)
     if spec.activation and getattr(norm, "activation", False):
         return (
@@ -579,11 +558,19 @@ def _unvisited_reason(norm):
     return None
 
 
-def _check_visited(norm, args):
-    """Forward pre-hook of a layer built by name (see :func:`build_norm`): its first training
-    forward raises if the preparation pass should have changed it and never visited it."""
+def _check_prepared(norm, args):
+    """Forward pre-hook of a layer built by name (:func:`build_norm`): the first training forward
+    raises while the layer still needs the preparation pass (its conv, or what
+    :func:`_unvisited_reason` names); once one passes, the hook is removed."""
     if not norm.training:
         return None
+    if isinstance(norm, ConvFedNorm) and norm.conv_transform() is not None and not norm.conv_prepared:
+        raise RuntimeError(
+            f"{_layer_name(norm)} needs {norm.conv_requirement}, but the conv before it was never "
+            f"prepared, so training would silently use another normalization. Fix: {_PREPARE_FIX}; "
+            "for a standalone layer, call norm.prepare_preceding_conv(conv) with the conv whose "
+            "output it normalizes."
+        )
     reason = _unvisited_reason(norm)
     if reason:
         raise RuntimeError(
@@ -591,13 +578,13 @@ def _check_visited(norm, args):
             f"d2norm.norm) and {reason}. The model skipped d2norm's model-preparation pass, so "
             f"training would silently use another method. Fix: {_PREPARE_FIX}."
         )
-    remove_hook(norm._forward_pre_hooks, _check_visited)
+    remove_hook(norm._forward_pre_hooks, _check_prepared)
     return None
 
 
-def _require_pass(norm):
-    if not any(h is _check_visited for h in norm._forward_pre_hooks.values()):
-        norm.register_forward_pre_hook(_check_visited)
+def _require_prepared(norm):
+    if not any(h is _check_prepared for h in norm._forward_pre_hooks.values()):
+        norm.register_forward_pre_hook(_check_prepared)
     return norm
 
 
@@ -605,7 +592,7 @@ def end_pass_checks(model):
     """Mark every layer of ``model`` as visited by the preparation pass (removes the check
     :func:`build_norm` installs on layers built by name); run at the end of the pass."""
     for module in model.modules():
-        remove_hook(module._forward_pre_hooks, _check_visited)
+        remove_hook(module._forward_pre_hooks, _check_prepared)
     return model
 
 
