@@ -221,6 +221,6 @@ class LazyTrainer(Trainer):
         for h in ret:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.max_to_keep = _select(self.lazy, "train.checkpointer.max_to_keep", None)
-            if isinstance(h, hooks.PeriodicWriter):
+            if isinstance(h, hooks.PeriodicWriter):  # DefaultTrainer fixes it at 20
                 h._period = int(_select(self.lazy, "train.log_period", 20))
         return ret

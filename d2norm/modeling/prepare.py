@@ -10,7 +10,10 @@
    parametrizations; "CBN" binds to it) the conv that feeds it (:mod:`.link`; a conv feeding a
    CBN or MABN loses its zero bias). Norms that need nothing of the conv (BN, GN, SyncBN, BN*)
    are left alone;
-5. places the activation of FRN / EvoNorm-S0 per call site (:mod:`.sites`).
+5. places the activation of FRN / EvoNorm-S0 per call site (:mod:`.sites`);
+6. lifts the training check of layers built by name (:func:`d2norm.norms.end_pass_checks`): a
+   model that skips this pass refuses its first training step where that would silently change
+   the method (an unprepared conv, FRN / EvoNorm-S0 activations, a norm left in a frozen stage).
 
 With ``cfg``, it also checks that every d2norm layer has ``cfg.D2NORM``'s options, so a model
 built from a plain config by detectron2's own ``build_model`` (whose norms take the defaults)
