@@ -180,7 +180,9 @@ class FinetuneSettings(StudySettings):
         sid = sid or self.settings_id()
         if arm not in APPENDED_ARMS:
             return sid
-        blob = json.dumps({"study": sid, "arm": arm, "cfg": self.arm_cfg_unweighted(arm).dump()}, sort_keys=True)
+        blob = json.dumps(
+            {"study": sid, "arm": arm, "cfg": self.arm_cfg_unweighted(arm).dump()}, sort_keys=True
+        )
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def arm_cfg_unweighted(self, arm):
