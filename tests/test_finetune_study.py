@@ -100,26 +100,27 @@ def test_pretrained_file_has_the_torchvision_layout_and_loads_through_model_weig
     assert all(torch.equal(state[k], torch.load(again)[k]) for k in state)
 
 
-def test_weight_standardized_file_stores_the_raw_weight(tmp_path):
-    """GN+WS: the file holds X.weight = the raw (unstandardized) weight, as the WS authors' files."""
+def _one_step_pretrained_twin(variant, root):
+    """A 1-iteration pretraining of ``variant`` (4 images) and the model of its arm's twin with that
+    file loaded through the checkpointer: (settings, the file's state dict, model)."""
     import d2norm
     from d2norm.checkpoint import load_pretrained_backbone
 
     s = PretrainSettings(
-        variant="GN+WS",
-        config=variant_config("GN+WS"),
-        iters=1,
-        batch=4,
-        val_images=4,
-        data_root=str(tmp_path),
+        variant=variant, config=variant_config(variant), iters=1, batch=4, val_images=4, data_root=str(root)
     )
     path, _ = pretrain(s, progress=False, log=lambda *a: None)
-    state = torch.load(path)
-    w = state["layer2.0.conv1.weight"]
-    assert not torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-4)  # not standardized
-    cfg = FinetuneSettings(weights=(("GN+WS", path),)).arm_cfg("GN+WS")
+    cfg = FinetuneSettings(weights=((variant, path),)).arm_cfg(variant)
     model = d2norm.build_model(cfg)
     load_pretrained_backbone(model, cfg.MODEL.WEIGHTS)
+    return s, torch.load(path), model
+
+
+def test_weight_standardized_file_stores_the_raw_weight(tmp_path):
+    """GN+WS: the file holds X.weight = the raw (unstandardized) weight, as the WS authors' files."""
+    _, state, model = _one_step_pretrained_twin("GN+WS", tmp_path)
+    w = state["layer2.0.conv1.weight"]
+    assert not torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-4)  # not standardized
     conv = model.backbone.bottom_up.res3[0].conv1
     assert torch.equal(conv.parametrizations.weight.original, w)
 
@@ -128,28 +129,14 @@ def test_bcn_ws_file_is_pretrained_with_batch_statistics_and_loads_into_its_twin
     """BCN+WS: pretrained in large-batch mode (the BCN authors' ImageNet files: a BatchNorm2d batch
     part), fine-tuned with the recipe's estimated statistics; the file's batch part, per-group
     affine and raw conv weight land in the twin's layers, frozen (stem, res2) or not."""
-    import d2norm
-    from d2norm.checkpoint import load_pretrained_backbone
     from d2norm.layers import BatchChannelNormWS
     from d2norm.study.pretrain import build_pretrain_net, pretrain_cfg
 
-    s = PretrainSettings(
-        variant="BCN+WS",
-        config=variant_config("BCN+WS"),
-        iters=1,
-        batch=4,
-        val_images=4,
-        data_root=str(tmp_path),
-    )
+    s, state, model = _one_step_pretrained_twin("BCN+WS", tmp_path)
     net = build_pretrain_net(pretrain_cfg(s), 64)
     modes = {m.mode for m in net.modules() if isinstance(m, BatchChannelNormWS)}
     assert modes == {"batch"}
-    path, _ = pretrain(s, progress=False, log=lambda *a: None)
-    state = torch.load(path)
     assert state["layer2.0.bn1.weight"].shape == (32,)  # one affine per group
-    cfg = FinetuneSettings(weights=(("BCN+WS", path),)).arm_cfg("BCN+WS")
-    model = d2norm.build_model(cfg)
-    load_pretrained_backbone(model, cfg.MODEL.WEIGHTS)
     bu = model.backbone.bottom_up
     norm = bu.res3[0].conv1.norm
     assert isinstance(norm, BatchChannelNormWS) and norm.mode == "estimate"
