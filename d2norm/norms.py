@@ -75,6 +75,7 @@ __all__ = [
     "config_options",
     "detectron2_get_norm",
     "detectron2_norm_names",
+    "end_pass_checks",
     "eval_statistics",
     "frozen_batch_norm_of",
     "get_norm",
@@ -411,7 +412,11 @@ def build_norm(name, channels, **options):
     weight centralization) refuses to train until ``prepare_preceding_conv`` has run on it
     (:func:`d2norm.prepare_model` does that), so a model built without the preparation pass
     (e.g. by ``detectron2.modeling.build_model``) stops at its first training step instead of
-    silently training without the transform. (CBN refuses unbound training by itself.)"""
+    silently training without the transform. (CBN refuses unbound training by itself.) Likewise
+    a layer whose method the pass completes elsewhere (FRN / EvoNorm-S0: the activation placed
+    per call site; a norm with a frozen form, e.g. BRN, in a frozen stage: replaced by it)
+    refuses its first training step until the pass has visited it (:func:`end_pass_checks`).
+    Layers constructed directly (``FilterResponseNorm2d(64)``) are left alone."""
     if name not in NORMS:
         raise _unknown_norm_error(name)
     spec = NORMS[name]
@@ -420,8 +425,10 @@ def build_norm(name, channels, **options):
         raise _unknown_options_error(name, unknown)
     kwargs = {**spec.defaults(), **options}
     layer = (spec.build or spec.layer)(channels, **kwargs)
-    if isinstance(layer, ConvFedNorm) and layer.conv_transform() is not None:
-        _require_prepared_conv(layer)
+    if (isinstance(layer, ConvFedNorm) and layer.conv_transform() is not None) or (
+        spec.activation or spec.frozen is not None
+    ):
+        _require_prepared(layer)
     return layer
 
 
@@ -522,26 +529,71 @@ def _layer_name(norm):
     return f"{type(norm).__name__} '{name}'" if name else repr(norm)
 
 
+_PREPARE_FIX = (
+    "build the model with d2norm.build_model(cfg) (detectron2.modeling.build_model does not prepare "
+    "it); in a LazyConfig wrap the model, model = L(d2norm.lazy.prepared)(model=L(GeneralizedRCNN)"
+    "(...)) (configs/lazy/common/mask_rcnn_fpn.py), or call d2norm.lazy.prepared(model) / "
+    "d2norm.prepare_model(model) on the built model"
+)
+
+
+def _unvisited_reason(norm):
+    """Why training ``norm`` (built by name) without the preparation pass would silently use
+    another method (besides an unprepared conv), or None."""
+    spec = spec_of(norm)
+    if spec.activation and getattr(norm, "activation", False):
+        return (
+            "carries its activation, which the preparation pass places per call site (kept where "
+            "a ReLU follows, dropped before residual additions, shortcuts and in the FPN): without "
+            "the pass it runs at every site"
+        )
+    params = list(norm.parameters(recurse=False))
+    if spec.frozen is not None and params and not any(p.requires_grad for p in params):
+        return (
+            "has all its parameters frozen (a frozen stage, e.g. ResNet freeze_at), and the "
+            "preparation pass replaces such a layer by its frozen form (detectron2's "
+            "FrozenBatchNorm2d of its eval map): without the pass it keeps normalizing with batch "
+            "statistics and updating its running statistics inside the frozen stage"
+        )
+    return None
+
+
 def _check_prepared(norm, args):
-    """Forward pre-hook: the first training forward of an unprepared norm raises."""
+    """Forward pre-hook of a layer built by name (:func:`build_norm`): the first training forward
+    raises while the layer still needs the preparation pass (its conv, or what
+    :func:`_unvisited_reason` names); once one passes, the hook is removed."""
     if not norm.training:
         return None
-    if not norm.conv_prepared:
+    if isinstance(norm, ConvFedNorm) and norm.conv_transform() is not None and not norm.conv_prepared:
         raise RuntimeError(
             f"{_layer_name(norm)} needs {norm.conv_requirement}, but the conv before it was never "
-            "prepared, so training would silently use another normalization. Fix: build the model "
-            "with d2norm.build_model(cfg) (detectron2.modeling.build_model does not prepare it), or "
-            "call d2norm.prepare_model(model) after building it; for a standalone layer, call "
-            "norm.prepare_preceding_conv(conv) with the conv whose output it normalizes."
+            f"prepared, so training would silently use another normalization. Fix: {_PREPARE_FIX}; "
+            "for a standalone layer, call norm.prepare_preceding_conv(conv) with the conv whose "
+            "output it normalizes."
+        )
+    reason = _unvisited_reason(norm)
+    if reason:
+        raise RuntimeError(
+            f"The {spec_of(norm).name!r} layer {_layer_name(norm)} was built by name (get_norm / "
+            f"d2norm.norm) and {reason}. The model skipped d2norm's model-preparation pass, so "
+            f"training would silently use another method. Fix: {_PREPARE_FIX}."
         )
     remove_hook(norm._forward_pre_hooks, _check_prepared)
     return None
 
 
-def _require_prepared_conv(norm):
+def _require_prepared(norm):
     if not any(h is _check_prepared for h in norm._forward_pre_hooks.values()):
         norm.register_forward_pre_hook(_check_prepared)
     return norm
+
+
+def end_pass_checks(model):
+    """Mark every layer of ``model`` as visited by the preparation pass (removes the check
+    :func:`build_norm` installs on layers built by name); run at the end of the pass."""
+    for module in model.modules():
+        remove_hook(module._forward_pre_hooks, _check_prepared)
+    return model
 
 
 # ------------------------------------------------------------------ detectron2's get_norm

@@ -62,6 +62,7 @@ from collections import namedtuple
 
 import torch
 
+from .download import download  # fetching the recipes' pretrained files (d2norm.download)
 from .layers.weight_transforms import plain_weight_key
 from .norms import norm_layer_types, spec_of
 
@@ -74,6 +75,7 @@ __all__ = [
     "normalize_loaded_checkpoint",
     "check_loaded_weights",
     "LoadReport",
+    "download",
 ]
 
 logger = logging.getLogger(__name__)

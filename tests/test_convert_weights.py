@@ -61,14 +61,14 @@ def _tv(norm):
     return net
 
 
-def _convert_and_reload(tmp_path, cfg, data, name="in.pth", source="auto"):
+def _convert_and_reload(tmp_path, cfg, data, name="in.pth", source="auto", parts=None):
     path = str(tmp_path / name)
     if name.endswith(".pkl"):
         with open(path, "wb") as f:
             pickle.dump(data, f)
     else:
         torch.save(data, path)
-    state, info = convert_weights(cfg, path, source=source)
+    state, info = convert_weights(cfg, path, source=source, parts=parts)
     out = str(tmp_path / "out.pth")
     torch.save({"model": state}, out)
     model = d2norm.build_model(cfg)
@@ -117,7 +117,7 @@ def test_official_cbn_mmdetection_checkpoint(tmp_path):
     }
     sd.update({k: torch.randn(s, generator=g) for k, s in heads.items()})
     data = {"state_dict": sd, "meta": {"epoch": 12, "mmdet_version": "1.0rc0"}}
-    model, info = _convert_and_reload(tmp_path, _cfg("BN", _RGB), data)
+    model, info = _convert_and_reload(tmp_path, _cfg("BN", _RGB), data, parts=["backbone"])
     assert info["source"] == "mmdet"
     _assert_same_as_torchvision(net, model)
     assert info["not_converted"] == sorted(heads)
@@ -136,7 +136,7 @@ def test_official_mabn_maskrcnn_benchmark_checkpoint(tmp_path):
     heads["module.roi_heads.box.predictor.cls_score.weight"] = torch.zeros(81, 1024)
     data = {"model": {**body, **heads}, "optimizer": {"state": {}, "param_groups": []}, "iteration": 90000}
     cfg = _mrcnn_cfg("BN")
-    model, info = _convert_and_reload(tmp_path, cfg, data)
+    model, info = _convert_and_reload(tmp_path, cfg, data, parts=["backbone"])
     assert info["source"] == "maskrcnn_benchmark"
     _assert_same_as_torchvision(net, model)
     assert info["not_converted"] == sorted(k[len("module.") :] for k in heads)

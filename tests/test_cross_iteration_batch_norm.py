@@ -1,6 +1,7 @@
 """CrossIterationBatchNorm2d against a float64 reference computed from the definition."""
 
 import copy
+import logging
 import pickle
 
 import pytest
@@ -265,13 +266,16 @@ def test_state_dict_round_trip_mid_window(k, burnin, n_before, bind_first):
     assert torch.equal(a.cbn.running_var, b.cbn.running_var)
 
 
-def test_incompatible_history_restarts_with_warning():
+def test_incompatible_history_restarts_with_warning(caplog):
     a = _pair_k(k=3)
     for x in _inputs(3, (2, 4, 8, 8)):
         _step(a, x, torch.ones(2, 6, 8, 8, dtype=D))
     b = _pair_k(k=4)
-    with pytest.warns(UserWarning, match="restarting the window"):
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
         b.load_state_dict(a.state_dict())
+    assert [r.name for r in caplog.records if "restarting the window" in r.getMessage()] == [
+        "d2norm.layers.cross_iteration_batch_norm"
+    ]
     assert b.cbn._count == 0 and b.cbn.hist_grad_sqmean.shape[0] == 3 and b.cbn.iteration == 3
     # the restarted window holds only the current batch: plain BN with its statistics
     x = _inputs(1, (2, 4, 8, 8))[0]

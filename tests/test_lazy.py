@@ -1,11 +1,14 @@
 """LazyConfig: the lazy and yacs versions of a recipe build the same model and train the same."""
 
 import copy
+import functools
 import os
+import types
 
 import pytest
 import torch
 from helpers import CONFIGS, sgd_losses
+from omegaconf import ListConfig
 
 import d2norm
 from d2norm import lazy, model_zoo
@@ -54,6 +57,32 @@ _LAZY_RECIPES = [
 ]
 
 
+_CODE = (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)
+
+
+def _plain(value, depth=0):
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple, ListConfig)):
+        return tuple(_plain(v, depth) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, _CODE) and depth < 2:  # Matcher, Box2BoxTransform
+        return type(value).__name__, {k: _plain(v, depth + 1) for k, v in vars(value).items()}
+    return type(value).__name__
+
+
+def _attributes(model):
+    """``{(module path, attribute): value}`` of the public non-tensor attributes of every module
+    (lists, tuples and ListConfigs alike; numbers as floats)."""
+    return {
+        (path, k): _plain(v)
+        for path, m in model.named_modules()
+        for k, v in vars(m).items()
+        if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _LAZY_RECIPES)
 def test_lazy_recipe_builds_the_yacs_recipe_model(name):
@@ -69,6 +98,8 @@ def test_lazy_recipe_builds_the_yacs_recipe_model(name):
     a, b = dict(lazy_model.named_modules()), dict(yacs_model.named_modules())
     assert list(a) == list(b)
     assert [layer_options(a[k]) for k in a] == [layer_options(b[k]) for k in b]
+    # every plain attribute of every module (score / NMS thresholds, top-k, anchors, features...)
+    assert _attributes(lazy_model) == _attributes(yacs_model)
     grads = lambda m: [(k, p.requires_grad, tuple(p.shape)) for k, p in m.named_parameters()]  # noqa: E731
     assert grads(lazy_model) == grads(yacs_model)
     assert lazy_model.input_format == yacs_model.input_format == cfg.INPUT.FORMAT

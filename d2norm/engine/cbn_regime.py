@@ -15,7 +15,7 @@ message once (called by the trainer).
 
 import logging
 
-__all__ = ["cbn_regime_warning", "warn_cbn_regime"]
+__all__ = ["cbn_regime_warning", "model_cbn_regime_warning", "warn_cbn_regime"]
 
 logger = logging.getLogger("d2norm")
 
@@ -62,15 +62,58 @@ def cbn_regime_warning(cfg):
     keys = [key for key in _head_norm_sites(cfg) if _get(cfg, key) == "CBN"]
     if not keys:
         return None
+    return _message(
+        f"{int(cbn.BUFFER_SIZE)}-iteration window",
+        keys,
+        grad="D2NORM.CBN.GRAD_THROUGH_COMPENSATION",
+        weights="MODEL.WEIGHTS",
+        fix_grad="set D2NORM.CBN.GRAD_THROUGH_COMPENSATION True",
+    )
+
+
+def _message(window, keys, grad, weights, fix_grad):
     return (
-        f"CBN with a {int(cbn.BUFFER_SIZE)}-iteration window and the paper's gradient "
-        f"(D2NORM.CBN.GRAD_THROUGH_COMPENSATION False) is used in the RoI heads ({', '.join(keys)}) "
-        "of a model trained from scratch (MODEL.WEIGHTS empty). In this setting training stalls "
-        "once burn-in ends (the mask loss stops falling; measured with d2norm's and the official "
-        "CBN layer alike, docs/cbn_diagnosis.md). Fix: set "
-        "D2NORM.CBN.GRAD_THROUGH_COMPENSATION True (the exact gradient of the window statistics), "
-        f'or use another norm for {", ".join(keys)} (e.g. "GN" or "BN") and keep CBN in the '
-        "backbone / FPN."
+        f"CBN with a {window} and the paper's gradient ({grad} False) is used in the RoI heads "
+        f"({', '.join(keys)}) of a model trained from scratch ({weights} empty). In this setting "
+        "training stalls once burn-in ends (the mask loss stops falling; measured with d2norm's and "
+        "the official CBN layer alike, docs/cbn_diagnosis.md). Fix: "
+        f"{fix_grad} (the exact gradient of the window statistics), or use another norm for "
+        f'{", ".join(keys)} (e.g. "GN" or "BN") and keep CBN in the backbone / FPN.'
+    )
+
+
+#: RoI-head modules of a built model and the LazyConfig key of their norm
+#: (configs/lazy/common/mask_rcnn_fpn.py).
+_LAZY_HEAD_SITES = {
+    "roi_heads.box_head.": "model.model.roi_heads.box_head.conv_norm",
+    "roi_heads.mask_head.": "model.model.roi_heads.mask_head.conv_norm",
+}
+
+
+def model_cbn_regime_warning(model, weights=""):
+    """:func:`cbn_regime_warning` for a built model (a LazyConfig's, whose options are its
+    layers'): CBN layers in its RoI heads with a window of more than one iteration and the
+    paper's gradient, and no initial weights (``weights``: ``train.init_checkpoint``)."""
+    from ..layers import CrossIterationBatchNorm2d
+
+    if str(weights or "").strip():
+        return None
+    keys, windows = [], set()
+    for path, m in getattr(model, "module", model).named_modules():
+        if not isinstance(m, CrossIterationBatchNorm2d) or m.buffer_size <= 1 or m.grad_through_compensation:
+            continue
+        for prefix, key in _LAZY_HEAD_SITES.items():
+            if path.startswith(prefix) and key not in keys:
+                keys.append(key)
+                windows.add(m.buffer_size)
+    if not keys:
+        return None
+    return _message(
+        f"{'/'.join(map(str, sorted(windows)))}-iteration window",
+        keys,
+        grad="grad_through_compensation",
+        weights="train.init_checkpoint",
+        fix_grad='use d2norm.norm("CBN", ..., grad_through_compensation=True)',
     )
 
 

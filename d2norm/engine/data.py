@@ -32,7 +32,12 @@ from torch.utils.data import Sampler
 from ..compat import compiled_ops_available
 from ..data.resumable_loader import DeferredTrainLoader, ResumableTrainingSampler
 
-__all__ = ["build_resumable_train_loader", "build_evaluator", "SkippingSampler"]
+__all__ = [
+    "build_resumable_train_loader",
+    "build_resumable_lazy_train_loader",
+    "build_evaluator",
+    "SkippingSampler",
+]
 
 logger = logging.getLogger("d2norm")
 
@@ -88,25 +93,60 @@ def build_sampler(cfg, dataset, seed, skip, rank, world_size):
     return SkippingSampler(sampler, skip)
 
 
+def _deferred(total_batch_size, seed, build):
+    """A :class:`DeferredTrainLoader` calling ``build(seed, skip, rank, world_size)`` with the
+    number of samples this process already consumed (``skip``); ``seed`` < 0: a shared random
+    seed."""
+    from detectron2.utils import comm
+
+    rank, world = comm.get_rank(), comm.get_world_size()
+    batch_per_rank = total_batch_size // world
+    seed = seed if seed >= 0 else comm.shared_random_seed()
+    return DeferredTrainLoader(lambda start_iter, s: build(s, start_iter * batch_per_rank, rank, world), seed)
+
+
 def build_resumable_train_loader(cfg, mapper=None):
     """detectron2's training loader for ``cfg``, built at the first ``next()`` so that the
     checkpoint's start iteration and data seed apply (a :class:`DeferredTrainLoader`)."""
     from detectron2.data import DatasetMapper, build_detection_train_loader
-    from detectron2.utils import comm
 
     dataset = _train_dataset(cfg)
-    batch_per_rank = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
-    def build(start_iter, seed):
-        sampler = build_sampler(
-            cfg, dataset, seed, start_iter * batch_per_rank, comm.get_rank(), comm.get_world_size()
-        )
+    def build(seed, skip, rank, world):
+        sampler = build_sampler(cfg, dataset, seed, skip, rank, world)
         return build_detection_train_loader(
             cfg, mapper=mapper or DatasetMapper(cfg, True), dataset=dataset, sampler=sampler
         )
 
-    return DeferredTrainLoader(build, seed)
+    return _deferred(cfg.SOLVER.IMS_PER_BATCH, cfg.SEED, build)
+
+
+def build_resumable_lazy_train_loader(spec, seed):
+    """The training loader a LazyConfig's ``dataloader.train`` describes (e.g.
+    ``L(build_detection_train_loader)(dataset=..., mapper=..., total_batch_size=...)``), resumable
+    as :func:`build_resumable_train_loader`: the dataset is instantiated once, the loader at the
+    first ``next()`` with a :class:`ResumableTrainingSampler` (or the config's own ``sampler``,
+    minus the samples already consumed). ``seed``: ``train.seed`` (< 0: a shared random seed)."""
+    from detectron2.config import instantiate
+    from detectron2.utils.registry import locate
+
+    dataset = instantiate(spec.dataset)
+    target = spec._target_ if not isinstance(spec._target_, str) else locate(spec._target_)
+
+    def build(seed, skip, rank, world):
+        if spec.get("sampler", None) is None:
+            sampler = ResumableTrainingSampler(len(dataset), seed, skip=skip, rank=rank, world_size=world)
+        else:
+            if skip:
+                logger.warning(
+                    "dataloader.train.sampler is seeded by its own arguments, not by the checkpoint: "
+                    "the resumed run skips the samples already seen in its new stream."
+                )
+            sampler = SkippingSampler(instantiate(spec.sampler), skip)
+        kwargs = {k: instantiate(v) for k, v in spec.items() if k not in ("_target_", "dataset", "sampler")}
+        return target(dataset=dataset, sampler=sampler, **kwargs)
+
+    return _deferred(spec.total_batch_size, seed, build)
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):

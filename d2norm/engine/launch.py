@@ -1,4 +1,5 @@
-"""The body of ``train_net.py``: config setup, the train / eval-only entry point, and
+"""The body of ``train_net.py``: config setup (a yacs YAML, or a LazyConfig ``.py`` with
+``key=value`` overrides: :mod:`d2norm.engine.lazy_trainer`), the train / eval-only entry point, and
 ``launch`` (detectron2's, plus multi-process CPU training with gloo, and the launching process's
 part of the stop on a signal: :mod:`d2norm.engine.preemption`)."""
 
@@ -22,12 +23,23 @@ from ..checkpoint import D2NormCheckpointer
 from ..config import add_d2norm_config
 from ..data.synthetic_shapes import register_datasets
 from ..patches import local_process_group
+from .lazy_trainer import (
+    LazyTrainer,
+    build_lazy_model,
+    check_trainable,
+    is_lazy_config,
+    lazy_test,
+    load_lazy_config,
+    trainer_config,
+)
 from .preemption import TrainingPreempted, parse_signals, set_launcher_stop
 from .trainer import Trainer
 
 __all__ = [
     "setup",
+    "setup_lazy",
     "main",
+    "lazy_main",
     "parse_args",
     "launch",
     "launch_cpu",
@@ -44,17 +56,24 @@ def parse_args(argv=None):
     return default_argument_parser().parse_args(argv)
 
 
+def _check_config_file(path):
+    if not path:
+        raise SystemExit(
+            "--config-file is required, e.g. configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml or the "
+            "LazyConfig configs/lazy/synthetic/mask_rcnn_R_18_FPN_GN.py"
+        )
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"Config file not found: {path!r}. Fix: pass an existing YAML or LazyConfig (.py), e.g. "
+            "configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml or configs/lazy/synthetic/mask_rcnn_R_18_FPN_GN.py"
+        )
+
+
 def setup(args):
-    """Build the config from ``--config-file`` and ``opts`` (with the D2NORM node)."""
+    """Build the yacs config from ``--config-file`` and ``opts`` (with the D2NORM node)."""
     cfg = get_cfg()
     add_d2norm_config(cfg)
-    if not args.config_file:
-        raise SystemExit("--config-file is required, e.g. configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml")
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(
-            f"Config file not found: {args.config_file!r}. Fix: pass an existing YAML, e.g. "
-            "configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml"
-        )
+    _check_config_file(args.config_file)
     try:
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
@@ -70,6 +89,20 @@ def setup(args):
     return cfg
 
 
+def setup_lazy(args):
+    """Load the LazyConfig ``--config-file`` with the ``key=value`` overrides in ``opts``, check
+    that it can train (or evaluate), and set up logging as :func:`setup` does."""
+    _check_config_file(args.config_file)
+    try:
+        conf = load_lazy_config(args.config_file, args.opts)
+        check_trainable(conf, args.config_file, eval_only=args.eval_only)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise SystemExit(f"Invalid LazyConfig ({args.config_file} + {args.opts}): {e}") from None
+    default_setup(conf, args)
+    setup_d2norm_logger(conf.train.output_dir)
+    return conf
+
+
 def setup_d2norm_logger(output_dir):
     """Send d2norm's messages (every logger under ``"d2norm"``: the CBN regime warning, skipped
     non-finite steps, weight loading, the model printout) where detectron2's ``default_setup``
@@ -81,6 +114,8 @@ def setup_d2norm_logger(output_dir):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return lazy_main(args)
     cfg = setup(args)
     register_datasets(cfg)
     if args.eval_only:
@@ -93,6 +128,21 @@ def main(args):
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def lazy_main(args):
+    """:func:`main` for a LazyConfig (:mod:`d2norm.engine.lazy_trainer`)."""
+    conf = setup_lazy(args)
+    register_datasets(trainer_config(conf))
+    if args.eval_only:
+        model = build_lazy_model(conf)
+        D2NormCheckpointer(model, save_dir=conf.train.output_dir).resume_or_load(
+            conf.train.init_checkpoint, resume=args.resume
+        )
+        return lazy_test(conf, model)
+    trainer = LazyTrainer(conf)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -120,6 +170,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 def _read_config(args):
     """The config ``args`` describe, or None if it cannot be read (``main`` then reports it)."""
     try:
+        if is_lazy_config(args.config_file):
+            return trainer_config(load_lazy_config(args.config_file, args.opts))
         cfg = get_cfg()
         add_d2norm_config(cfg)
         cfg.merge_from_file(args.config_file)

@@ -34,9 +34,15 @@ from .data import build_evaluator, build_resumable_train_loader
 from .guards import NonFiniteGuard, check_datasets, guarded_run_step
 from .preemption import PreemptionHook, parse_signals
 
-__all__ = ["Trainer", "RNGState", "RNGGatherHook", "NormMilestoneHook"]
+__all__ = ["Trainer", "RNGState", "RNGGatherHook", "NormMilestoneHook", "log_model"]
 
 logger = logging.getLogger("d2norm")
+
+
+def log_model(model):
+    """Log the model's printout, as detectron2's ``DefaultTrainer.build_model`` does."""
+    logging.getLogger(__name__).info("Model:\n%s", model)
+    return model
 
 
 class RNGState:
@@ -159,9 +165,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        model = build_model(cfg)
-        logging.getLogger(__name__).info("Model:\n%s", model)
-        return model
+        return log_model(build_model(cfg))
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -23,7 +23,7 @@ No weights are stored: for a conv without bias, <dmu/dW, W_{t-r}> = mu_{t-r} and
 one dot product per channel and stored iteration.
 """
 
-import warnings
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,10 @@ from torch.autograd.function import once_differentiable
 
 from .base import ConvFedNorm, EvalStatistics
 from .conv_link import ModuleRef
+
+# d2norm's messages go through the "d2norm" logger (not warnings.warn), so that the trainer's
+# logger setup writes them to log.txt; without a handler they still reach stderr
+logger = logging.getLogger(__name__)
 
 __all__ = ["CrossIterationBatchNorm2d", "sqmean_weight_gradient"]
 
@@ -352,11 +356,10 @@ class CrossIterationBatchNorm2d(ConvFedNorm, nn.Module):
         if fits and 0 <= self._count <= h and 0 <= self._pos < max(h, 1):
             return
         if self._count != 0:
-            warnings.warn(
-                f"{self._layer_name()}: the stored CBN history does not fit the bound conv "
-                "(different buffer_size or conv shape, or history dropped while loading a "
-                "checkpoint); restarting the window.",
-                stacklevel=2,
+            logger.warning(
+                "%s: the stored CBN history does not fit the bound conv (different buffer_size or "
+                "conv shape, or history dropped while loading a checkpoint); restarting the window.",
+                self._layer_name(),
             )
         if not fits:
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32

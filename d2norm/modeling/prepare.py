@@ -10,7 +10,10 @@
    parametrizations; "CBN" binds to it) the conv that feeds it (:mod:`.link`; a conv feeding a
    CBN or MABN loses its zero bias). Norms that need nothing of the conv (BN, GN, SyncBN, BN*)
    are left alone;
-5. places the activation of FRN / EvoNorm-S0 per call site (:mod:`.sites`).
+5. places the activation of FRN / EvoNorm-S0 per call site (:mod:`.sites`);
+6. lifts the training check of layers built by name (:func:`d2norm.norms.end_pass_checks`): a
+   model that skips this pass refuses its first training step where that would silently change
+   the method (an unprepared conv, FRN / EvoNorm-S0 activations, a norm left in a frozen stage).
 
 With ``cfg``, it also checks that every d2norm layer has ``cfg.D2NORM``'s options, so a model
 built from a plain config by detectron2's own ``build_model`` (whose norms take the defaults)
@@ -21,7 +24,7 @@ is refused with the key to fix. Without ``cfg`` (e.g. a LazyConfig model built w
 import torch
 
 from ..layers import ConvFedNorm, CycleNormList
-from ..norms import bind_norms, config_options, layer_options, spec_of
+from ..norms import bind_norms, config_options, end_pass_checks, layer_options, spec_of
 from ..patches import patch_get_norm
 from .freeze import freeze_norm, is_frozen_norm
 from .link import find_feeding_conv, install_link_check, no_conv_error, remove_zero_bias, split
@@ -59,6 +62,7 @@ def prepare_model(model, cfg=None):
         if not structural:
             install_link_check(norm, path, conv, conv_path)
     prepare_norm_sites(model)
+    end_pass_checks(model)  # layers built by name no longer refuse to train (d2norm.norms)
     return model
 
 

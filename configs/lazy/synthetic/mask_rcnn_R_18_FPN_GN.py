@@ -1,9 +1,10 @@
-"""LazyConfig of configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml (model part): Mask R-CNN R-18-FPN,
-GN everywhere, on the synthetic shapes, from scratch."""
+"""LazyConfig of configs/synthetic/mask_rcnn_R_18_FPN_GN.yaml: Mask R-CNN R-18-FPN, GN everywhere,
+on the synthetic shapes, from scratch. Trains with ``train_net.py --config-file`` this file."""
 
 from detectron2.layers import ShapeSpec
 
 from ..common.mask_rcnn_fpn import model, set_norm
+from ..common.synthetic import dataloader, lr_multiplier, optimizer, train  # noqa: F401
 
 _m = model.model
 _m.backbone.bottom_up.stages.depth = 18
@@ -24,4 +25,5 @@ _m.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
 _m.roi_heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
 _m.roi_heads.mask_head.conv_dims = [64, 64, 64]
 _m.pixel_std = [57.375, 57.120, 58.395]
+_m.roi_heads.box_predictor.test_topk_per_image = 20  # TEST.DETECTIONS_PER_IMAGE
 set_norm(model, "GN")

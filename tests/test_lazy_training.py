@@ -1,0 +1,270 @@
+"""LazyConfig training through ``train_net.py``'s entry point (:func:`d2norm.engine.launch.cli`):
+a lazy recipe and its yacs twin give the trainer the same settings and train the same
+iterations; ``--resume`` continues a lazy run exactly; models that skipped preparation refuse
+to train under detectron2's plain training loop; d2norm's layer messages reach ``log.txt``."""
+
+import copy
+import json
+import logging
+import os
+
+import pytest
+import torch
+from helpers import CONFIGS
+from omegaconf import ListConfig
+
+import d2norm
+from d2norm import model_zoo
+from d2norm.engine.launch import cli
+from d2norm.engine.lazy_trainer import TRAINER_KEYS, LazyTrainer, load_lazy_config, trainer_config
+
+from detectron2.config import LazyConfig, instantiate
+
+TWINS = [
+    "mask_rcnn_R_18_FPN_GN",
+    "mask_rcnn_R_18_FPN_CBN",
+    "mask_rcnn_R_18_FPN_MABN",
+    "mask_rcnn_R_18_FPN_GN_WS",
+]
+
+
+def _lazy_file(name):
+    return os.path.join(CONFIGS, "lazy", "synthetic", name + ".py")
+
+
+def _yacs(name):
+    return model_zoo.get_config(f"synthetic/{name}.yaml")
+
+
+def _plain(value, depth=0):
+    """``value`` as nested tuples / dicts (an object: its class and attributes, 4 levels deep),
+    lists and tuples alike."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        return tuple(_plain(v, depth) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v, depth) for k, v in value.items()}
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return (type(value).__name__, _plain(vars(value), depth + 1) if depth < 4 else None)
+    return value
+
+
+def _get(node, dotted):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_lazy_recipe_gives_the_trainer_the_yacs_recipe_settings(name):
+    """Trainer keys, data mapper, optimizer groups and the lr schedule of every iteration equal
+    those detectron2 builds from the yacs twin (``build_lr_scheduler``, ``DatasetMapper(cfg)``,
+    d2norm's ``build_optimizer``), also after a ``train.max_iter`` override."""
+    from d2norm.optim import build_optimizer
+
+    from detectron2.data import DatasetMapper
+    from detectron2.solver import LRMultiplier, build_lr_scheduler
+
+    for max_iter in (None, 20):
+        cfg = _yacs(name)
+        conf = load_lazy_config(_lazy_file(name), [f"train.max_iter={max_iter}"] if max_iter else [])
+        if max_iter:
+            cfg.SOLVER.MAX_ITER = max_iter
+        view = trainer_config(conf)
+        for key, _ in TRAINER_KEYS:
+            if key != "OUTPUT_DIR":
+                assert _get(view, key) == _get(cfg, key), key
+        yacs_mapper, lazy_mapper = DatasetMapper(cfg, True), instantiate(conf.dataloader.train.mapper)
+        assert _plain(yacs_mapper) == _plain(lazy_mapper)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), d2norm.build_norm("CBN", 8))
+        a = build_optimizer(cfg, model)
+        spec = copy.deepcopy(conf.optimizer)
+        spec.params.model = model
+        b = instantiate(spec)
+        assert type(a) is type(b) and len(a.param_groups) == len(b.param_groups) == 2
+        for ga, gb in zip(a.param_groups, b.param_groups):
+            assert {k: v for k, v in ga.items() if k != "params"} == {
+                k: v for k, v in gb.items() if k != "params"
+            }
+            assert all(p is q for p, q in zip(ga["params"], gb["params"]))
+        sa = build_lr_scheduler(cfg, a)
+        sb = LRMultiplier(b, instantiate(conf.lr_multiplier), max_iter=view.SOLVER.MAX_ITER)
+        lrs = []
+        for _ in range(cfg.SOLVER.MAX_ITER):
+            lrs.append((a.param_groups[0]["lr"], b.param_groups[0]["lr"]))
+            sa.step(), sb.step()
+        assert all(x == pytest.approx(y, rel=1e-12) for x, y in lrs)
+        assert len({x for x, _ in lrs}) > 3  # warm-up (and steps) covered
+
+
+def _run(argv):
+    try:
+        cli(argv)
+    finally:  # detectron2's setup_logger stops propagation; other tests read records via the root
+        logging.getLogger("d2norm").propagate = True
+        logging.getLogger("detectron2").propagate = True
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["iteration"]: r["total_loss"] for r in rows if "total_loss" in r}
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+# CBN leaves burn-in after iteration 1, so iterations 2, 3 use (and resume needs) its history
+_CBN = "{_target_:d2norm.norm,name:CBN,buffer_size:2,burnin:1}"
+_LAZY_TINY = [
+    "dataloader.train.dataset.names=d2norm_shapes_tiny_train",
+    "dataloader.train.total_batch_size=2",
+    "dataloader.evaluator=null",
+    "train.max_iter=4",
+    "train.checkpointer.period=2",
+    *(
+        f"model.model.backbone.{site}={_CBN}"
+        for site in ("bottom_up.stem.norm", "bottom_up.stages.norm", "norm")
+    ),
+]
+
+
+def test_lazy_and_yacs_cbn_recipes_train_the_same_and_lazy_resume_is_exact(tmp_path, data_root):
+    init = str(tmp_path / "init.pth")
+    cfg = _yacs("mask_rcnn_R_18_FPN_CBN")
+    torch.save({"model": d2norm.build_model(cfg).state_dict()}, init)  # the same initial weights
+    yacs_out, lazy_out, resumed_out = (str(tmp_path / d) for d in ("yacs", "lazy", "resumed"))
+    # yacs twin
+    _run(
+        ["--config-file", os.path.join(CONFIGS, "synthetic", "mask_rcnn_R_18_FPN_CBN.yaml")]
+        + ["OUTPUT_DIR", yacs_out, "MODEL.WEIGHTS", init, "D2NORM.DATA.ROOT", data_root]
+        + [
+            "DATASETS.TRAIN",
+            "('d2norm_shapes_tiny_train',)",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+        ]
+        + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "D2NORM.CBN.BURNIN_ITERS", "1"]
+    )
+    lazy = ["--config-file", _lazy_file("mask_rcnn_R_18_FPN_CBN"), *_LAZY_TINY]
+    lazy += [f"train.init_checkpoint={init}", f"train.data_root={data_root}"]
+    _run(lazy + [f"train.output_dir={lazy_out}"])
+    a, b = _losses(yacs_out), _losses(lazy_out)  # metrics.json: the median of the 4 losses
+    assert sorted(a) == sorted(b) == [3] and b[3] == pytest.approx(a[3], rel=1e-5), (a, b)
+    wa, wb = (
+        _weights(os.path.join(yacs_out, "model_final.pth")),
+        _weights(os.path.join(lazy_out, "model_final.pth")),
+    )
+    assert wa.keys() == wb.keys()
+    assert any(k.endswith("hist_sqmean") for k in wb)  # CBN history is checkpointed
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    # exact resume through the lazy path: from the lazy run's iteration-1 checkpoint to the end
+    os.makedirs(resumed_out)
+    ckpt = "model_0000001.pth"
+    with open(os.path.join(lazy_out, ckpt), "rb") as src, open(os.path.join(resumed_out, ckpt), "wb") as dst:
+        dst.write(src.read())
+    with open(os.path.join(resumed_out, "last_checkpoint"), "w") as f:
+        f.write(ckpt)
+    _run(["--resume"] + lazy + [f"train.output_dir={resumed_out}"])
+    assert sorted(_losses(resumed_out)) == [3]  # iterations 2, 3 only
+    wc = _weights(os.path.join(resumed_out, "model_final.pth"))  # weights and norm state
+    assert wc.keys() == wb.keys() and all(torch.equal(wc[k], wb[k]) for k in wb)
+    with open(os.path.join(lazy_out, "log.txt")) as f:
+        log = f.read()
+    assert "d2norm.engine.trainer INFO: Model:\nGeneralizedRCNN(" in log  # the model printout
+
+
+def _site_norms(conf, norm):
+    m = conf.model.model
+    m.backbone.bottom_up.stem.norm = m.backbone.bottom_up.stages.norm = m.backbone.norm = norm
+    m.roi_heads.box_head.conv_norm = m.roi_heads.mask_head.conv_norm = norm
+
+
+def _one_batch():
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    cfg = _yacs("mask_rcnn_R_18_FPN_GN")
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    mapper = DatasetMapper(cfg, True)
+    return [mapper(copy.deepcopy(d)) for d in DatasetCatalog.get("d2norm_shapes_tiny_train")[:2]]
+
+
+@pytest.mark.parametrize(
+    "norm,freeze_at,match",
+    [
+        ("FRN", 0, r"'FRN' layer FilterResponseNorm2d\(64.*carries its activation"),
+        ("EvoNorm-S0", 0, r"'EvoNorm-S0' layer EvoNormS0\(64.*carries its activation"),
+        ("BRN", 2, r"'BRN' layer BatchRenorm2d\(64.*all its parameters frozen"),
+    ],
+)
+def test_unprepared_model_refuses_to_train_in_detectron2s_plain_loop(data_root, norm, freeze_at, match):
+    """detectron2's ``lazyconfig_train_net.py`` loop (instantiate, ``SimpleTrainer``) on a model
+    that skipped ``d2norm.lazy.prepared`` stops at its first step; the prepared model trains."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    conf = LazyConfig.load(_lazy_file("mask_rcnn_R_18_FPN_GN"))
+    _site_norms(conf, d2norm.norm(norm, num_groups=16) if norm == "EvoNorm-S0" else norm)
+    conf.model.model.backbone.bottom_up.freeze_at = freeze_at
+    batch = _one_batch()
+    for model, refuses in ((instantiate(conf.model.model), True), (instantiate(conf.model), False)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainer = SimpleTrainer(model, iter([batch]), torch.optim.SGD(params, lr=0.01))
+        with EventStorage(0):
+            if refuses:
+                with pytest.raises(RuntimeError, match=match + r".*d2norm\.lazy\.prepared"):
+                    trainer.run_step()
+            else:
+                trainer.run_step()
+    # the same layer constructed directly, in a user's own module, trains without the pass
+    from d2norm.layers import BatchRenorm2d, EvoNormS0, FilterResponseNorm2d
+
+    layer = {
+        "FRN": FilterResponseNorm2d(8),
+        "EvoNorm-S0": EvoNormS0(8, num_groups=4),
+        "BRN": BatchRenorm2d(8),
+    }[norm]
+    own = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), layer).train()
+    own(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_layer_messages_reach_log_txt(tmp_path, data_root):
+    """A d2norm layer's message during a trainer run (CBN: a history that does not fit its conv,
+    loaded outside the checkpointer) is in ``log.txt``, through the "d2norm" logger."""
+    from detectron2.engine import HookBase
+
+    class LoadForeignHistory(HookBase):
+        def before_train(self):
+            path, cbn = next(
+                (p, m) for p, m in self.trainer.model.named_modules() if hasattr(m, "hist_sqmean")
+            )
+            other = d2norm.build_norm("CBN", cbn.num_features, buffer_size=4)
+            conv = torch.nn.Conv2d(cbn.num_features, cbn.num_features, 1, bias=False)
+            other.prepare_preceding_conv(conv)
+            state = other.state_dict()
+            state["hist_count"] = torch.tensor(2)  # a window in progress
+            cbn.load_state_dict(state, strict=False)
+
+    conf_args = ["--config-file", _lazy_file("mask_rcnn_R_18_FPN_CBN")] + _LAZY_TINY[:4]
+    conf_args += ["train.max_iter=1", f"train.data_root={data_root}", f"train.output_dir={tmp_path}"]
+    from d2norm.data.synthetic_shapes import register_datasets
+    from d2norm.engine.launch import parse_args, setup_lazy
+
+    args = parse_args(conf_args)
+    try:
+        conf = setup_lazy(args)
+        register_datasets(trainer_config(conf))
+        trainer = LazyTrainer(conf)
+        trainer.register_hooks([LoadForeignHistory()])
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    finally:
+        logging.getLogger("d2norm").propagate = True
+        logging.getLogger("detectron2").propagate = True
+    with open(tmp_path / "log.txt") as f:
+        log = f.read()
+    assert "d2norm.layers.cross_iteration_batch_norm WARNING: CrossIterationBatchNorm2d" in log
+    assert "the stored CBN history does not fit the bound conv" in log
