@@ -35,6 +35,45 @@ def synthetic_cfg(norm="GN", **overrides):
     return cfg
 
 
+def tiny_train_argv(config, out, data_root, *opts, test="()"):
+    """``tools/train_net.py`` arguments: the synthetic recipe ``configs/synthetic/<config>``
+    trained on the tiny split, ``DATASETS.TEST`` ``test`` (none by default), output in ``out``,
+    then the overrides ``opts``."""
+    return [
+        "--config-file",
+        os.path.join(CONFIGS, "synthetic", config),
+        "OUTPUT_DIR",
+        str(out),
+        "D2NORM.DATA.ROOT",
+        data_root,
+        "DATASETS.TRAIN",
+        "('d2norm_shapes_tiny_train',)",
+        "DATASETS.TEST",
+        test,
+        *opts,
+    ]
+
+
+def sgd_losses(model, batches, lr, momentum=0.0):
+    """One SGD step (the trainable parameters, ``lr``, ``momentum``) of ``model`` in train mode per
+    batch of ``batches`` (detectron2 input lists), in an ``EventStorage``; the float losses."""
+    import torch
+
+    from detectron2.utils.events import EventStorage
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    out = []
+    model.train()
+    with EventStorage(0):
+        for batch in batches:
+            loss = sum(model(batch).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(float(loss))
+    return out
+
+
 def retinanet_cfg(head_norm, backbone_norm="GN"):
     """The synthetic config turned into a small RetinaNet (P3-P7, 2-conv heads) with ``head_norm``
     in its heads."""

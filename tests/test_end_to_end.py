@@ -1,13 +1,12 @@
 """train_net end to end on the tiny synthetic split, and exact --resume."""
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS
+from helpers import tiny_train_argv
 
 pytestmark = pytest.mark.slow  # training runs end to end
 
@@ -15,20 +14,12 @@ pytestmark = pytest.mark.slow  # training runs end to end
 def _train_net_args(out, data_root, *extra, eval_only=False, resume=False):
     from d2norm.engine.launch import parse_args
 
-    argv = ["--config-file", os.path.join(CONFIGS, "synthetic", "mask_rcnn_R_18_FPN_GN.yaml")]
-    if eval_only:
-        argv.append("--eval-only")
-    if resume:
-        argv.append("--resume")
-    argv += [
-        "OUTPUT_DIR",
-        str(out),
-        "D2NORM.DATA.ROOT",
+    argv = ["--eval-only"] if eval_only else []
+    argv += ["--resume"] if resume else []
+    argv += tiny_train_argv(
+        "mask_rcnn_R_18_FPN_GN.yaml",
+        out,
         data_root,
-        "DATASETS.TRAIN",
-        "('d2norm_shapes_tiny_train',)",
-        "DATASETS.TEST",
-        "('d2norm_shapes_tiny_val',)",
         "INPUT.MIN_SIZE_TRAIN",
         "(96,)",
         "INPUT.MAX_SIZE_TRAIN",
@@ -42,7 +33,8 @@ def _train_net_args(out, data_root, *extra, eval_only=False, resume=False):
         "SOLVER.WARMUP_ITERS",
         "2",
         *extra,
-    ]
+        test="('d2norm_shapes_tiny_val',)",
+    )
     return parse_args(argv)
 
 

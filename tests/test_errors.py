@@ -6,7 +6,7 @@ import traceback
 
 import pytest
 import torch
-from helpers import CONFIGS, REPO, synthetic_cfg
+from helpers import REPO, synthetic_cfg, tiny_train_argv
 
 import d2norm  # noqa: F401  (before detectron2: the _C stand-in)
 
@@ -16,22 +16,9 @@ D2NORM_DIR = os.path.join(REPO, "d2norm")
 def _args(out, data_root, *opts, config="mask_rcnn_R_18_FPN_GN.yaml", eval_only=False, resume=False):
     from d2norm.engine.launch import parse_args
 
-    argv = ["--config-file", os.path.join(CONFIGS, "synthetic", config)]
-    argv += ["--eval-only"] if eval_only else []
+    argv = ["--eval-only"] if eval_only else []
     argv += ["--resume"] if resume else []
-    argv += [
-        "OUTPUT_DIR",
-        str(out),
-        "D2NORM.DATA.ROOT",
-        data_root,
-        "DATASETS.TRAIN",
-        "('d2norm_shapes_tiny_train',)",
-        "DATASETS.TEST",
-        "()",
-        "SOLVER.MAX_ITER",
-        "1",
-        *opts,
-    ]
+    argv += tiny_train_argv(config, out, data_root, "SOLVER.MAX_ITER", "1", *opts)
     return parse_args(argv)
 
 

@@ -100,28 +100,90 @@ def test_pretrained_file_has_the_torchvision_layout_and_loads_through_model_weig
     assert all(torch.equal(state[k], torch.load(again)[k]) for k in state)
 
 
-def test_weight_standardized_file_stores_the_raw_weight(tmp_path):
-    """GN+WS: the file holds X.weight = the raw (unstandardized) weight, as the WS authors' files."""
+def _one_step_pretrained_twin(variant, root):
+    """A 1-iteration pretraining of ``variant`` (4 images) and the model of its arm's twin with that
+    file loaded through the checkpointer: (settings, the file's state dict, model)."""
     import d2norm
     from d2norm.checkpoint import load_pretrained_backbone
 
     s = PretrainSettings(
-        variant="GN+WS",
-        config=variant_config("GN+WS"),
-        iters=1,
-        batch=4,
-        val_images=4,
-        data_root=str(tmp_path),
+        variant=variant, config=variant_config(variant), iters=1, batch=4, val_images=4, data_root=str(root)
     )
     path, _ = pretrain(s, progress=False, log=lambda *a: None)
-    state = torch.load(path)
-    w = state["layer2.0.conv1.weight"]
-    assert not torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-4)  # not standardized
-    cfg = FinetuneSettings(weights=(("GN+WS", path),)).arm_cfg("GN+WS")
+    cfg = FinetuneSettings(weights=((variant, path),)).arm_cfg(variant)
     model = d2norm.build_model(cfg)
     load_pretrained_backbone(model, cfg.MODEL.WEIGHTS)
+    return s, torch.load(path), model
+
+
+def test_weight_standardized_file_stores_the_raw_weight(tmp_path):
+    """GN+WS: the file holds X.weight = the raw (unstandardized) weight, as the WS authors' files."""
+    _, state, model = _one_step_pretrained_twin("GN+WS", tmp_path)
+    w = state["layer2.0.conv1.weight"]
+    assert not torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-4)  # not standardized
     conv = model.backbone.bottom_up.res3[0].conv1
     assert torch.equal(conv.parametrizations.weight.original, w)
+
+
+def test_bcn_ws_file_is_pretrained_with_batch_statistics_and_loads_into_its_twin(tmp_path):
+    """BCN+WS: pretrained in large-batch mode (the BCN authors' ImageNet files: a BatchNorm2d batch
+    part), fine-tuned with the recipe's estimated statistics; the file's batch part, per-group
+    affine and raw conv weight land in the twin's layers, frozen (stem, res2) or not."""
+    from d2norm.layers import BatchChannelNormWS
+    from d2norm.study.pretrain import build_pretrain_net, pretrain_cfg
+
+    s, state, model = _one_step_pretrained_twin("BCN+WS", tmp_path)
+    net = build_pretrain_net(pretrain_cfg(s), 64)
+    modes = {m.mode for m in net.modules() if isinstance(m, BatchChannelNormWS)}
+    assert modes == {"batch"}
+    assert state["layer2.0.bn1.weight"].shape == (32,)  # one affine per group
+    bu = model.backbone.bottom_up
+    norm = bu.res3[0].conv1.norm
+    assert isinstance(norm, BatchChannelNormWS) and norm.mode == "estimate"
+    assert torch.equal(norm.bn.running_var, state["layer2.0.bn1.bn.running_var"])
+    assert torch.equal(norm.bn.weight.detach(), state["layer2.0.bn1.bn.weight"])
+    assert torch.equal(norm.weight.detach(), state["layer2.0.bn1.weight"])
+    assert torch.equal(bu.res3[0].conv1.parametrizations.weight.original, state["layer2.0.conv1.weight"])
+    frozen = bu.res2[0].conv1.norm  # FREEZE_AT 2: the batch part is frozen at the file's statistics
+    assert torch.equal(frozen.bn.running_mean, state["layer1.0.bn1.bn.running_mean"])
+
+
+def test_pretraining_builds_each_variant_with_its_norm_options():
+    """The variant's D2NORM options reach the pretrained layers, not d2norm's defaults: MABN's
+    buffer of 1 iteration without warm-up, the GN+WS recipe's WS convention."""
+    from d2norm.study.pretrain import build_pretrain_net, pretrain_cfg
+
+    def stem_norm(variant):
+        s = PretrainSettings(variant=variant, config=variant_config(variant))
+        cfg = pretrain_cfg(s)
+        return cfg, build_pretrain_net(cfg, 64).backbone.stem.conv1.norm
+
+    cfg, mabn = stem_norm("MABN")
+    assert mabn.buffer_size == 1 and mabn.warmup_iters == 0
+    cfg, gnws = stem_norm("GN+WS")
+    assert gnws.ws_convention == cfg.D2NORM.WS.CONVENTION == "std_plus_eps"
+
+
+def test_appended_arm_keeps_the_earlier_arms_runs_keys_and_order(monkeypatch):
+    """BCN+WS, appended after the design: the earlier arms' planned runs (order, settings id) are
+    those of the study without it; its own runs carry an id that follows its config."""
+    from d2norm.study import finetune
+
+    appended = finetune.APPENDED_ARMS
+    assert finetune.ARM_ORDER[-len(appended) :] == appended
+    earlier = tuple(a for a in finetune.ARM_ORDER if a not in appended)
+    before = FinetuneSettings(norms=earlier).plan()
+    after = FinetuneSettings().plan()
+    assert [r for r in after if r["norm"] not in appended] == before
+    bcn = [r for r in after if r["norm"] == "BCN+WS"]
+    assert len(bcn) == 10 and {r["procs"] for r in bcn} == {1, 4}
+    (bcn_id,) = {r["settings_id"] for r in bcn}
+    assert bcn_id != before[0]["settings_id"]
+    twin, variant, _ = finetune.ARMS["BCN+WS"]
+    monkeypatch.setitem(finetune.ARMS, "BCN+WS", (twin, variant, ("D2NORM.BCN.MOVING_SPEED", "0.2")))
+    changed = FinetuneSettings().plan()
+    assert [r for r in changed if r["norm"] not in appended] == before
+    assert {r["settings_id"] for r in changed if r["norm"] == "BCN+WS"} != {bcn_id}
 
 
 def _records(table, sid="s"):

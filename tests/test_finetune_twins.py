@@ -22,6 +22,7 @@ TWINS = {
     "faster_rcnn_R_18_FPN_gn_ws.yaml": "COCO-Detection/faster_rcnn_R_50_FPN_1x_gn_ws.yaml",
     "faster_rcnn_R_18_FPN_cbn.yaml": "COCO-Detection/faster_rcnn_R_50_FPN_1x_cbn.yaml",
     "faster_rcnn_R_18_FPN_mabn.yaml": "COCO-Detection/faster_rcnn_R_50_FPN_2x_mabn.yaml",
+    "faster_rcnn_R_18_FPN_bcn_ws.yaml": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml",
 }
 #: keys that are counts of iterations of the schedule: the twin scales them (checked below)
 SCHEDULE_KEYS = {"D2NORM.CBN.BURNIN_ITERS", "D2NORM.MABN.WARMUP_ITERS", "TEST.PRECISE_BN.NUM_ITER"}
@@ -121,5 +122,5 @@ def test_bn_heads_twin_is_the_syncbn_twin_with_per_process_bn():
 def test_every_arm_names_an_existing_twin():
     for arm, (twin, variant, opts) in ARMS.items():
         assert os.path.isfile(twin_path(twin)), arm
-        assert variant in (None, "BN", "GN", "GN+WS", "MABN")
+        assert variant in (None, "BN", "GN", "GN+WS", "MABN", "BCN+WS")
         assert len(opts) % 2 == 0

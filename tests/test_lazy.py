@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from helpers import CONFIGS
+from helpers import CONFIGS, sgd_losses
 from omegaconf import ListConfig
 
 import d2norm
@@ -16,22 +16,6 @@ from d2norm import lazy, model_zoo
 from detectron2.config import LazyConfig, instantiate
 
 LAZY_GN = os.path.join(CONFIGS, "lazy", "synthetic", "mask_rcnn_R_18_FPN_GN.py")
-
-
-def _losses(model, batches):
-    from detectron2.utils.events import EventStorage
-
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    out = []
-    model.train()
-    with EventStorage(0):
-        for batch in batches:
-            loss = sum(model(batch).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(float(loss))
-    return out
 
 
 def test_lazy_and_yacs_gn_recipe_build_and_train_the_same(data_root):
@@ -53,9 +37,9 @@ def test_lazy_and_yacs_gn_recipe_build_and_train_the_same(data_root):
     data = DatasetCatalog.get("d2norm_shapes_tiny_train")[:4]
     batches = [[mapper(copy.deepcopy(d)) for d in data[i : i + 2]] for i in (0, 2)]
     torch.manual_seed(5)
-    a = _losses(yacs_model, batches)
+    a = sgd_losses(yacs_model, batches, lr=0.01, momentum=0.9)
     torch.manual_seed(5)
-    b = _losses(lazy_model, batches)
+    b = sgd_losses(lazy_model, batches, lr=0.01, momentum=0.9)
     assert a == b and len(a) == 2
 
 

@@ -1,11 +1,10 @@
 """d2norm's messages and the model printout reach ``log.txt`` through detectron2's logger setup."""
 
 import logging
-import os
 
 import pytest
 import torch
-from helpers import CONFIGS
+from helpers import tiny_train_argv
 
 pytestmark = pytest.mark.slow  # a short training run
 
@@ -34,17 +33,10 @@ def test_d2norm_messages_and_model_go_to_log_txt(tmp_path, data_root):
     from d2norm.engine.launch import parse_args, setup
 
     args = parse_args(
-        [
-            "--config-file",
-            os.path.join(CONFIGS, "synthetic", "mask_rcnn_R_18_FPN_CBN.yaml"),
-            "OUTPUT_DIR",
-            str(tmp_path),
-            "D2NORM.DATA.ROOT",
+        tiny_train_argv(
+            "mask_rcnn_R_18_FPN_CBN.yaml",
+            tmp_path,
             data_root,
-            "DATASETS.TRAIN",
-            "('d2norm_shapes_tiny_train',)",
-            "DATASETS.TEST",
-            "()",
             "INPUT.MIN_SIZE_TRAIN",
             "(96,)",
             "INPUT.MAX_SIZE_TRAIN",
@@ -58,7 +50,7 @@ def test_d2norm_messages_and_model_go_to_log_txt(tmp_path, data_root):
             "CBN",
             "MODEL.ROI_MASK_HEAD.NORM",
             "CBN",
-        ]
+        )
     )
     try:
         cfg = setup(args)

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import retinanet_cfg, synthetic_cfg
+from helpers import retinanet_cfg, sgd_losses, synthetic_cfg
 from torch import nn
 
 import d2norm
@@ -68,19 +68,7 @@ def _batch(n=2, size=64):
 
 
 def _train(model, steps):
-    from detectron2.utils.events import EventStorage
-
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    losses = []
-    with EventStorage(0):
-        for _ in range(steps):
-            loss = sum(model(_batch()).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
-    return losses
+    return sgd_losses(model, [_batch() for _ in range(steps)], lr=1e-3)
 
 
 def _head_pairs(model):

@@ -2,7 +2,7 @@
 """Pretrain the fine-tuning study's backbone on the upstream task (64 shape/fill/colour classes).
 
     python3 tools/pretrain_backbone.py --variant BN               # cached under the data root
-    python3 tools/pretrain_backbone.py --variant BN GN GN+WS MABN  # all four, one after the other
+    python3 tools/pretrain_backbone.py --variant BN GN GN+WS MABN BCN+WS  # all five, one after the other
     python3 tools/pretrain_backbone.py --variant BN --iters 30 --output /tmp/bn.pth   # a timed try
 
 Each variant trains the backbone of its fine-tuning config (``--config``; default: the twin that

@@ -10,6 +10,11 @@ recipe does (CBN's window 4 and MABN's buffer 16 are the recipes' values at ever
 
 The runs, records, statistics and report are the small-batch study's (:mod:`.run`,
 :mod:`.records`, :mod:`.stats`, :mod:`.report`); the "norm" field of a record holds the arm.
+
+Arms appended after the design was committed (:data:`APPENDED_ARMS`, at the end of
+:data:`ARMS`) leave the records of the earlier arms valid: the study's settings id hashes the
+earlier arms' configs only, as it did before the arm was added, and each appended arm's runs
+carry their own id, a hash of that id and of the arm's own config (:meth:`FinetuneSettings.plan`).
 """
 
 import dataclasses
@@ -22,6 +27,7 @@ from .settings import StudySettings, plan
 __all__ = [
     "ARMS",
     "ARM_ORDER",
+    "APPENDED_ARMS",
     "PRETRAIN_DEFAULTS",
     "FinetuneSettings",
     "FINETUNE_QUICK",
@@ -46,8 +52,13 @@ ARMS = {
     "CBN exact": ("faster_rcnn_R_18_FPN_cbn.yaml", "BN", ("D2NORM.CBN.GRAD_THROUGH_COMPENSATION", "True")),
     "MABN": ("faster_rcnn_R_18_FPN_mabn.yaml", "MABN", ()),
     "BN* random": ("faster_rcnn_R_18_FPN_frozenbn.yaml", None, ()),  # the positive control
+    # appended after the design (docs/finetune_study_header.md, "Added before its runs")
+    "BCN+WS": ("faster_rcnn_R_18_FPN_bcn_ws.yaml", "BCN+WS", ()),
 }
 ARM_ORDER = tuple(ARMS)
+#: arms added after the grid's design, in the order added: their configs stay out of the study's
+#: settings id (the earlier arms' run keys do not change); each has its own id (``plan``)
+APPENDED_ARMS = ("BCN+WS",)
 #: arms run at P = 1 only: the positive control compares pretrained with random weights at b = 8
 CONTROL_ARMS = ("BN* random",)
 #: the pretraining of every variant (tools/pretrain_backbone.py defaults)
@@ -106,7 +117,14 @@ class FinetuneSettings(StudySettings):
         )
 
     def variants(self):
-        return sorted({ARMS[a][1] for a in self.norms if ARMS[a][1]})
+        """The pretrained variants the arms load, in the order of :data:`ARMS` (appended arms'
+        variants last)."""
+        out = []
+        for arm in ARM_ORDER:
+            variant = ARMS[arm][1]
+            if arm in self.norms and variant and variant not in out:
+                out.append(variant)
+        return out
 
     def arm_cfg(self, arm):
         """The arm's config before the run's processes, seed and output (twin + overrides)."""
@@ -142,11 +160,12 @@ class FinetuneSettings(StudySettings):
 
     def settings_id(self):
         """A hash of every arm's merged config (weights file excluded: its settings go in through
-        the pretraining settings), the pretraining settings and the study version."""
+        the pretraining settings), the pretraining settings and the study version; arms of
+        :data:`APPENDED_ARMS` are left out (see :meth:`arm_settings_id`)."""
         from ..data.synthetic_shapes import HARD_VERSION
 
         dumps = {}
-        for arm in sorted(self.norms):
+        for arm in sorted(a for a in self.norms if a not in APPENDED_ARMS):
             cfg = self.arm_cfg_unweighted(arm)
             dumps[arm] = cfg.dump()
         blob = json.dumps(
@@ -155,17 +174,34 @@ class FinetuneSettings(StudySettings):
         )
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
-    def arm_cfg_unweighted(self, arm):
-        s = dataclasses.replace(
-            self, weights=tuple((v, "") for v in ("BN", "GN", "GN+WS", "MABN")), data_root=""
+    def arm_settings_id(self, arm, sid=None):
+        """The settings id of ``arm``'s runs: the study's (:meth:`settings_id`, or ``sid``), or, for
+        an arm of :data:`APPENDED_ARMS`, a hash of it and of the arm's merged config."""
+        sid = sid or self.settings_id()
+        if arm not in APPENDED_ARMS:
+            return sid
+        blob = json.dumps(
+            {"study": sid, "arm": arm, "cfg": self.arm_cfg_unweighted(arm).dump()}, sort_keys=True
         )
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def arm_cfg_unweighted(self, arm):
+        from .pretrain import VARIANTS
+
+        s = dataclasses.replace(self, weights=tuple((v, "") for v in VARIANTS), data_root="")
         cfg = s.arm_cfg(arm)
         cfg.D2NORM.DATA.ROOT = ""
         return cfg
 
     def plan(self, sid=None):
-        """The grid; the positive control (:data:`CONTROL_ARMS`) at P = 1 only."""
-        return plan(self, sid, skip=lambda arm, p: arm in CONTROL_ARMS and p != 1)
+        """The grid; the positive control (:data:`CONTROL_ARMS`) at P = 1 only; the runs of an
+        appended arm carry its own settings id (:meth:`arm_settings_id`)."""
+        sid = sid or self.settings_id()
+        runs = plan(self, sid, skip=lambda arm, p: arm in CONTROL_ARMS and p != 1)
+        ids = {arm: self.arm_settings_id(arm, sid) for arm in self.norms if arm in APPENDED_ARMS}
+        for run in runs:
+            run["settings_id"] = ids.get(run["norm"], sid)
+        return runs
 
 
 FINETUNE_QUICK = dict(

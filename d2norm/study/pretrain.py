@@ -22,6 +22,17 @@ were:
   norm state (``running_var`` as (1, C, 1, 1), ``iters``) is MABN's (:mod:`d2norm.weights`
   reads that layout), i.e. a backbone pretrained with MABN itself. At the pretraining batch the
   buffer is 1 iteration (the paper's buffer = simulated / real batch, here 64 / 64).
+* ``BCN+WS``: BCN after weight-standardized convs in *large-batch* mode (``D2NORM.BCN.MODE
+  "batch"``: the batch part normalizes with the 64 images' statistics, as BN, while its running
+  statistics move at a constant rate 0.1). The BCN+WS COCO recipe fine-tunes from the BCN
+  authors' ImageNet ``rn50_bcn_ws.pth`` (Batch-Channel-Normalization @0244c3e,
+  ``imagenet/README.md``), trained by ``imagenet/models/layers.py``, whose norm is a
+  ``nn.BatchNorm2d`` (``pbn``: batch statistics, momentum 0.1) followed by the channel
+  normalization with one affine per group, after ``Conv2d`` with ``(W − mean)/√(var_unbiased +
+  1e-5)``: the large-batch BCN, not the micro-batch estimates the recipe then fine-tunes with. The
+  groups, ε, affine and WS convention are the recipe's (the twin's config); the file stores the
+  batch part as ``bn*.bn.*`` and the affine as ``(G,)``, d2norm's layout, which
+  ``MODEL.WEIGHTS`` reads like the authors' renamed one.
 
 The checkpoint is a torchvision-style ResNet state dict (``conv1.weight``, ``bn1.*``,
 ``layer1.0.conv1.weight``, ``layer3.0.downsample.1.*``, ..., ``fc.*``), the layout of
@@ -62,8 +73,17 @@ VARIANTS = {
         sections=("MABN",),
         opts=("D2NORM.MABN.BUFFER_SIZE", "1", "D2NORM.MABN.WARMUP_ITERS", "0"),
     ),
+    "BCN+WS": dict(
+        norm="BCN+WS",
+        sections=("BCN", "WS"),
+        opts=("D2NORM.BCN.MODE", "batch", "D2NORM.BCN.MOVING_SPEED_SCHEDULE", "constant"),
+    ),
 }
 PRETRAIN_VERSION = 1
+#: in the cache key of a variant whose norm options are not d2norm's defaults (GN+WS: the
+#: recipe's WS convention; MABN: buffer 1, no warm-up; BCN+WS): files of version 1 built the
+#: backbone from the norm names alone, so such a variant's layers took the defaults
+OPTIONS_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -122,7 +142,19 @@ def _settings_key(s, cfg):
         "input": [cfg.INPUT.FORMAT, list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)],
         "versions": [PRETRAIN_VERSION, _upstream().UPSTREAM_VERSION],
     }
+    if _has_non_default_options(cfg, VARIANTS[s.variant]["sections"]):
+        keys["options_version"] = OPTIONS_VERSION
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _has_non_default_options(cfg, sections):
+    """Whether any ``cfg.D2NORM.<section>`` of ``sections`` differs from d2norm's defaults."""
+    from detectron2.config import CfgNode
+
+    from .. import add_d2norm_config
+
+    defaults = add_d2norm_config(CfgNode()).D2NORM
+    return any(cfg.D2NORM[k] != defaults[k] for k in sections)
 
 
 def _upstream():
@@ -153,9 +185,13 @@ def _torch_net():
             from detectron2.layers import ShapeSpec
             from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-            from .. import prepare_model
+            from .. import bind_norms, prepare_model
+            from ..modeling.prepare import check_norm_options
 
-            self.backbone = prepare_model(build_resnet_backbone(cfg, ShapeSpec(channels=3)))
+            # the norm names bound to cfg.D2NORM's options (the variant's mode, buffer, WS
+            # convention), as d2norm.build_model does for the fine-tuning model
+            self.backbone = prepare_model(build_resnet_backbone(bind_norms(cfg), ShapeSpec(channels=3)))
+            check_norm_options(self.backbone, cfg)
             self.last = cfg.MODEL.RESNETS.OUT_FEATURES[-1]
             channels = self.backbone.output_shape()[self.last].channels
             self.fc = nn.Linear(channels, num_classes)
