@@ -7,11 +7,12 @@ import copy
 import json
 import logging
 import os
+import types
 
 import pytest
 import torch
 from helpers import CONFIGS
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf
 
 import d2norm
 from d2norm import model_zoo
@@ -21,19 +22,29 @@ from d2norm.engine.lazy_trainer import TRAINER_KEYS, LazyTrainer, load_lazy_conf
 from detectron2.config import LazyConfig, instantiate
 
 TWINS = [
-    "mask_rcnn_R_18_FPN_GN",
-    "mask_rcnn_R_18_FPN_CBN",
-    "mask_rcnn_R_18_FPN_MABN",
-    "mask_rcnn_R_18_FPN_GN_WS",
+    "synthetic/mask_rcnn_R_18_FPN_GN",
+    "synthetic/mask_rcnn_R_18_FPN_CBN",
+    "synthetic/mask_rcnn_R_18_FPN_MABN",
+    "synthetic/mask_rcnn_R_18_FPN_GN_WS",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn_ws",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn",
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn",
 ]
 
 
 def _lazy_file(name):
-    return os.path.join(CONFIGS, "lazy", "synthetic", name + ".py")
+    if "/" not in name:
+        name = "synthetic/" + name
+    return os.path.join(CONFIGS, "lazy", name + ".py")
 
 
 def _yacs(name):
-    return model_zoo.get_config(f"synthetic/{name}.yaml")
+    if "/" not in name:
+        name = "synthetic/" + name
+    return model_zoo.get_config(f"{name}.yaml")
 
 
 def _plain(value, depth=0):
@@ -54,16 +65,73 @@ def _get(node, dotted):
     return node
 
 
+def _call_args(fn, spec):
+    """The arguments a LazyCall ``spec`` of ``fn`` calls it with, defaults filled in (the spec's
+    own values resolved; nested calls left as specs)."""
+    import inspect
+
+    given = {k: v for k, v in spec.items() if k != "_target_"}
+    bound = inspect.signature(fn).bind_partial(**given)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _yacs_loader_args(cfg, monkeypatch):
+    """What detectron2's yacs path passes to ``build_detection_{train,test}_loader`` and to
+    ``get_detection_dataset_dicts`` for ``cfg`` (``_train_loader_from_config``,
+    ``_test_loader_from_config``), recorded without reading a dataset."""
+    from detectron2.data import build as data_build
+
+    calls = []
+
+    def record(names, **kwargs):
+        calls.append(dict(names=names, **kwargs))
+        return [{"file_name": "x.jpg", "height": 8, "width": 8, "image_id": 0, "annotations": []}]
+
+    monkeypatch.setattr(data_build, "get_detection_dataset_dicts", record)
+    train = data_build._train_loader_from_config(cfg)
+    test = data_build._test_loader_from_config(cfg, cfg.DATASETS.TEST[0])
+    monkeypatch.undo()
+    return train, test, calls
+
+
+def _yacs_evaluator_args(cfg, monkeypatch):
+    """The arguments d2norm's yacs trainer constructs its COCO evaluator with for ``cfg``'s first
+    test set (:func:`d2norm.engine.data.build_evaluator`), recorded without reading a dataset (a
+    synthetic split not generated here counts as what it is once registered: COCO instances)."""
+    from detectron2 import data, evaluation
+
+    from d2norm.engine.data import build_evaluator
+
+    catalog, calls = data.MetadataCatalog, []
+
+    def metadata(name):
+        if name.startswith("d2norm_shapes") and "evaluator_type" not in catalog.get(name).as_dict():
+            return {"evaluator_type": "coco"}
+        return catalog.get(name)
+
+    monkeypatch.setattr(data, "MetadataCatalog", types.SimpleNamespace(get=metadata))
+    monkeypatch.setattr(evaluation, "COCOEvaluator", lambda *a, **k: calls.append((a, k)))
+    build_evaluator(cfg, cfg.DATASETS.TEST[0])
+    monkeypatch.undo()
+    ((args, kwargs),) = calls
+    return dict(dataset_name=args[0], **kwargs)
+
+
 @pytest.mark.parametrize("name", TWINS)
-def test_lazy_recipe_gives_the_trainer_the_yacs_recipe_settings(name):
-    """Trainer keys, data mapper, optimizer groups and the lr schedule of every iteration equal
-    those detectron2 builds from the yacs twin (``build_lr_scheduler``, ``DatasetMapper(cfg)``,
-    d2norm's ``build_optimizer``), also after a ``train.max_iter`` override."""
+def test_lazy_recipe_gives_the_trainer_the_yacs_recipe_settings(name, monkeypatch):
+    """Trainer keys, data loaders (datasets, mapper: sizes, format, augmentations; batch,
+    workers), evaluator, the optimizer's lr and weight decay of every parameter of the built
+    model and the lr schedule of every iteration equal those detectron2 builds from the yacs
+    twin (``_train_loader_from_config``, ``DatasetMapper(cfg)``, d2norm's ``build_optimizer``
+    and ``build_evaluator``, ``build_lr_scheduler``), also after a ``train.max_iter`` override."""
     from d2norm.optim import build_optimizer
 
-    from detectron2.data import DatasetMapper
+    from detectron2.data import build_detection_test_loader, build_detection_train_loader
     from detectron2.solver import LRMultiplier, build_lr_scheduler
 
+    conf = load_lazy_config(_lazy_file(name))
+    model = instantiate(conf.model)  # the lazy recipe's model (test_lazy: equal to the twin's)
     for max_iter in (None, 20):
         cfg = _yacs(name)
         conf = load_lazy_config(_lazy_file(name), [f"train.max_iter={max_iter}"] if max_iter else [])
@@ -71,29 +139,82 @@ def test_lazy_recipe_gives_the_trainer_the_yacs_recipe_settings(name):
             cfg.SOLVER.MAX_ITER = max_iter
         view = trainer_config(conf)
         for key, _ in TRAINER_KEYS:
-            if key != "OUTPUT_DIR":
-                assert _get(view, key) == _get(cfg, key), key
-        yacs_mapper, lazy_mapper = DatasetMapper(cfg, True), instantiate(conf.dataloader.train.mapper)
-        assert _plain(yacs_mapper) == _plain(lazy_mapper)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), d2norm.build_norm("CBN", 8))
+            want = _get(cfg, key)
+            if key == "OUTPUT_DIR":  # lazy runs write next to the yacs runs, under output/lazy/
+                want = want.replace("output/", "output/lazy/", 1)
+            assert _get(view, key) == want, key
+        # the trainer's other settings keep the defaults; so must the twin's
+        assert view.TEST.PRECISE_BN.ENABLED == cfg.TEST.PRECISE_BN.ENABLED
+        assert not cfg.SOLVER.CLIP_GRADIENTS.ENABLED and not cfg.SOLVER.NESTEROV
+        # data: what detectron2 passes to the loaders for the twin
+        train, test, dataset_calls = _yacs_loader_args(cfg, monkeypatch)
+        lazy_train = _call_args(build_detection_train_loader, conf.dataloader.train)
+        lazy_test = _call_args(build_detection_test_loader, conf.dataloader.test)
+        assert _plain(train["mapper"]) == _plain(instantiate(conf.dataloader.train.mapper))
+        assert _plain(test["mapper"]) == _plain(instantiate(conf.dataloader.test.mapper))
+        assert lazy_train["sampler"] is None  # TrainingSampler, as the twin's:
+        assert type(train["sampler"]).__name__ == cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+        for key in ("total_batch_size", "aspect_ratio_grouping", "num_workers"):
+            assert lazy_train[key] == train[key], key
+        assert lazy_test["num_workers"] == test["num_workers"]
+        for lazy_dataset, yacs_dataset in zip(
+            (conf.dataloader.train.dataset, conf.dataloader.test.dataset), dataset_calls
+        ):
+            lazy_dataset = OmegaConf.to_container(lazy_dataset, resolve=True)
+            names = lazy_dataset.pop("names")
+            assert ((names,) if isinstance(names, str) else tuple(names)) == tuple(yacs_dataset.pop("names"))
+            for key, value in yacs_dataset.items():  # filter_empty, min_keypoints, proposal_files
+                assert lazy_dataset.get(key, value) == value, key
+        yacs_eval = _yacs_evaluator_args(cfg, monkeypatch)
+        lazy_eval = OmegaConf.to_container(conf.dataloader.evaluator, resolve=True)
+        assert lazy_eval["dataset_name"] == yacs_eval["dataset_name"]
+        assert tuple(lazy_eval["tasks"]) == tuple(yacs_eval["tasks"])
+        assert instantiate(conf.dataloader.evaluator.use_fast_impl) == yacs_eval["use_fast_impl"]
+        # optimizer: every parameter's lr and weight decay
         a = build_optimizer(cfg, model)
         spec = copy.deepcopy(conf.optimizer)
         spec.params.model = model
         b = instantiate(spec)
-        assert type(a) is type(b) and len(a.param_groups) == len(b.param_groups) == 2
-        for ga, gb in zip(a.param_groups, b.param_groups):
-            assert {k: v for k, v in ga.items() if k != "params"} == {
-                k: v for k, v in gb.items() if k != "params"
-            }
-            assert all(p is q for p, q in zip(ga["params"], gb["params"]))
+        assert type(a) is type(b)
+        assert {k: v for k, v in a.defaults.items()} == {k: v for k, v in b.defaults.items()}
+
+        def per_param(opt):
+            return {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+
+        pa, pb = per_param(a), per_param(b)
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert pa.keys() == pb.keys()
+        assert {names[i]: pb[i] for i in pb} == {names[i]: pa[i] for i in pa}
+        # lr of every iteration
         sa = build_lr_scheduler(cfg, a)
         sb = LRMultiplier(b, instantiate(conf.lr_multiplier), max_iter=view.SOLVER.MAX_ITER)
         lrs = []
         for _ in range(cfg.SOLVER.MAX_ITER):
-            lrs.append((a.param_groups[0]["lr"], b.param_groups[0]["lr"]))
+            lrs.append(tuple(g["lr"] for g in a.param_groups) + tuple(g["lr"] for g in b.param_groups))
             sa.step(), sb.step()
-        assert all(x == pytest.approx(y, rel=1e-12) for x, y in lrs)
-        assert len({x for x, _ in lrs}) > 3  # warm-up (and steps) covered
+        n = len(a.param_groups)
+        assert all(x[:n] == pytest.approx(x[n:], rel=1e-12) for x in lrs)
+        assert len({x[0] for x in lrs}) > 3  # warm-up (and steps) covered
+
+
+@pytest.mark.parametrize("name", [n for n in TWINS if n.startswith("COCO")])
+def test_train_net_lazy_setup_accepts_the_coco_recipes(name, tmp_path):
+    """``train_net.py --config-file <recipe>.py key=value``: the setup (load, overrides, the
+    fields training and evaluation need) passes, from the packaged name as from the path."""
+    from d2norm.engine.launch import parse_args, setup_lazy
+
+    path = model_zoo.get_config_file(f"lazy/{name}.py")
+    assert model_zoo.get_config(f"lazy/{name}.py").train.max_iter >= 90000
+    for extra in ([], ["--eval-only"]):
+        args = parse_args(["--config-file", path, *extra, f"train.output_dir={tmp_path}", "train.max_iter=7"])
+        try:
+            conf = setup_lazy(args)
+        finally:
+            logging.getLogger("d2norm").propagate = True
+            logging.getLogger("detectron2").propagate = True
+        view = trainer_config(conf)
+        assert view.SOLVER.MAX_ITER == 7 and view.OUTPUT_DIR == str(tmp_path)
+        assert view.DATASETS.TRAIN == ("coco_2017_train",) and view.DATASETS.TEST == ("coco_2017_val",)
 
 
 def _run(argv):

@@ -1,4 +1,5 @@
-"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml (model): BN*
+"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml: BN*
 (detectron2's FrozenBN) backbone, no norm in FPN and heads, MSRA R-50 (``pretrained/R-50.pkl``)."""
 
+from ..common.coco import dataloader, lr_multiplier, optimizer, train  # noqa: F401
 from ..common.mask_rcnn_fpn import model  # noqa: F401

@@ -1,12 +1,17 @@
-"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn.yaml (model):
+"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn.yaml:
 FrozenStatsBN backbone, CBN in FPN and heads, window 4 (official buffer_num=3), burn-in 58633
 iterations (the official 8 of 12 epochs)."""
 
 import d2norm
 
+from ..common.coco import dataloader, lr_multiplier, optimizer, single_scale_1x, train
 from ..common.mask_rcnn_fpn import four_conv_one_fc_heads, model, set_norm, torchvision_input
 
 torchvision_input(model)
 four_conv_one_fc_heads(model)
 set_norm(model, "FrozenStatsBN", fpn=False, box_head=False, mask_head=False)
 set_norm(model, d2norm.norm("CBN", buffer_size=4, burnin=58633), backbone=False)
+
+single_scale_1x(dataloader, optimizer, lr_multiplier)
+train.init_checkpoint = "pretrained/resnet50-19c8e357.pth"
+train.output_dir = "output/lazy/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn"

@@ -1,11 +1,16 @@
-"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.yaml (model):
+"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.yaml:
 FrozenStatsBN backbone, GN (32 groups) in FPN and heads (4conv1fc box head)."""
 
 import d2norm
 
+from ..common.coco import dataloader, lr_multiplier, optimizer, single_scale_1x, train
 from ..common.mask_rcnn_fpn import four_conv_one_fc_heads, model, set_norm, torchvision_input
 
 torchvision_input(model)
 four_conv_one_fc_heads(model)
 set_norm(model, "FrozenStatsBN", fpn=False, box_head=False, mask_head=False)
 set_norm(model, d2norm.norm("GN", num_groups=32), backbone=False)
+
+single_scale_1x(dataloader, optimizer, lr_multiplier)
+train.init_checkpoint = "pretrained/resnet50-19c8e357.pth"
+train.output_dir = "output/lazy/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn"

@@ -1,9 +1,14 @@
-"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml (model):
+"""LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn.yaml:
 FrozenStatsBN backbone, SyncBN in FPN and heads (4conv1fc box head), torchvision R-50 input."""
 
+from ..common.coco import dataloader, lr_multiplier, optimizer, single_scale_1x, train
 from ..common.mask_rcnn_fpn import four_conv_one_fc_heads, model, set_norm, torchvision_input
 
 torchvision_input(model)
 four_conv_one_fc_heads(model)
 set_norm(model, "FrozenStatsBN", fpn=False, box_head=False, mask_head=False)
 set_norm(model, "SyncBN", backbone=False)
+
+single_scale_1x(dataloader, optimizer, lr_multiplier)
+train.init_checkpoint = "pretrained/resnet50-19c8e357.pth"
+train.output_dir = "output/lazy/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_syncbn"
