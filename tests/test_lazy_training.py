@@ -99,9 +99,9 @@ def _yacs_evaluator_args(cfg, monkeypatch):
     """The arguments d2norm's yacs trainer constructs its COCO evaluator with for ``cfg``'s first
     test set (:func:`d2norm.engine.data.build_evaluator`), recorded without reading a dataset (a
     synthetic split not generated here counts as what it is once registered: COCO instances)."""
-    from detectron2 import data, evaluation
-
     from d2norm.engine.data import build_evaluator
+
+    from detectron2 import data, evaluation
 
     catalog, calls = data.MetadataCatalog, []
 

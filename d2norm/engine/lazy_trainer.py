@@ -120,7 +120,8 @@ def check_trainable(conf, path="the LazyConfig", eval_only=False):
             f"{path} lacks {missing}, which {'evaluation' if eval_only else 'training'} needs. "
             "Fix: define them as detectron2's "
             "LazyConfig recipes do (model, optimizer, lr_multiplier, dataloader.train / test / "
-            "evaluator, train); configs/lazy/synthetic/mask_rcnn_R_18_FPN_GN.py is a complete one."
+            "evaluator, train), or import them from configs/lazy/common/coco.py (COCO) or "
+            "synthetic.py; configs/lazy/synthetic/mask_rcnn_R_18_FPN_GN.py is a complete recipe."
         )
     for key, value in _FIXED.items():
         got = _select(conf, key, value)

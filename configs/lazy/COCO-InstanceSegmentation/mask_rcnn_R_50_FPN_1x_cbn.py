@@ -1,6 +1,8 @@
 """LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_cbn.yaml:
 FrozenStatsBN backbone, CBN in FPN and heads, window 4 (official buffer_num=3), burn-in 58633
-iterations (the official 8 of 12 epochs)."""
+iterations (the official 8 of 12 epochs).
+Trains as the twin on COCO (4 GPUs x 4 images: ``train_net.py --num-gpus 4 --config-file`` this file);
+the training fields are configs/lazy/common/coco.py's, with the twin's changes below."""
 
 import d2norm
 

@@ -1,5 +1,7 @@
 """LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.yaml:
-FrozenStatsBN backbone, GN (32 groups) in FPN and heads (4conv1fc box head)."""
+FrozenStatsBN backbone, GN (32 groups) in FPN and heads (4conv1fc box head).
+Trains as the twin on COCO (4 GPUs x 4 images: ``train_net.py --num-gpus 4 --config-file`` this file);
+the training fields are configs/lazy/common/coco.py's, with the twin's changes below."""
 
 import d2norm
 

@@ -1,5 +1,7 @@
 """LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn_ws.yaml:
-GN+WS everywhere with the WS authors' convention (their pretrained R-50-GN-WS.pth)."""
+GN+WS everywhere with the WS authors' convention (their pretrained R-50-GN-WS.pth).
+Trains as the twin on COCO (8 GPUs x 2 images: ``train_net.py --num-gpus 8 --config-file`` this file);
+the training fields are configs/lazy/common/coco.py's, with the twin's changes below."""
 
 import d2norm
 

@@ -1,6 +1,8 @@
 """LazyConfig of configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn.yaml: MABN
 everywhere (buffer 16, 100 warm-up iterations, momentum 0.98), nothing frozen, maskrcnn-benchmark's
-BGR input (the MABN authors' R50-wc.pth)."""
+BGR input (the MABN authors' R50-wc.pth).
+Trains as the twin on COCO (8 GPUs x 2 images: ``train_net.py --num-gpus 8 --config-file`` this file);
+the training fields are configs/lazy/common/coco.py's, with the twin's changes below."""
 
 import d2norm
 
@@ -16,7 +18,7 @@ single_scale_1x(dataloader, optimizer, lr_multiplier)
 # maskrcnn-benchmark: biases (MABN's beta included) at twice the lr, without weight decay
 optimizer.params.bias_lr_factor = 2.0  # SOLVER.BIAS_LR_FACTOR
 optimizer.params.weight_decay_bias = 0.0  # SOLVER.WEIGHT_DECAY_BIAS
-lr_multiplier.steps = [120000, 160000]
+lr_multiplier.steps = [120000, 160000]  # 2x
 train.max_iter = 180000
 train.init_checkpoint = "pretrained/R50-wc.pth"
 train.output_dir = "output/lazy/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn"

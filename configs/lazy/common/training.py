@@ -95,7 +95,9 @@ def multistep(steps, warmup_iters=1000):
     """``lr_multiplier``: linear warm-up over ``warmup_iters`` (``SOLVER.WARMUP_ITERS``, from
     ``WARMUP_FACTOR`` 0.001), then x0.1 at each of ``steps`` (``SOLVER.STEPS``), up to
     ``train.max_iter``."""
-    return L(d2norm.lazy.warmup_multistep)(max_iter="${train.max_iter}", steps=list(steps), warmup_iters=warmup_iters)
+    return L(d2norm.lazy.warmup_multistep)(
+        max_iter="${train.max_iter}", steps=list(steps), warmup_iters=warmup_iters
+    )
 
 
 def trainer_settings(output_dir, init_checkpoint, max_iter, checkpoint_period, device, seed, eval_period=0):
