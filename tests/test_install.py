@@ -88,6 +88,13 @@ for name in sys.argv[1:]:
                     or type(m).__name__.endswith(("BN", "BatchNorm2d"))})
     built[name] = {"params": sum(p.numel() for p in model.parameters()), "norms": norms}
 out["built"] = built
+# a LazyConfig recipe: its relative imports (configs/lazy/common/) resolve inside the package
+from d2norm.engine.lazy_trainer import check_trainable, trainer_config
+lazy = model_zoo.get_config("lazy/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.py")
+check_trainable(lazy)
+view = trainer_config(lazy)
+out["lazy"] = {"train": list(view.DATASETS.TRAIN), "max_iter": view.SOLVER.MAX_ITER}
+out["lazy"]["weights"] = view.MODEL.WEIGHTS
 meta = metadata.metadata("d2norm")
 out["summary"] = meta["Summary"]
 out["license"] = meta.get("License") or meta.get("License-Expression")
@@ -166,6 +173,14 @@ def test_wheel_ships_recipes_and_builds_them_outside_the_checkout(tmp_path):
     assert "GroupNorm" in " ".join(out["built"][recipes[0]]["norms"])
     assert any("CrossIteration" in n or "CBN" in n for n in out["built"][recipes[1]]["norms"])
     assert any("MovingAverage" in n or "MABN" in n for n in out["built"][recipes[2]]["norms"])
+    from d2norm import model_zoo
+
+    gn_yaml = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.yaml")
+    assert out["lazy"] == {
+        "train": list(gn_yaml.DATASETS.TRAIN),
+        "max_iter": gn_yaml.SOLVER.MAX_ITER,
+        "weights": gn_yaml.MODEL.WEIGHTS,
+    }
     # metadata: every method named, README as the description, licence, URL, the command
     methods = (
         "BN*",
