@@ -6,6 +6,7 @@ to train under detectron2's plain training loop; d2norm's layer messages reach `
 import copy
 import json
 import logging
+import math
 import os
 import types
 
@@ -389,3 +390,30 @@ def test_layer_messages_reach_log_txt(tmp_path, data_root):
         log = f.read()
     assert "d2norm.layers.cross_iteration_batch_norm WARNING: CrossIterationBatchNorm2d" in log
     assert "the stored CBN history does not fit the bound conv" in log
+
+
+@pytest.mark.slow
+def test_a_coco_lazy_recipe_trains_through_train_net(tmp_path, data_root):
+    """``train_net.py --config-file configs/lazy/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn.py``
+    with overrides for the CPU and the synthetic tiny split (COCO itself is not here): two
+    iterations with finite losses and a final checkpoint with the GN heads' parameters."""
+    out = str(tmp_path / "out")
+    _run(
+        ["--config-file", _lazy_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_gn")]
+        + ["dataloader.train.dataset.names=d2norm_shapes_tiny_train", "dataloader.train.total_batch_size=2"]
+        + ["dataloader.train.num_workers=0", "dataloader.evaluator=null"]
+        + ["dataloader.train.mapper.augmentations.0.short_edge_length=[64]"]
+        + ["dataloader.train.mapper.augmentations.0.max_size=64", "train.max_iter=2"]
+        + [
+            "train.device=cpu",
+            "train.init_checkpoint=",
+            f"train.data_root={data_root}",
+            f"train.output_dir={out}",
+        ]
+    )
+    with open(os.path.join(out, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f]
+    losses = [r["total_loss"] for r in rows if "total_loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+    weights = _weights(os.path.join(out, "model_final.pth"))
+    assert "roi_heads.box_head.conv1.norm.weight" in weights  # GN in the 4conv1fc head
