@@ -40,7 +40,7 @@ setup(
     name="d2norm",
     version=_version(),
     description="Normalization methods for small-batch detection in detectron2: BN*, FrozenStatsBN, "
-    "SyncBN, GN, GN+WS, BN+WS, CBN, MABN, BRN, FRN+TLU, EvoNorm-S0",
+    "SyncBN, GN, GN+WS, BN+WS, BCN, BCN+WS, CBN, MABN, BRN, FRN+TLU, EvoNorm-S0",
     long_description=_readme(),
     long_description_content_type="text/markdown",
     url=URL,
@@ -48,7 +48,7 @@ setup(
     license="Apache-2.0",
     license_files=["LICENSE"],
     keywords="detectron2 normalization group-norm weight-standardization cross-iteration-batch-norm "
-    "moving-average-batch-norm batch-renorm filter-response-norm evonorm detection",
+    "batch-channel-norm moving-average-batch-norm batch-renorm filter-response-norm evonorm detection",
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: OS Independent",
