@@ -189,6 +189,8 @@ def test_wheel_ships_recipes_and_builds_them_outside_the_checkout(tmp_path):
         "GN",
         "GN+WS",
         "BN+WS",
+        "BCN",
+        "BCN+WS",
         "CBN",
         "MABN",
         "BRN",
