@@ -83,3 +83,9 @@ class ConvFedNorm:
     def release_conv(self):
         """Undo what this norm keeps at its conv beyond the weight transform; returns the conv or None."""
         return None
+
+
+def refuse_unusable(module, args):
+    """Forward pre-hook of a layer whose options cannot be what its name says: raises the
+    layer's ``unusable`` message (the problem and the fix) at its first forward."""
+    raise RuntimeError(module.unusable)

@@ -70,8 +70,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import EvalStatistics
-from .group_norm import _refuse_unusable, _StandardizesPrecedingConv
+from .base import EvalStatistics, refuse_unusable
+from .group_norm import _StandardizesPrecedingConv
 from .sync_batch_norm import distributed_world_size, global_batch_stats
 from .weight_transforms import check_ws_options
 
@@ -308,7 +308,7 @@ class BatchChannelNorm2d(nn.Module):
             f"{num_channels} channel(s) of this layer. Fix: choose D2NORM.BCN.NUM_GROUPS dividing "
             "every normalized channel count (e.g. 32, 16 or 8 for widths that are multiples of 32)."
         )
-        layer.register_forward_pre_hook(_refuse_unusable)
+        layer.register_forward_pre_hook(refuse_unusable)
         return layer
 
     def channel_affine(self):

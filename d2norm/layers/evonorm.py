@@ -22,6 +22,8 @@ shortcuts, FPN) use the layer without its nonlinearity.
 import torch
 from torch import nn
 
+from .base import refuse_unusable
+
 __all__ = ["EvoNormS0", "check_evonorm_options"]
 
 
@@ -39,10 +41,6 @@ def check_evonorm_options(num_groups, num_channels, eps):
         )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"D2NORM.EVONORM.EPS must be > 0, got {eps!r}. Fix: set it to 1e-5 (default).")
-
-
-def _refuse_unusable(module, args):
-    raise RuntimeError(module.unusable)
 
 
 class EvoNormS0(nn.Module):
@@ -93,7 +91,7 @@ class EvoNormS0(nn.Module):
             f"{num_channels} channel(s) of this layer. Fix: choose D2NORM.EVONORM.NUM_GROUPS dividing "
             f"every normalized channel count."
         )
-        layer.register_forward_pre_hook(_refuse_unusable)
+        layer.register_forward_pre_hook(refuse_unusable)
         return layer
 
     @property

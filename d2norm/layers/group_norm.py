@@ -7,7 +7,7 @@ over the group's channels and H×W), y = γ_c·ŷ + β_c. Identical in train and
 
 from torch import nn
 
-from .base import ConvFedNorm, EvalStatistics
+from .base import ConvFedNorm, EvalStatistics, refuse_unusable
 from .weight_transforms import WeightStandardization, check_ws_options, release_transformed_weight
 
 __all__ = ["GroupNorm", "GroupNormWS", "BatchNormWS", "check_num_groups", "check_ws_options"]
@@ -55,12 +55,8 @@ class GroupNorm(nn.GroupNorm):
             f"channel(s) of this layer. Fix: choose D2NORM.GN.NUM_GROUPS dividing every normalized "
             f"channel count (e.g. 32, 16 or 8 for widths that are multiples of 32)."
         )
-        layer.register_forward_pre_hook(_refuse_unusable)
+        layer.register_forward_pre_hook(refuse_unusable)
         return layer
-
-
-def _refuse_unusable(module, args):
-    raise RuntimeError(module.unusable)
 
 
 class _StandardizesPrecedingConv(ConvFedNorm):
