@@ -186,6 +186,19 @@ def test_appended_arm_keeps_the_earlier_arms_runs_keys_and_order(monkeypatch):
     assert {r["settings_id"] for r in changed if r["norm"] == "BCN+WS"} != {bcn_id}
 
 
+def test_a_subset_of_arms_plans_the_full_grids_runs():
+    """``--arms`` selects runs of the grid, it does not start another study: every planned run of
+    a subset is the full grid's run with the same key (settings id included)."""
+    from d2norm.study.records import run_key
+
+    full = {run_key(r): r for r in FinetuneSettings().plan()}
+    for arms in (("BN*", "BN", "CBN"), ("GN",), ("BCN+WS", "BN* random")):
+        sub = FinetuneSettings(norms=arms).plan()
+        assert sub and {r["norm"] for r in sub} == set(arms)
+        for r in sub:
+            assert full[run_key(r)] == r
+
+
 def _records(table, sid="s"):
     """Records of {(arm, procs): [AP per seed]}."""
     out = []

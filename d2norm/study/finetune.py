@@ -160,12 +160,15 @@ class FinetuneSettings(StudySettings):
 
     def settings_id(self):
         """A hash of every arm's merged config (weights file excluded: its settings go in through
-        the pretraining settings), the pretraining settings and the study version; arms of
+        the pretraining settings), the pretraining settings and the study version.
+
+        It hashes every arm of the design, whichever arms ``norms`` selects, so that a run of a
+        subset (``--arms``) has the key of the same run in the full grid; arms of
         :data:`APPENDED_ARMS` are left out (see :meth:`arm_settings_id`)."""
         from ..data.synthetic_shapes import HARD_VERSION
 
         dumps = {}
-        for arm in sorted(a for a in self.norms if a not in APPENDED_ARMS):
+        for arm in sorted(a for a in ARM_ORDER if a not in APPENDED_ARMS):
             cfg = self.arm_cfg_unweighted(arm)
             dumps[arm] = cfg.dump()
         blob = json.dumps(
