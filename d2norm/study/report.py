@@ -53,6 +53,14 @@ def _cell(v, digits=1):
     return f"{mean:.{digits}f} (n={n})" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
+def _head(bs, total_batch):
+    """The two header lines of a norm × b table."""
+    return [
+        "| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
+        "|---|" + "---|" * len(bs),
+    ]
+
+
 def _points(records):
     recs = latest_records(records)
     norms = norm_order(r["norm"] for r in recs)
@@ -68,10 +76,7 @@ def ap_table(records, metric="box_ap", total_batch=8, digits=1, only_measured=Fa
     if only_measured:
         norms = [n for n in norms if any(k[0] == n for k in agg)]
         bs = [b for b in bs if any(k[1] == b for k in agg)]
-    lines = [
-        "| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
-        "|---|" + "---|" * len(bs),
-    ]
+    lines = _head(bs, total_batch)
     for norm in norms:
         cells = []
         for b in bs:
@@ -298,10 +303,7 @@ def convergence_table(records, metric="box_ap", tail_from=0.8, max_rows=None):
 def cost_table(records, total_batch=8):
     """Median CPU seconds (all processes, training + evaluation) and wall seconds per run."""
     recs, norms, bs = _points(records)
-    lines = [
-        "| norm | " + " | ".join(f"b={b} (P={total_batch // b})" for b in bs) + " |",
-        "|---|" + "---|" * len(bs),
-    ]
+    lines = _head(bs, total_batch)
     for norm in norms:
         cells = []
         for b in bs:
