@@ -282,6 +282,26 @@ def test_report_table_and_decisions_are_rederived_from_a_generated_jsonl(tmp_pat
     assert drows["BN"][2] == "degrades"
     assert "Positive control" in dec and "**passes**" in dec
     assert re.search(r"\* CBN: .*\*\*collapses\*\*", dec)
+    # post hoc: the heads' difference at b = 8, and CBN against BN at b = 2 (same head)
+    heads = np.mean(GENERATED[("BN", 1)]) - np.mean(GENERATED[("BN*", 1)])
+    m = re.search(r"AP\(BN, 8\) − AP\(BN\*, 8\) \(Welch\): ([+-][\d.]+) \[", dec)
+    assert m and float(m.group(1)) == pytest.approx(heads, abs=0.051)
+    mean, se, _ = _welch_by_hand(GENERATED[("CBN", 4)], GENERATED[("BN", 4)])
+    assert mean + 2.776 * se < 0  # the interval lies below 0 at any df >= 4
+    assert re.search(r"\* \*Post hoc\* — CBN against the same head, .*\*\*collapses \(same head\)\*\*", dec)
+
+
+def test_no_verdict_before_every_point_has_five_seeds():
+    """A rule whose points have fewer than 5 seeds says "pending" (its interval is still shown);
+    the rules whose points are complete keep their verdicts."""
+    table = dict(GENERATED)
+    table[("BN", 4)] = GENERATED[("BN", 4)][:4]
+    dec = finetune_report.decisions(_records(table))
+    assert dec["BN"]["verdict"] == "pending (n < 5)" and dec["BN"]["own_drop"][2] == 4
+    assert dec["GN"]["verdict"] == "pending (n < 5)" and dec["GN"]["vs_bn"][1] is not None
+    assert dec["CBN"]["collapse_same_head"] == "pending (n < 5)"
+    assert dec["control"]["verdict"] == "passes"
+    assert dec["CBN"]["collapse"] == "collapses"  # reads BN* and CBN only, both complete
 
 
 def test_quick_mode_end_to_end(tmp_path, data_root):

@@ -12,17 +12,37 @@ by seed:
 * **CBN's paper gradient collapses** in this regime when the interval of AP(CBN, 2) − AP(BN*, 2)
   lies below 0; it **does not collapse** when that interval lies above −3 AP; else undecided.
   The same rule is applied to "CBN exact".
+
+No verdict is drawn before every point a rule reads has :data:`MIN_SEEDS` seeds ("pending";
+the interval is still shown).
+
+Added after the first records (post hoc, labelled so in the report): the BN* twin has no norm in
+its FPN and a 2fc box head, the CBN twin the recipe's normalized FPN and 4conv1fc head, so
+AP(CBN, 2) − AP(BN*, 2) also holds the difference of the heads, which
+AP(BN, 8) − AP(BN*, 8) (Welch; no small batch in it) measures. The same-head reading compares CBN
+with BN at b = 2 (its twin's layout with per-process BN): CBN **collapses (same head)** when the
+interval of AP(CBN, 2) − AP(BN, 2) lies below 0, **does not collapse (same head)** when it lies
+above −3 AP.
 """
 
 from .records import latest_records
 from .report import _interval, _within, ap_table, difference_tables, finish_report
 from .stats import paired_difference, point_values, welch_difference
 
-__all__ = ["CONTROL_MARGIN", "FLAT_BAND", "decisions", "decision_table", "write_finetune_report"]
+__all__ = [
+    "CONTROL_MARGIN",
+    "FLAT_BAND",
+    "MIN_SEEDS",
+    "decisions",
+    "decision_table",
+    "write_finetune_report",
+]
 
 CONTROL_MARGIN = 5.0  # AP: the positive control's interval must lie above this
 FLAT_BAND = 3.0  # AP: "X's own AP(8) − AP(2) lies within ± this"
 REF_B, SMALL_B = 8, 2
+MIN_SEEDS = 5  # seeds every point a rule reads must have before it gives a verdict
+PENDING = f"pending (n < {MIN_SEEDS})"
 
 
 def _excludes_above(d, bound=0.0):
@@ -31,6 +51,25 @@ def _excludes_above(d, bound=0.0):
 
 def _below(d, bound=0.0):
     return d is not None and d[1] is not None and d[1][1] < bound
+
+
+def _ready(*diffs):
+    """Whether every difference has an interval over >= :data:`MIN_SEEDS` seeds per point."""
+    for d in diffs:
+        if d is None or d[1] is None:
+            return False
+        n = d[2] if isinstance(d[2], tuple) else (d[2],)
+        if min(n) < MIN_SEEDS:
+            return False
+    return True
+
+
+def _collapse(d):
+    if not _ready(d):
+        return PENDING
+    return (
+        "collapses" if _below(d) else ("does not collapse" if _excludes_above(d, -FLAT_BAND) else "undecided")
+    )
 
 
 def decisions(records, metric="box_ap"):
@@ -46,14 +85,19 @@ def decisions(records, metric="box_ap"):
     control = welch_difference(v("BN*", REF_B) or {}, v("BN* random", REF_B) or {})
     out["control"] = dict(
         diff=control,
-        verdict="passes"
+        verdict=PENDING
+        if not _ready(control)
+        else "passes"
         if _excludes_above(control, CONTROL_MARGIN)
-        else ("fails" if control and control[1] and control[1][1] < CONTROL_MARGIN else "undecided"),
+        else ("fails" if control[1][1] < CONTROL_MARGIN else "undecided"),
     )
+    out["heads"] = welch_difference(v("BN", REF_B) or {}, v("BN*", REF_B) or {})
     bn_drop = paired_difference(v("BN", REF_B) or {}, v("BN", SMALL_B) or {})
     out["BN"] = dict(
         own_drop=bn_drop,
-        verdict="degrades"
+        verdict=PENDING
+        if not _ready(bn_drop)
+        else "degrades"
         if _excludes_above(bn_drop)
         else ("improves" if _below(bn_drop) else "no drop shown"),
     )
@@ -63,7 +107,9 @@ def decisions(records, metric="box_ap"):
         own = paired_difference(v(arm, REF_B) or {}, v(arm, SMALL_B) or {})
         better, flat = _excludes_above(vs_bn), _within(own, FLAT_BAND)
         verdict = (
-            "recovers"
+            PENDING
+            if not _ready(vs_bn, own)
+            else "recovers"
             if better and flat
             else f"not shown ({'above' if better else 'not above'} BN; {'flat' if flat else 'not flat'})"
         )
@@ -72,11 +118,8 @@ def decisions(records, metric="box_ap"):
         d = welch_difference(v(cbn, SMALL_B) or {}, v("BN*", SMALL_B) or {})
         if cbn in out:
             out[cbn]["vs_bn_star"] = d
-            out[cbn]["collapse"] = (
-                "collapses"
-                if _below(d)
-                else ("does not collapse" if _excludes_above(d, -FLAT_BAND) else "undecided")
-            )
+            out[cbn]["collapse"] = _collapse(d)
+            out[cbn]["collapse_same_head"] = _collapse(out[cbn]["vs_bn"])
     return out
 
 
@@ -90,7 +133,7 @@ def decision_table(records, metric="box_ap"):
     ]
     from .report import norm_order
 
-    for arm in norm_order(a for a in dec if a not in ("control",)):
+    for arm in norm_order(a for a in dec if a not in ("control", "heads")):
         d = dec[arm]
         lines.append(
             f"| {arm} | {_interval(d.get('vs_bn')) if arm != 'BN' else '–'} | {_interval(d['own_drop'])} "
@@ -107,6 +150,18 @@ def decision_table(records, metric="box_ap"):
             lines.append(
                 f"* {cbn}: AP({cbn}, {SMALL_B}) − AP(BN*, {SMALL_B}) (Welch): "
                 f"{_interval(dec[cbn]['vs_bn_star'])}: **{dec[cbn]['collapse']}**."
+            )
+    lines.append(
+        f"* *Post hoc* — the heads' difference without a small batch, AP(BN, {REF_B}) − "
+        f"AP(BN*, {REF_B}) (Welch): {_interval(dec['heads'])} (the BN* twin: no norm in the FPN, "
+        "2fc box head; the CBN and BN twins: the recipe's normalized FPN and 4conv1fc head)."
+    )
+    for cbn in ("CBN", "CBN exact"):
+        if cbn in dec and "collapse_same_head" in dec[cbn]:
+            lines.append(
+                f"* *Post hoc* — {cbn} against the same head, AP({cbn}, {SMALL_B}) − AP(BN, {SMALL_B}) "
+                f"(Welch): {_interval(dec[cbn]['vs_bn'])}: **{dec[cbn]['collapse_same_head']} "
+                "(same head)**."
             )
     return "\n".join(lines)
 
