@@ -64,12 +64,16 @@ def _ready(*diffs):
     return True
 
 
+def _gated(verdict, *diffs):
+    """``verdict`` once every difference it reads is :func:`_ready`, else "pending"."""
+    return verdict if _ready(*diffs) else PENDING
+
+
 def _collapse(d):
-    if not _ready(d):
-        return PENDING
-    return (
+    verdict = (
         "collapses" if _below(d) else ("does not collapse" if _excludes_above(d, -FLAT_BAND) else "undecided")
     )
+    return _gated(verdict, d)
 
 
 def decisions(records, metric="box_ap"):
@@ -85,33 +89,33 @@ def decisions(records, metric="box_ap"):
     control = welch_difference(v("BN*", REF_B) or {}, v("BN* random", REF_B) or {})
     out["control"] = dict(
         diff=control,
-        verdict=PENDING
-        if not _ready(control)
-        else "passes"
-        if _excludes_above(control, CONTROL_MARGIN)
-        else ("fails" if control[1][1] < CONTROL_MARGIN else "undecided"),
+        verdict=_gated(
+            "passes"
+            if _excludes_above(control, CONTROL_MARGIN)
+            else ("fails" if _below(control, CONTROL_MARGIN) else "undecided"),
+            control,
+        ),
     )
     out["heads"] = welch_difference(v("BN", REF_B) or {}, v("BN*", REF_B) or {})
     bn_drop = paired_difference(v("BN", REF_B) or {}, v("BN", SMALL_B) or {})
     out["BN"] = dict(
         own_drop=bn_drop,
-        verdict=PENDING
-        if not _ready(bn_drop)
-        else "degrades"
-        if _excludes_above(bn_drop)
-        else ("improves" if _below(bn_drop) else "no drop shown"),
+        verdict=_gated(
+            "degrades" if _excludes_above(bn_drop) else ("improves" if _below(bn_drop) else "no drop shown"),
+            bn_drop,
+        ),
     )
     arms = sorted({a for a, _ in vals} - {"BN", "BN* random"})
     for arm in arms:
         vs_bn = welch_difference(v(arm, SMALL_B) or {}, v("BN", SMALL_B) or {})
         own = paired_difference(v(arm, REF_B) or {}, v(arm, SMALL_B) or {})
         better, flat = _excludes_above(vs_bn), _within(own, FLAT_BAND)
-        verdict = (
-            PENDING
-            if not _ready(vs_bn, own)
-            else "recovers"
+        verdict = _gated(
+            "recovers"
             if better and flat
-            else f"not shown ({'above' if better else 'not above'} BN; {'flat' if flat else 'not flat'})"
+            else f"not shown ({'above' if better else 'not above'} BN; {'flat' if flat else 'not flat'})",
+            vs_bn,
+            own,
         )
         out[arm] = dict(vs_bn=vs_bn, own_drop=own, verdict=verdict)
     for cbn in ("CBN", "CBN exact"):
