@@ -124,3 +124,25 @@ def test_every_arm_names_an_existing_twin():
         assert os.path.isfile(twin_path(twin)), arm
         assert variant in (None, "BN", "GN", "GN+WS", "MABN", "BCN+WS")
         assert len(opts) % 2 == 0
+
+
+def test_twin_builds_in_a_fresh_interpreter_that_imports_only_d2norm():
+    """``train_net.py`` imports ``d2norm`` and nothing of the study: the backbone the twins (and
+    the study configs) name must be registered by that import alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import d2norm\n"
+        "from detectron2.config import get_cfg\n"
+        "cfg = get_cfg(); d2norm.add_d2norm_config(cfg)\n"
+        f"cfg.merge_from_file({twin_path(ARMS['GN'][0])!r}); cfg.MODEL.WEIGHTS = ''\n"
+        "m = d2norm.build_model(cfg)\n"
+        "assert 'd2norm.study' not in __import__('sys').modules\n"
+        "print(sorted(m.backbone.output_shape()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # FPN over res2-res4 and p5 max-pooled from p4 (the twin's IN_FEATURES)
+    assert out.stdout.strip().splitlines()[-1] == "['p2', 'p3', 'p4', 'p5']"

@@ -7,9 +7,11 @@ it, or the model around it; what needs them happens here, after detectron2 has b
 * :mod:`.link`: which conv feeds a norm, and the first-forward check that it does;
 * :mod:`.freeze`: frozen norms (:func:`convert_frozen_norms`);
 * :mod:`.retinanet`: per-level copies of the norms in RetinaNet's head;
-* :mod:`.sites`: per-call-site placement of FRN's / EvoNorm-S0's activation.
+* :mod:`.sites`: per-call-site placement of FRN's / EvoNorm-S0's activation;
+* :mod:`.backbone`: ``build_study_resnet_fpn_backbone`` (an FPN over res2-res4), registered here.
 """
 
+from . import backbone  # noqa: F401  (registers build_study_resnet_fpn_backbone)
 from .freeze import convert_frozen_norms
 from .link import find_feeding_conv
 from .prepare import build_model, check_norm_options, prepare_model

@@ -1,6 +1,5 @@
 """The small-batch study: AP against images per process at a fixed total batch, every norm.
 
-* :mod:`.model`: the study's backbone (an FPN that may stop before res5);
 * :mod:`.settings`: the grid, the schedule, per-norm rules (CBN window, MABN buffer, ...);
 * :mod:`.run`: one run in P gloo processes, many runs side by side, resumable JSONL;
 * :mod:`.records`: the JSONL records; :mod:`.stats`: means, paired 95% t-intervals;
@@ -9,7 +8,6 @@
 ``tools/small_batch_study.py`` is the command line.
 """
 
-from . import model  # noqa: F401  (registers build_study_resnet_fpn_backbone)
 from .records import append_record, load_records, pending_runs, run_key
 from .report import write_plot, write_report
 from .run import execute_run, run_grid, run_or_report

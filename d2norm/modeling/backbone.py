@@ -1,4 +1,4 @@
-"""The study's backbone: a ResNet-FPN whose FPN may stop before res5.
+"""A ResNet-FPN whose FPN may stop before res5 (the studies' backbone).
 
 detectron2's ``build_resnet_fpn_backbone`` always pools its extra level from "p5", so an FPN over
 res2-res4 cannot be built with it. ``build_study_resnet_fpn_backbone`` (``MODEL.BACKBONE.NAME``)
@@ -7,6 +7,9 @@ max-pooled level taken from the last FPN output, whatever its stage: over res2-r
 are p2-p4 and p5 = max-pool(p4). With res5 in ``MODEL.FPN.IN_FEATURES`` it builds the same model
 as detectron2's function. The study drops res5 of ResNet-18: at 96 px it sees 3x3 pixels but holds
 3/4 of the weights, which every process all-reduces at every iteration.
+
+Registered on ``import d2norm``, so every config that names it (the study and fine-tuning twin
+configs) runs with ``train_net.py`` like any other.
 """
 
 from detectron2.modeling import BACKBONE_REGISTRY
