@@ -8,7 +8,8 @@
   centralized convs (``X.parametrizations.weight.original``) and the reverse, including
   Detectron/detectron2 ``.pkl`` files matched by detectron2's name heuristics.
 - Norm method state (MABN's official layout, CBN / MABN history of another buffer size) is
-  converted before fvcore compares shapes (:func:`d2norm.weights.adapt_method_state`).
+  converted before fvcore compares shapes (:func:`d2norm.weights.adapt_method_state`), in files
+  read by detectron2's name matching too (:func:`d2norm.weights.split_method_history`).
 - A missing or unreadable file raises an error that names the file and the fix; the
   checkpointer stays usable after a failed load. A ``?matching_heuristics=True`` suffix on the
   path (detectron2's syntax after v0.6) matches names heuristically on every detectron2 version.
@@ -37,6 +38,7 @@ from .weights import (
     adapt_method_state,
     check_loaded_weights,
     normalize_loaded_checkpoint,
+    split_method_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -266,11 +268,14 @@ class D2NormCheckpointer(DetectionCheckpointer):
             # Match names against the model's plain names (X.weight for parametrized convs).
             self._convert_ndarray_to_tensor(checkpoint["model"])
             plain_model_sd = {plain_weight_key(k): v for k, v in model_sd.items()}
+            # method history keeps its shape for adapt_method_state (detectron2's matching drops it)
+            rest, history = split_method_history(checkpoint["model"], plain_model_sd.keys())
             checkpoint["model"] = align_and_update_state_dicts(
                 plain_model_sd,
-                checkpoint["model"],
+                rest,
                 c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
             )
+            checkpoint["model"].update(history)
             checkpoint["matching_heuristics"] = False
         checkpoint["model"] = remap_parametrized_keys(checkpoint["model"], model_sd.keys())
         self._convert_ndarray_to_tensor(checkpoint["model"])

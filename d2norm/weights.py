@@ -69,6 +69,7 @@ from .norms import norm_layer_types, spec_of
 __all__ = [
     "CheckpointError",
     "adapt_method_state",
+    "split_method_history",
     "convert_torchvision_resnet",
     "to_torchvision_resnet",
     "is_torchvision_resnet",
@@ -252,6 +253,31 @@ _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 def _squeezed(shape):
     return [d for d in shape if d != 1]
+
+
+def split_method_history(state_dict, model_keys):
+    """Take the norms' method history (each :class:`~d2norm.norms.NormSpec`'s ``history``
+    buffers) out of a file read by detectron2's name matching (torchvision / Caffe2-style keys),
+    keyed by the one model key that ends with each file key; the rest is returned unchanged.
+
+    detectron2's matching drops a tensor whose shape differs from the model's, so a history of
+    another buffer size (a backbone pretrained with MABN at a large batch, buffer 1, fine-tuned
+    with the recipe's 16) would never reach :func:`adapt_method_state`, which restarts it with a
+    warning, and the load would fail as "the file is for another backbone". Pure: returns
+    ``(rest, history)``; a file key no model key ends with, or more than one, stays in ``rest``."""
+    from .norms import NORMS
+
+    leaves = {leaf for spec in NORMS.values() for leaf in spec.history}
+    model_keys = list(model_keys)
+    rest, history = {}, {}
+    for key, value in state_dict.items():
+        if key.rsplit(".", 1)[-1] in leaves:
+            owners = [m for m in model_keys if m == key or m.endswith("." + key)]
+            if len(owners) == 1:
+                history[owners[0]] = value
+                continue
+        rest[key] = value
+    return rest, history
 
 
 def adapt_method_state(model, state_dict):

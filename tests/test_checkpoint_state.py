@@ -208,3 +208,33 @@ def test_checkpointer_is_reusable_after_a_failed_load(tmp_path):
         checkpointer.load(bad, checkpointables=[])
     checkpointer.load(good, checkpointables=[])  # no leftover state from the failure
     assert checkpointer.last_load_report.loaded
+
+
+def test_torchvision_style_mabn_file_of_another_buffer_size_loads_and_restarts(tmp_path, caplog):
+    """A MABN backbone pretrained at a large batch (buffer 1) and written torchvision-style, as
+    ``tools/pretrain_backbone.py --variant MABN`` does, fine-tuned with the recipe's buffer 16:
+    detectron2's name matching used to drop the (1, C) rings and the load failed as "the file is
+    for another backbone". Now: weights and statistics load, the rings restart with a warning."""
+    from d2norm.weights import to_torchvision_resnet
+
+    src = _model("MABN", **{"D2NORM.MABN.BUFFER_SIZE": 1})
+    names = list(_norm_layers(src.backbone.bottom_up, "MovingAverageBatchNorm2d"))
+    sd = {k: v.clone() for k, v in src.backbone.bottom_up.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    for name in names:
+        sd[f"{name}.running_var"] = torch.rand(sd[f"{name}.running_var"].shape, generator=g) + 0.5
+        sd[f"{name}.iters"] = torch.tensor(1500)
+    path = str(tmp_path / "mabn_tv.pth")
+    torch.save(to_torchvision_resnet(sd), path)
+
+    model = _model("MABN")  # BUFFER_SIZE 16
+    with caplog.at_level(logging.WARNING):
+        D2NormCheckpointer(model).load(path, checkpointables=[])
+    assert "D2NORM.MABN.BUFFER_SIZE=16" in caplog.text and "restarts" in caplog.text
+    bottom_up = model.backbone.bottom_up
+    for name in names:
+        layer = bottom_up.get_submodule(name)
+        assert torch.equal(layer.running_var, sd[f"{name}.running_var"])
+        assert layer.buffer_x2.shape == (16, layer.num_features) and int(layer.iters) == 0
+    raw = bottom_up.res3[0].conv1.parametrizations.weight.original.detach()
+    assert torch.equal(raw, sd["res3.0.conv1.parametrizations.weight.original"])
