@@ -64,7 +64,7 @@ import torch
 
 from .download import download  # fetching the recipes' pretrained files (d2norm.download)
 from .layers.weight_transforms import plain_weight_key
-from .norms import norm_layer_types, spec_of
+from .norms import NORMS, norm_layer_types, spec_of
 
 __all__ = [
     "CheckpointError",
@@ -265,8 +265,6 @@ def split_method_history(state_dict, model_keys):
     with the recipe's 16) would never reach :func:`adapt_method_state`, which restarts it with a
     warning, and the load would fail as "the file is for another backbone". Pure: returns
     ``(rest, history)``; a file key no model key ends with, or more than one, stays in ``rest``."""
-    from .norms import NORMS
-
     leaves = {leaf for spec in NORMS.values() for leaf in spec.history}
     model_keys = list(model_keys)
     rest, history = {}, {}

@@ -98,14 +98,22 @@ def convs_with_norm(module):
     return [m for m in module.modules() if isinstance(m, Conv2d) and getattr(m, "norm", None) is not None]
 
 
-def run_tool(name, *argv, timeout=900):
-    """``python tools/<name> argv...`` in a subprocess with 1 torch thread; the CompletedProcess."""
+def _run_python(args, timeout):
     import subprocess
     import sys
 
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "tools", name), *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_tool(name, *argv, timeout=900):
+    """``python tools/<name> argv...`` in a subprocess with 1 torch thread; the CompletedProcess."""
+    return _run_python([os.path.join(REPO, "tools", name), *argv], timeout)
+
+
+def run_code(code, timeout=300):
+    """``python -c code`` in a fresh interpreter with 1 torch thread; the CompletedProcess."""
+    return _run_python(["-c", code], timeout)
 
 
 def c2_name(d2_name):

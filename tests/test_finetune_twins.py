@@ -5,7 +5,7 @@ differ, the same way in every twin."""
 import os
 
 import pytest
-from helpers import REPO
+from helpers import REPO, run_code
 
 import d2norm
 from d2norm.study.finetune import ARMS, twin_path
@@ -129,9 +129,6 @@ def test_every_arm_names_an_existing_twin():
 def test_twin_builds_in_a_fresh_interpreter_that_imports_only_d2norm():
     """``train_net.py`` imports ``d2norm`` and nothing of the study: the backbone the twins (and
     the study configs) name must be registered by that import alone."""
-    import subprocess
-    import sys
-
     code = (
         "import d2norm\n"
         "from detectron2.config import get_cfg\n"
@@ -141,8 +138,7 @@ def test_twin_builds_in_a_fresh_interpreter_that_imports_only_d2norm():
         "assert 'd2norm.study' not in __import__('sys').modules\n"
         "print(sorted(m.backbone.output_shape()))\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = run_code(code)
     assert out.returncode == 0, out.stderr[-2000:]
     # FPN over res2-res4 and p5 max-pooled from p4 (the twin's IN_FEATURES)
     assert out.stdout.strip().splitlines()[-1] == "['p2', 'p3', 'p4', 'p5']"
